@@ -1,0 +1,10 @@
+"""The one exception type a user sees.
+
+Everything the user can get wrong (a missing file, a bit width out of range, a corrupt checkpoint)
+raises :class:`PotqError` with a single line that says what to do. The CLI prints that line to
+stderr and exits with code 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class PotqError(Exception):
+    """A user-facing error: its message is one line that says what went wrong and what to do."""

@@ -1,0 +1,157 @@
+"""The one quantizer interface: every method, the storage, the kernels and QAT go through it.
+
+A :class:`Format` knows its grid of levels and nothing about models. It works on *grouped*
+weights ``wg`` of shape ``[rows, groups, G]`` (see :mod:`potq.formats.grouping`) with one scale
+(and, for affine formats, one zero point) per group, shape ``[rows, groups]``.
+
+Codes are small unsigned integers in ``[0, 2**bits)`` — what gets bit-packed on disk. The
+float-to-code rounding lives in exactly one place per format (:meth:`Format.exponent_or_level`),
+and :meth:`Format.fake_quant` reuses it with a pluggable rounding so that plain rounding,
+the straight-through estimator and the "detached codes" gradient all share one formula.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from potq.errors import PotqError
+
+MIN_BITS, MAX_BITS = 2, 8
+FP16_TINY, FP16_MAX = 2.0**-24, 65504.0  # smallest positive subnormal and largest finite fp16
+Grad = Literal["none", "ste", "detach"]
+Rounding = Callable[[Tensor], Tensor]
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def round_detached(x: Tensor) -> Tensor:
+    """Round and cut the graph: the integer codes are constants for the backward pass, so the
+    gradient reaches only the scale (LSQ-like ``d w~/d s = q``)."""
+    return torch.round(x).detach()
+
+
+ROUNDINGS: dict[str, Rounding] = {"none": torch.round, "ste": round_ste, "detach": round_detached}
+
+
+@dataclass
+class QParams:
+    """Per-group quantization parameters, each ``[rows, groups]`` float32.
+
+    ``zero`` holds integer values (the code that decodes to 0.0) for affine formats, else None.
+    """
+
+    scale: Tensor
+    zero: Tensor | None = None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "QParams":
+        return QParams(fn(self.scale), None if self.zero is None else fn(self.zero))
+
+
+class Format(ABC):
+    """A grid of ``2**bits`` codes, scaled per group.
+
+    Subclasses define the grid; this base class supplies the parts every format shares (bit
+    checks, fp16 scale storage, fake quantization, bits-per-weight accounting).
+    """
+
+    name: ClassVar[str]
+    has_zero: ClassVar[bool] = False  # stores an integer zero point per group (uint8)
+
+    def __init__(self, bits: int) -> None:
+        if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise PotqError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        self.bits = bits
+
+    def __repr__(self) -> str:
+        return f"{self.name}{self.bits}"
+
+    # --- what each format defines -------------------------------------------------------
+    @abstractmethod
+    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0) -> QParams:
+        """Scales (and zeros) that make the grid span ``clip`` times the group's range.
+
+        ``clip`` (scalar or ``[rows, groups]``) is the multiplier b of a grid search: every
+        scale-search method works through this one knob, whatever the format.
+        """
+
+    @abstractmethod
+    def exponent_or_level(self, wg: Tensor, qp: QParams, rnd: Rounding) -> Tensor:
+        """The rounded grid index of each weight (exponent for PoT, integer level for uniform),
+        rounded with ``rnd`` so gradients can pass straight through."""
+
+    @abstractmethod
+    def value_of(self, index: Tensor, wg_sign: Tensor, qp: QParams) -> Tensor:
+        """The float weight of a grid index (the inverse of :meth:`exponent_or_level`)."""
+
+    @abstractmethod
+    def to_code(self, index: Tensor, wg_sign: Tensor, qp: QParams) -> Tensor:
+        """Pack a grid index (and sign) into an unsigned code in ``[0, 2**bits)``."""
+
+    @abstractmethod
+    def from_code(self, codes: Tensor, qp: QParams) -> tuple[Tensor, Tensor]:
+        """Unpack codes into ``(index, sign)`` as float tensors for :meth:`value_of`."""
+
+    # --- shared behaviour ----------------------------------------------------------------
+    def store_scale(self, scale: Tensor) -> Tensor:
+        """The scale as written to disk: fp16, kept inside fp16's finite positive range."""
+        return scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+
+    def load_scale(self, stored: Tensor) -> Tensor:
+        """The float32 scale a stored fp16 scale stands for."""
+        return stored.to(torch.float32)
+
+    def as_stored(self, qp: QParams) -> QParams:
+        """``qp`` rounded through storage, so codes are computed with the scale decode will see."""
+        return QParams(self.load_scale(self.store_scale(qp.scale)), qp.zero)
+
+    def encode(self, wg: Tensor, qp: QParams) -> Tensor:
+        """Codes (uint8) of grouped weights ``[rows, groups, G]``."""
+        index = self.exponent_or_level(wg, _expand(qp), torch.round)
+        return self.to_code(index, sign_of(wg), _expand(qp)).to(torch.uint8)
+
+    def decode(self, codes: Tensor, qp: QParams) -> Tensor:
+        """Float32 weights ``[rows, groups, G]`` of codes."""
+        qpe = _expand(qp)
+        index, sign = self.from_code(codes.to(torch.int32), qpe)
+        return self.value_of(index, sign, qpe)
+
+    def fake_quant(self, wg: Tensor, qp: QParams, grad: Grad = "none") -> Tensor:
+        """Quantize-dequantize in float.
+
+        ``grad="none"`` plain rounding (equals ``decode(encode(wg))``); ``"ste"`` passes the
+        rounding straight through (thesis eq. 3.16); ``"detach"`` holds the rounded index
+        constant, so only the scale receives a gradient.
+        """
+        qpe = _expand(qp)
+        sign = sign_of(wg)
+        index = self.exponent_or_level(wg, qpe, ROUNDINGS[grad])
+        return self.value_of(index, sign, qpe)
+
+    def levels(self, qp: QParams) -> Tensor:
+        """Every value each group can represent, ``[rows, groups, 2**bits]`` (tests, plots)."""
+        rows, groups = qp.scale.shape
+        codes = torch.arange(2**self.bits).expand(rows, groups, -1)
+        return self.decode(codes, qp)
+
+    def bits_per_weight(self, group_size: int) -> float:
+        """Storage cost per weight of a row of whole groups: code + fp16 scale (+ uint8 zero)."""
+        return self.bits + (16 + (8 if self.has_zero else 0)) / group_size
+
+
+def sign_of(w: Tensor) -> Tensor:
+    """-1 for negative weights, +1 otherwise: a zero weight gets the positive sign bit, so sign
+    formats that have no zero level (zero-excluded PoT) still map it somewhere definite."""
+    return torch.where(w < 0, -1.0, 1.0).to(w.dtype)
+
+
+def _expand(qp: QParams) -> QParams:
+    """Give ``[rows, groups]`` parameters a trailing axis so they broadcast over ``G``."""
+    return qp.map(lambda t: t.unsqueeze(-1))

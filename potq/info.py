@@ -1,0 +1,74 @@
+"""What a saved model costs: bits per weight including scales, size on disk, per-layer table.
+
+Everything here reads ``potq.json`` and the safetensors header only, so ``potq info`` is instant
+and works on a folder whose model would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from potq.storage import MANIFEST_FILE, WEIGHTS_FILE, header_shapes, read_manifest
+
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
+
+
+@dataclass
+class LayerCost:
+    name: str
+    shape: tuple[int, int]
+    format: str
+    bits: int
+    group_size: int
+    stored_bytes: int  # codes + scales + zeros
+
+    @property
+    def weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / self.weights
+
+
+def tensor_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * _DTYPE_BYTES[dtype]
+
+
+def layer_costs(folder: str | Path) -> list[LayerCost]:
+    manifest, header = read_manifest(folder), header_shapes(folder)
+    costs = []
+    for name, e in manifest["quantized_layers"].items():
+        stored = sum(tensor_bytes(*header[f"{name}.{part}"]) for part in ("codes", "scales", "zeros")
+                     if f"{name}.{part}" in header)
+        costs.append(LayerCost(name, (e["out_features"], e["in_features"]), e["format"], e["bits"],
+                               e["group_size"], stored))
+    return costs
+
+
+def summary(folder: str | Path) -> dict[str, Any]:
+    """The numbers ``potq info`` prints, as a dict (also written by ``--json``)."""
+    folder = Path(folder)
+    manifest, header = read_manifest(folder), header_shapes(folder)
+    costs = layer_costs(folder)
+    q_weights = sum(c.weights for c in costs)
+    q_bytes = sum(c.stored_bytes for c in costs)
+    all_bytes = sum(tensor_bytes(*v) for v in header.values())
+    return {
+        "path": str(folder),
+        "format": manifest.get("format"), "bits": manifest.get("bits"),
+        "group_size": manifest.get("group_size"), "method": manifest.get("method"),
+        "method_settings": manifest.get("method_settings"),
+        "source": manifest.get("source", {}),
+        "quantized_layers": len(costs),
+        "quantized_weights": q_weights,
+        "bits_per_quantized_weight": 8 * q_bytes / q_weights if q_weights else None,
+        "quantized_bytes": q_bytes,
+        "float_bytes": all_bytes - q_bytes,
+        "file_bytes": (folder / WEIGHTS_FILE).stat().st_size,
+        "folder_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        "manifest": MANIFEST_FILE,
+    }

@@ -1,0 +1,15 @@
+"""Round-to-nearest: the scale spans each group's range, every weight goes to its nearest level."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from potq.config import QuantConfig
+from potq.formats.weights import QuantizedWeight, quantize_weight
+
+
+def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig) -> dict[str, QuantizedWeight]:
+    """Quantize each layer on its own, with the format's default (max-based) scale."""
+    fmt = config.make_format()
+    return {name: quantize_weight(layer.weight.detach(), fmt, config.group_size)
+            for name, layer in layers.items()}

@@ -1,0 +1,30 @@
+"""Where the shared models and data live.
+
+Nothing is ever downloaded: models and data sets come from the read-only ``shared/`` folder
+beside the checkout, or from ``$POTQ_SHARED`` when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from potq.errors import PotqError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> Path:
+    """The shared folder: ``$POTQ_SHARED``, else ``../shared`` relative to the repository root."""
+    env = os.environ.get("POTQ_SHARED")
+    return Path(env).expanduser().resolve() if env else (REPO_ROOT.parent / "shared").resolve()
+
+
+def shared_file(relative: str) -> Path:
+    """A file inside the shared folder, or a one-line error that says how to point potq at it."""
+    path = shared_dir() / relative
+    if not path.is_file():
+        raise PotqError(
+            f"{path} not found: put the shared folder beside the checkout or set POTQ_SHARED to it"
+        )
+    return path

@@ -1,0 +1,59 @@
+"""``quantize_``: swap a model's linear layers for packed :class:`QuantLinear` layers, in place.
+
+The flow is one-way: pick the layers, let the method decide codes and scales, replace the
+modules, and record what was done in ``model.potq_meta`` (saved as ``potq.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from torch import nn
+
+from potq.config import QuantConfig
+from potq.errors import PotqError
+from potq.methods import get_method
+from potq.models import transformer_blocks
+from potq.nn import QuantLinear
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside the transformer blocks, by its name in ``model``.
+
+    Embeddings and the output head stay in float, as in GPTQ and the thesis.
+    """
+    blocks = transformer_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    return {f"{prefix}.{name}": module for name, module in blocks.named_modules()
+            if isinstance(module, nn.Linear)}
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn", **settings: Any) -> nn.Module:
+    """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns ``model``."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise PotqError("this model is already quantized: load the float model to quantize it again")
+    run = get_method(method)
+    layers = quantizable_layers(model)
+    quantized = run(model, layers, config, **settings)
+    for name, qw in quantized.items():
+        set_submodule(model, name, QuantLinear.from_quantized(qw, layers[name].bias))
+    model.potq_meta = {
+        **config.to_dict(),
+        "method": method,
+        "method_settings": {k: v for k, v in settings.items() if _is_json(v)},
+    }
+    return model
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True

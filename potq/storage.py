@@ -1,0 +1,208 @@
+"""The potq file format: one folder per quantized model (documented in docs/format.md).
+
+``model.safetensors``  the model's state dict: per quantized linear ``<name>.codes`` (uint8,
+                       bit-packed rows), ``<name>.scales`` (fp16 [out, groups]), ``<name>.zeros``
+                       (uint8, affine formats only); every other tensor as it is. A tensor that
+                       shares storage with an earlier one (tied embeddings) is stored once.
+``potq.json``          what the tensors mean: potq version, format, bits, group size, method and
+                       its settings, source model and its sha256, architecture, per-layer table.
+``tokenizer.json``     the tokenizer, so loading never needs the source model.
+
+Saving writes a temporary sibling folder and renames it into place: an interrupted save never
+leaves a half-written folder under the final name. Loading checks every tensor's shape and dtype
+in the safetensors header against ``potq.json`` before it allocates the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from potq import __version__
+from potq.errors import PotqError
+from potq.formats import get_format
+from potq.formats.grouping import num_groups
+from potq.formats.packing import packed_row_bytes
+from potq.models import LoadedModel, architecture, build_model
+from potq.models.tokenizer import Tokenizer
+from potq.nn import QuantLinear
+from potq.quantize import set_submodule
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "potq.json"
+FILE_FORMAT_VERSION = 1
+
+
+# --- saving -----------------------------------------------------------------------------------
+def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
+         source: dict | None = None) -> Path:
+    """Write ``model`` (quantized or not) with its tokenizer to the folder ``path``."""
+    if isinstance(model, LoadedModel):
+        tokenizer, source, model = tokenizer or model.tokenizer, source or model.source, model.model
+    if tokenizer is None:
+        raise PotqError("potq.save needs the tokenizer: pass tokenizer=... or a LoadedModel")
+    out = Path(path)
+    if out.exists() and not (out / MANIFEST_FILE).is_file():
+        raise PotqError(f"{out} exists and is not a potq model folder: choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = _dedup_state_dict(model)
+    manifest = _manifest(model, source or {}, aliases)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"potq": __version__})
+        tokenizer.save(tmp)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous copies of every tensor, storing a tensor that aliases an earlier one once."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = t.detach().contiguous()
+    return tensors, aliases
+
+
+def _manifest(model: nn.Module, source: dict, aliases: dict[str, str]) -> dict[str, Any]:
+    meta = getattr(model, "potq_meta", None) or {"format": None, "bits": None, "group_size": None,
+                                                "method": None, "method_settings": {}}
+    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {
+        "file_format_version": FILE_FORMAT_VERSION,
+        "potq_version": __version__,
+        **meta,
+        "source": source,
+        "architecture": architecture(model),
+        "aliases": aliases,
+        "quantized_layers": layers,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _layer_entry(layer: QuantLinear) -> dict[str, Any]:
+    return {"in_features": layer.in_features, "out_features": layer.out_features,
+            "format": layer.fmt.name, "bits": layer.fmt.bits, "group_size": layer.group_size,
+            "bias": layer.bias is not None}
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``; an old ``out`` is moved aside first and removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- loading ----------------------------------------------------------------------------------
+def is_potq_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(path)
+    if not (folder / MANIFEST_FILE).is_file():
+        raise PotqError(f"{folder} is not a potq model folder (no {MANIFEST_FILE}): run `potq quantize` first")
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise PotqError(f"{folder / MANIFEST_FILE} is corrupt ({exc}): quantize the model again") from None
+    version = manifest.get("file_format_version")
+    if version != FILE_FORMAT_VERSION:
+        raise PotqError(f"{folder} has file format version {version!r}; this potq reads "
+                        f"{FILE_FORMAT_VERSION}: re-quantize or upgrade potq")
+    return manifest
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` from the safetensors header, without reading any tensor."""
+    weights = Path(path) / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PotqError(f"{weights} is missing or corrupt ({exc}): quantize the model again") from None
+
+
+def expected_layer_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shapes and dtypes the file must hold for one quantized layer of ``potq.json``."""
+    fmt = get_format(entry["format"], entry["bits"])
+    rows, cols, group = entry["out_features"], entry["in_features"], entry["group_size"]
+    expected = {f"{name}.codes": ((rows, packed_row_bytes(cols, fmt.bits)), "U8"),
+                f"{name}.scales": ((rows, num_groups(cols, group)), "F16")}
+    if fmt.has_zero:
+        expected[f"{name}.zeros"] = ((rows, num_groups(cols, group)), "U8")
+    if entry.get("bias"):
+        expected[f"{name}.bias"] = ((rows,), "F32")
+    return expected
+
+
+def load(path: str | os.PathLike) -> LoadedModel:
+    """Rebuild a saved model: same architecture, the same packed layers, the same tokenizer."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    header = header_shapes(folder)
+    try:
+        for name, entry in manifest["quantized_layers"].items():
+            for key, want in expected_layer_tensors(name, entry).items():
+                if header.get(key) != want:
+                    raise PotqError(f"{folder / WEIGHTS_FILE}: tensor {key} is {header.get(key)}, "
+                                    f"expected {want}: the file is corrupt, quantize the model again")
+        model = build_model(manifest["architecture"])
+    except (KeyError, TypeError) as exc:
+        raise PotqError(f"{folder / MANIFEST_FILE} is incomplete (missing {exc}): quantize again") from None
+    for name, entry in manifest["quantized_layers"].items():
+        fmt = get_format(entry["format"], entry["bits"])
+        set_submodule(model, name, QuantLinear(entry["in_features"], entry["out_features"], fmt,
+                                               entry["group_size"], bias=entry["bias"]))
+    _check_against_model(model, header, manifest.get("aliases", {}), folder)
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "method",
+                                                     "method_settings")}
+    source = {**manifest.get("source", {}), "quantized": str(folder.resolve())}
+    return LoadedModel(model, Tokenizer.load(folder), source)
+
+
+def _check_against_model(model: nn.Module, header: dict, aliases: dict[str, str], folder: Path) -> None:
+    expected = model.state_dict()
+    missing = set(expected) - set(header) - set(aliases)
+    unexpected = set(header) - set(expected)
+    if missing or unexpected:
+        what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise PotqError(f"{folder / WEIGHTS_FILE} does not match its potq.json ({what}): quantize again")
+    for key, (shape, _) in header.items():
+        if tuple(expected[key].shape) != shape:
+            raise PotqError(f"{folder / WEIGHTS_FILE}: tensor {key} has shape {shape}, the model "
+                            f"expects {tuple(expected[key].shape)}: quantize the model again")
+
+
+def load_any(spec: str | os.PathLike) -> LoadedModel:
+    """A potq folder (quantized or float, as saved) or any model ``potq.load_model`` reads."""
+    from potq.models import load_model
+
+    return load(spec) if is_potq_folder(spec) else load_model(str(spec))
