@@ -15,6 +15,13 @@ from potq.errors import PotqError
 from potq.formats import FORMATS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2) like every other potq error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     from potq.methods import METHODS
 
@@ -27,9 +34,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potq", description="Power-of-two quantization of LLMs.")
+    parser = _Parser(prog="potq", description="Power-of-two quantization of LLMs.")
     parser.add_argument("--version", action="version", version=f"potq {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_help = "a short name (smollm2-135m, stories260k), a .gguf / llama2.c .bin / HF folder, or a potq folder"
 
     p = sub.add_parser("quantize", help="quantize a model and save it as a potq folder")
@@ -45,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="wikitext2", choices=DATASETS)
     p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
-                   help="compute dtype on CPU (bf16 autocast is ~2x faster, same ppl to ~3 digits)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast where the hardware has native bf16, else fp32")
     p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
 

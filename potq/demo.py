@@ -40,14 +40,14 @@ def _measure(label: str, lm: potq.LoadedModel, max_windows: int, ctx: int,
              bits_per_weight: float, file_bytes: int | None) -> dict:
     r = perplexity(lm.model, lm.tokenizer, "wikitext2", ctx=ctx, max_windows=max_windows)
     text = generate(lm.model, lm.tokenizer, PROMPT, max_new_tokens=24)
-    return {"label": label, "ppl": r.ppl, "windows": r.windows, "total": r.total_windows,
+    return {"label": label, "ppl": r.ppl, "windows": r.windows, "total": r.total_windows, "dtype": r.dtype,
             "bpw": bits_per_weight, "bytes": file_bytes, "text": text}
 
 
 def _print_rows(rows: list[dict], max_windows: int, ctx: int) -> None:
     r0 = rows[0]
     print(f"\nWikiText-2 perplexity on a quick subset: the first {r0['windows']} of {r0['total']} "
-          f"windows of {ctx} tokens (bf16 autocast); full-set numbers are in README.md")
+          f"windows of {ctx} tokens ({r0['dtype']}); full-set numbers are in README.md")
     print(f"{'model':32} {'ppl':>9} {'bits/weight':>12} {'file MiB':>9}")
     for r in rows:
         size = "-" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f}"

@@ -1,0 +1,100 @@
+"""Loading models into one shape: a float32, eval-mode transformers causal LM plus a Tokenizer.
+
+``load_model`` takes a short name (see :data:`SHORT_NAMES`) or a path: a ``.gguf`` file, a
+llama2.c ``.bin`` checkpoint, or a Hugging Face folder (``config.json`` + safetensors). Whatever the
+source, quantization and evaluation see a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``, and
+``architecture``/``build_model`` let a saved quantized model be rebuilt without the source file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+
+from potq.errors import PotqError
+from potq.models import gguf, hf, llama2c
+from potq.models.registry import SHORT_NAMES, resolve
+from potq.models.tokenizer import Tokenizer
+
+__all__ = ["SHORT_NAMES", "LoadedModel", "architecture", "build_model", "load_model", "transformer_blocks"]
+
+LOADERS: dict[str, Callable[[Path], tuple[PreTrainedModel, Tokenizer]]] = {
+    "gguf": gguf.load, "llama2c": llama2c.load, "hf": hf.load,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model, its tokenizer, and where it came from (JSON-able, for reports and saved files)."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    source: dict
+
+
+def load_model(spec: str) -> LoadedModel:
+    """The model named by ``spec`` (a short name or a path), in float32 and eval mode."""
+    name, path = resolve(spec)
+    kind = _loader_kind(path)
+    model, tokenizer = LOADERS[kind](path)
+    files = hf.weight_files(path) if path.is_dir() else [path]
+    source = {"name": name, "path": str(path), "sha256": _sha256(files), "loader": kind}
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def architecture(model: torch.nn.Module) -> dict:
+    """A JSON-able description from which :func:`build_model` makes an empty model of the same shape."""
+    if not isinstance(model, PreTrainedModel):
+        raise PotqError(f"cannot describe a {type(model).__name__}; potq handles transformers models only")
+    return {"family": "hf", "config": model.config.to_dict()}
+
+
+def build_model(arch: dict) -> torch.nn.Module:
+    """An eval-mode float32 model of ``arch`` (from :func:`architecture`) with uninitialised weights."""
+    config = arch.get("config") if arch.get("family") == "hf" else None
+    if not isinstance(config, dict) or config.get("model_type") not in hf.SUPPORTED_MODELS:
+        raise PotqError("the saved architecture is not a {'family': 'hf'} LLaMA or GPT-2 description; "
+                        "re-save the model with this potq")
+    try:
+        config = AutoConfig.for_model(**config)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PotqError(f"cannot rebuild the saved architecture ({hf.first_line(exc)}); re-save the model") from None
+    return hf.empty_model(config)
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's transformer blocks in order, the unit block-wise quantization works on."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in hf.SUPPORTED_MODELS:
+        raise PotqError(f"potq does not know the blocks of a {type(model).__name__}; "
+                        f"supported model types: {', '.join(hf.SUPPORTED_MODELS)}")
+    return model.get_submodule(hf.SUPPORTED_MODELS[model_type].blocks)
+
+
+def _loader_kind(path: Path) -> str:
+    """Which loader reads ``path``, from its suffix, or from ``config.json`` for a folder."""
+    if path.is_dir():
+        if not (path / hf.CONFIG_FILE).is_file():
+            raise PotqError(f"{path} is a folder without {hf.CONFIG_FILE}; give a Hugging Face model folder, "
+                            "a .gguf file or a llama2.c .bin checkpoint")
+        return "hf"
+    kinds = {".gguf": "gguf", ".bin": "llama2c"}
+    if path.suffix.lower() not in kinds:
+        raise PotqError(f"{path}: unknown model file type; give a .gguf file, a llama2.c .bin checkpoint "
+                        "or a Hugging Face model folder")
+    return kinds[path.suffix.lower()]
+
+
+def _sha256(files: list[Path]) -> str:
+    """One hex digest over the bytes of ``files`` in order, read in chunks (models can be GBs)."""
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

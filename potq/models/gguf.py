@@ -1,0 +1,162 @@
+"""LLaMA-architecture GGUF files (llama.cpp's format), expanded to a float32 transformers model.
+
+The quantized tensors are dequantized once at load time: potq re-quantizes from float weights, so
+a Q4_1 file becomes its "Q4_1-expanded" float reference.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+from tokenizers import pre_tokenizers
+from transformers import LlamaConfig, PreTrainedModel
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+from potq.errors import PotqError
+from potq.models import llama
+from potq.models.hf import first_line
+from potq.models.tokenizer import Tokenizer
+
+EXPANDED_TYPES = {GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")}
+GLOBAL_TENSORS = {"token_embd.weight": llama.EMBEDDING, "output_norm.weight": llama.FINAL_NORM,
+                  "output.weight": llama.CLASSIFIER}
+BLOCK_TENSORS = {
+    "attn_norm": llama.ATTN_NORM, "attn_q": llama.ATTN_Q, "attn_k": llama.ATTN_K, "attn_v": llama.ATTN_V,
+    "attn_output": llama.ATTN_OUT, "ffn_norm": llama.FFN_NORM, "ffn_gate": llama.FFN_GATE,
+    "ffn_up": llama.FFN_UP, "ffn_down": llama.FFN_DOWN,
+}
+# llama.cpp pre-tokenizers that split every number character (\p{N}) off before the byte-level
+# split, as the models were trained; transformers' GGUF converter leaves that step out.
+DIGIT_SPLIT_PRE = {"smollm"}
+_REQUIRED = object()
+
+
+class _FastReader(GGUFReader):
+    """``GGUFReader`` that parses metadata arrays in one step each.
+
+    The stock reader makes two numpy views per array element, which takes ~6 s for SmolLM2's
+    49k tokens and merges; here a number array is one view and a string array one view per string
+    (~0.2 s). ``field.contents()`` returns the same values (checked against the stock reader).
+    """
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list[GGUFValueType]]:
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        item = GGUFValueType(item_type[0])
+        offset = orig_offs + 12
+        if item in self.gguf_scalar_to_np:
+            values = self._get(offset, self.gguf_scalar_to_np[item], count[0])
+            return 12 + int(values.nbytes), [item_type, count, values], [2], [GGUFValueType.ARRAY, item]
+        if item != GGUFValueType.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        buffer = memoryview(self.data)
+        parts = [item_type, count]
+        for _ in range(int(count[0])):
+            (length,) = struct.unpack_from("=Q", buffer, offset)
+            parts.append(np.frombuffer(buffer, np.uint8, length, offset + 8))
+            offset += 8 + length
+        return offset - orig_offs, parts, list(range(2, len(parts))), [GGUFValueType.ARRAY, item]
+
+
+def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
+    """The float32 ``LlamaForCausalLM`` and the tokenizer stored in a GGUF file."""
+    reader = _open(path)
+    architecture = _field(reader, "general.architecture")
+    if architecture != "llama":
+        raise PotqError(f"{path} is a {architecture!r} GGUF; potq loads only the 'llama' architecture")
+    config = _config(reader, path)
+    return llama.build_llama(config, _weights(reader, path), str(path)), _tokenizer(reader, path)
+
+
+def _open(path: Path) -> GGUFReader:
+    """The parsed file, or a one-line error for anything that is not a complete GGUF."""
+    try:
+        return _FastReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error, OSError) as exc:
+        raise PotqError(f"{path} is not a readable GGUF file ({first_line(exc)}); "
+                        "re-download or re-convert it") from None
+
+
+def _field(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
+    """A metadata value, ``default`` when absent, or an error naming the missing key."""
+    field = reader.fields.get(key)
+    if field is not None:
+        return field.contents()
+    if default is _REQUIRED:
+        raise PotqError(f"{reader.data.filename} has no {key!r} metadata; re-convert it with a current llama.cpp")
+    return default
+
+
+def _config(reader: GGUFReader, path: Path) -> LlamaConfig:
+    """The LLaMA hyper-parameters under llama.cpp's ``llama.*`` keys."""
+    dim = _field(reader, "llama.embedding_length")
+    n_heads = _field(reader, "llama.attention.head_count")
+    rope_dims = _field(reader, "llama.rope.dimension_count", None)
+    if rope_dims is not None and rope_dims * n_heads != dim:
+        raise PotqError(f"{path} rotates {rope_dims} dimensions of each {dim}/{n_heads}-wide head; "
+                        "potq supports RoPE over the full head only")
+    if _field(reader, "llama.rope.scaling.type", "none") != "none":
+        raise PotqError(f"{path} uses RoPE scaling, which potq does not support; use a model without it")
+    bos, eos = (_field(reader, f"tokenizer.ggml.{kind}_token_id", None) for kind in ("bos", "eos"))
+    vocab_size = len(_field(reader, "tokenizer.ggml.tokens"))
+    return llama.llama_config(
+        dim=dim, hidden_dim=_field(reader, "llama.feed_forward_length"),
+        n_layers=_field(reader, "llama.block_count"), n_heads=n_heads,
+        n_kv_heads=_field(reader, "llama.attention.head_count_kv", n_heads),
+        vocab_size=vocab_size, max_seq_len=_field(reader, "llama.context_length", 2048),
+        tied=not any(t.name == "output.weight" for t in reader.tensors),
+        rope_theta=_field(reader, "llama.rope.freq_base", 10000.0),
+        rms_eps=_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+        bos_id=bos, eos_id=eos,
+    )
+
+
+def _weights(reader: GGUFReader, path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor as float32 under its transformers name (reader shapes are already torch order)."""
+    weights = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in EXPANDED_TYPES:
+            supported = ", ".join(sorted(t.name for t in EXPANDED_TYPES))
+            raise PotqError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}; potq expands only "
+                            f"{supported} (re-quantize the GGUF to one of them)")
+        values = dequantize(tensor.data, tensor.tensor_type)
+        weights[_torch_name(tensor.name, path)] = torch.from_numpy(
+            values if values.flags.writeable else values.copy()
+        )
+    return weights
+
+
+def _torch_name(gguf_name: str, path: Path) -> str:
+    """transformers' name for a llama.cpp tensor name (``blk.3.attn_q.weight`` ...)."""
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
+    prefix, layer, role, suffix = (gguf_name.split(".") + ["", "", ""])[:4]
+    if prefix == "blk" and layer.isdigit() and role in BLOCK_TENSORS and suffix == "weight":
+        return f"model.layers.{layer}.{BLOCK_TENSORS[role]}"
+    raise PotqError(f"{path} holds tensor {gguf_name!r}, which a plain LLaMA model does not have; "
+                    "unsupported LLaMA variant")
+
+
+def _tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
+    """The vocabulary in the ``tokenizer.ggml.*`` metadata, under the key names transformers uses."""
+    vocab = {
+        name: reader.fields[f"tokenizer.{key}"].contents()
+        for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+        if f"tokenizer.{key}" in reader.fields
+    }
+    # llama.cpp's default when the flag is absent: BOS for sentencepiece vocabularies, none for BPE.
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", vocab.get("tokenizer_type") == "llama")
+    tokenizer = llama.vocab_tokenizer(vocab, _field(reader, "general.architecture"), vocab.get("bos_token_id"),
+                                      vocab.get("eos_token_id"), bool(add_bos), str(path))
+    if vocab.get("pre_tokenizer_type") in DIGIT_SPLIT_PRE:
+        backend = tokenizer.backend
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         backend.pre_tokenizer])
+    return tokenizer
