@@ -8,3 +8,10 @@ stderr and exits with code 2; anything else is a bug and keeps its traceback.
 
 class PotqError(Exception):
     """A user-facing error: its message is one line that says what went wrong and what to do."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line, for the one-line PotqError contract."""
+    line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return line if len(line) <= 200 else line[:200] + "..."
+

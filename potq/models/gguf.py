@@ -18,9 +18,8 @@ from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
 
-from potq.errors import PotqError
 from potq.models import llama
-from potq.models.hf import first_line
+from potq.errors import PotqError, first_line
 from potq.models.tokenizer import Tokenizer
 
 EXPANDED_TYPES = {GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")}

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from potq.errors import PotqError
+from potq.errors import PotqError, first_line
 from potq.models.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -105,10 +105,4 @@ def _single_id(token_id: int | list[int] | None) -> int | None:
     if isinstance(token_id, list):
         return token_id[0] if token_id else None
     return token_id
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message cut to one line, for the one-line PotqError contract."""
-    line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return line if len(line) <= 200 else line[:200] + "..."
 

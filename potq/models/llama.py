@@ -14,8 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-from potq.errors import PotqError
-from potq.models.hf import empty_model, first_line
+from potq.errors import PotqError, first_line
+from potq.models.hf import empty_model
 from potq.models.tokenizer import Tokenizer
 
 # Per-block weights in transformers' names; each loader maps its own names onto these.

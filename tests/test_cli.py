@@ -1,0 +1,135 @@
+"""The `potq` command line end to end: quantize -> info -> eval -> generate, and every bad input
+ending as one line on stderr with exit code 2 and nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from potq.cli import main
+from potq.paths import shared_file
+
+STORIES_GGUF = str(shared_file("models/stories260K/stories260K.gguf"))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse usage errors and --help
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval", "generate", "info", "demo"])
+def test_every_subcommand_has_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "usage: potq" in out
+
+
+def test_quantize_info_eval_generate(capsys, tmp_path):
+    out = tmp_path / "pot3"
+    code, text, _ = run(capsys, "quantize", "stories260k", "--format", "pot", "--bits", "3",
+                        "--group-size", "32", "--method", "rtn", "-o", str(out))
+    assert code == 0 and "bits per quantized weight" in text
+
+    code, text, _ = run(capsys, "info", str(out), "--json", str(tmp_path / "info.json"))
+    assert code == 0
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert (info["format"], info["bits"], info["group_size"], info["method"]) == ("pot", 3, 32, "rtn")
+    assert f"{info['bits_per_quantized_weight']:.3f} bits per quantized weight" in text
+    assert "model.layers.4.mlp.down_proj" in text  # the per-layer table
+
+    code, text, _ = run(capsys, "eval", str(out), "--dataset", "tinystories", "--ctx", "128",
+                        "--max-windows", "3", "--json", str(tmp_path / "ppl.json"))
+    assert code == 0 and "tinystories perplexity" in text
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert result["windows"] == 3 and 1 < result["ppl"] < 1e6
+
+    code, text, _ = run(capsys, "generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "8")
+    assert code == 0 and text.startswith("Once upon a time") and len(text.strip()) > len("Once upon a time")
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["quantize", "stories260k", "--bits", "9"], ["bits must be an integer from 2 to 8"]),
+    (["quantize", "stories260k", "--bits", "1"], ["bits must be an integer from 2 to 8"]),
+    (["quantize", "stories260k", "--format", "log"], ["invalid choice: 'log'"]),
+    (["quantize", "stories260k", "--group-size", "-5"], ["group size"]),
+    (["quantize", "no/such/model.gguf"], ["no such file or folder"]),
+    (["quantize", "stories260k", "--method", "magic"], ["invalid choice: 'magic'"]),
+])
+def test_bad_quantize_input_writes_nothing(capsys, tmp_path, argv, fragments):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *argv, "-o", str(out))
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_corrupt_model_file(capsys, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("this is not a gguf file")
+    code, _, err = run(capsys, "quantize", str(fake), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "not a readable GGUF")
+    truncated = tmp_path / "stories.gguf"
+    truncated.write_bytes(open(STORIES_GGUF, "rb").read()[:50_000])
+    code, _, err = run(capsys, "eval", str(truncated))
+    assert_one_line_error(code, err, str(truncated))
+
+
+def test_info_and_eval_of_a_non_potq_folder(capsys, tmp_path):
+    code, _, err = run(capsys, "info", str(tmp_path))
+    assert_one_line_error(code, err, "not a potq model folder")
+    code, _, err = run(capsys, "eval", str(tmp_path))
+    assert_one_line_error(code, err, "folder without config.json")
+
+
+def test_empty_dataset(capsys, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tinystories_valid_head.txt").write_text("")
+    monkeypatch.setenv("POTQ_SHARED", str(tmp_path))
+    code, _, err = run(capsys, "eval", STORIES_GGUF, "--dataset", "tinystories", "--ctx", "64")
+    assert_one_line_error(code, err, "tinystories")
+
+
+def test_missing_shared_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("POTQ_SHARED", str(tmp_path / "nowhere"))
+    code, _, err = run(capsys, "eval", "stories260k")
+    assert_one_line_error(code, err, "POTQ_SHARED")
+
+
+def test_context_longer_than_text(capsys, tmp_path, monkeypatch):
+    code, _, err = run(capsys, "eval", "stories260k", "--dataset", "tinystories", "--ctx", "4096")
+    assert_one_line_error(code, err, "--ctx")
+
+
+def test_installed_entry_point_prints_no_traceback(tmp_path):
+    exe = shutil.which("potq") or f"{sys.executable} -m potq.cli"
+    proc = subprocess.run([*exe.split(), "quantize", "stories260k", "--bits", "12", "-o", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["potq: error: bits must be an integer from 2 to 8, got 12"]
+
+
+def test_smollm2_3bit_g128_costs_about_3_125_bits(capsys, tmp_path):
+    """The issue's acceptance check on the real default model (the slowest test, ~20 s)."""
+    out = tmp_path / "smollm2-pot3"
+    code, _, _ = run(capsys, "quantize", "smollm2-135m", "--format", "pot", "--bits", "3",
+                     "--group-size", "128", "-o", str(out))
+    assert code == 0
+    code, _, _ = run(capsys, "info", str(out), "--json", str(tmp_path / "info.json"))
+    info = json.loads((tmp_path / "info.json").read_text())
+    # 3 bits + one fp16 scale per 128 weights; rows of 576 end in a 64-wide group (5 scales a row).
+    assert info["bits_per_quantized_weight"] == pytest.approx(3.125, abs=0.02)
+    expected_bytes = info["quantized_weights"] * info["bits_per_quantized_weight"] / 8 + info["float_bytes"]
+    assert info["file_bytes"] == pytest.approx(expected_bytes, rel=0.01)
