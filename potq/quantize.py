@@ -14,7 +14,7 @@ from torch import nn
 from potq.config import QuantConfig
 from potq.errors import PotqError
 from potq.methods import get_method
-from potq.models import transformer_blocks
+from potq.models import LoadedModel, transformer_blocks
 from potq.nn import QuantLinear
 
 
@@ -29,26 +29,33 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(module, nn.Linear)}
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
+              **settings: Any) -> nn.Module:
+    """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns the module.
 
-
-def quantize_(model: nn.Module, config: QuantConfig, method: str = "rtn", **settings: Any) -> nn.Module:
-    """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns ``model``."""
+    ``settings`` go to the method (e.g. ``progress=False``); the JSON-able ones are recorded in
+    ``model.potq_meta`` and from there in ``potq.json``.
+    """
+    if isinstance(model, LoadedModel):
+        model = model.model
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise PotqError("this model is already quantized: load the float model to quantize it again")
     run = get_method(method)
     layers = quantizable_layers(model)
+    if not layers:
+        raise PotqError(f"{type(model).__name__} has no linear layers in its transformer blocks to quantize")
     quantized = run(model, layers, config, **settings)
     for name, qw in quantized.items():
-        set_submodule(model, name, QuantLinear.from_quantized(qw, layers[name].bias))
+        model.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
     model.potq_meta = {
         **config.to_dict(),
         "method": method,
-        "method_settings": {k: v for k, v in settings.items() if _is_json(v)},
+        "method_settings": {k: v for k, v in settings.items() if k not in _UI_SETTINGS and _is_json(v)},
     }
     return model
+
+
+_UI_SETTINGS = {"progress"}  # how a run looks, not what it computes: not recorded
 
 
 def _is_json(value: Any) -> bool:

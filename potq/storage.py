@@ -36,7 +36,6 @@ from potq.formats.packing import packed_row_bytes
 from potq.models import LoadedModel, architecture, build_model
 from potq.models.tokenizer import Tokenizer
 from potq.nn import QuantLinear
-from potq.quantize import set_submodule
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "potq.json"
@@ -175,7 +174,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
         raise PotqError(f"{folder / MANIFEST_FILE} is incomplete (missing {exc}): quantize again") from None
     for name, entry in manifest["quantized_layers"].items():
         fmt = get_format(entry["format"], entry["bits"])
-        set_submodule(model, name, QuantLinear(entry["in_features"], entry["out_features"], fmt,
+        model.set_submodule(name, QuantLinear(entry["in_features"], entry["out_features"], fmt,
                                                entry["group_size"], bias=entry["bias"]))
     _check_against_model(model, header, manifest.get("aliases", {}), folder)
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:

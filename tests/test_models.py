@@ -197,14 +197,16 @@ def test_hf_folder(make, tmp_path: Path, stories: LoadedModel) -> None:
     loaded = load_model(str(save_hf_folder(original, tmp_path / "m", stories)))
     ids = loaded.tokenizer.encode(PROMPT)
     with torch.no_grad():
-        assert torch.equal(loaded.model(torch.tensor([ids])).logits, original(torch.tensor([ids])).logits)
+        # GPT-2's Conv1D becomes nn.Linear (same math, another summation order): equal to float tolerance
+        assert torch.allclose(loaded.model(torch.tensor([ids])).logits, original(torch.tensor([ids])).logits,
+                              atol=1e-5)
     assert loaded.source["loader"] == "hf" and type(loaded.model) is type(original)
     assert len(transformer_blocks(loaded.model)) == 2
     assert loaded.tokenizer.decode(ids) == PROMPT and (loaded.tokenizer.bos_id, loaded.tokenizer.eos_id) == (1, 2)
     rebuilt = build_model(json.loads(json.dumps(architecture(loaded.model))))
     rebuilt.load_state_dict(loaded.model.state_dict())
     with torch.no_grad():
-        assert torch.equal(rebuilt(torch.tensor([ids])).logits, original(torch.tensor([ids])).logits)
+        assert torch.equal(rebuilt(torch.tensor([ids])).logits, loaded.model(torch.tensor([ids])).logits)
 
 
 def test_short_names() -> None:

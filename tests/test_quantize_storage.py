@@ -131,3 +131,21 @@ def test_corrupt_or_foreign_folders_give_one_line_errors(stories, tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(PotqError, match="not a potq model folder"):
         potq.save(stories, tmp_path / "other")
+
+
+def test_gpt2_folder_quantizes_saves_and_loads(stories_float, tmp_path):
+    """GPT-2 keeps its linears as Conv1D ([in, out]); potq sees nn.Linear like for LLaMA."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                          bos_token_id=1, eos_token_id=2)).eval()
+    original.save_pretrained(tmp_path / "gpt2")
+    stories_float.tokenizer.backend.save(str(tmp_path / "gpt2" / "tokenizer.json"))
+    lm = potq.load_model(str(tmp_path / "gpt2"))
+    with torch.inference_mode():
+        assert torch.allclose(lm.model(PROMPT_IDS).logits, original(PROMPT_IDS).logits, atol=1e-5)
+    potq.quantize_(lm, potq.PoTConfig(bits=4, group_size=32))
+    assert len([m for m in lm.model.modules() if isinstance(m, QuantLinear)]) == 2 * 4  # c_attn c_proj c_fc c_proj
+    loaded = potq.load(potq.save(lm, tmp_path / "q"))
+    assert torch.equal(logits(loaded), logits(lm))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from torch import nn
+from tqdm import tqdm
 
 from potq.config import QuantConfig
 from potq.formats.weights import QuantizedWeight, quantize_weight
 
 
-def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig) -> dict[str, QuantizedWeight]:
+def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig,
+             progress: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize each layer on its own, with the format's default (max-based) scale."""
     fmt = config.make_format()
     return {name: quantize_weight(layer.weight.detach(), fmt, config.group_size)
-            for name, layer in layers.items()}
+            for name, layer in tqdm(layers.items(), desc=f"rtn {fmt!r}", unit="layer", disable=not progress)}

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
+from transformers.pytorch_utils import Conv1D
 
 from potq.errors import PotqError, first_line
 from potq.models.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -44,7 +46,25 @@ def empty_model(config: PretrainedConfig) -> PreTrainedModel:
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()
-    return model.eval()
+    return as_linear_layers(model).eval()
+
+
+def as_linear_layers(model: PreTrainedModel) -> PreTrainedModel:
+    """Replace GPT-2's ``Conv1D`` (a linear layer storing its weight as ``[in, out]``) by the
+    equivalent ``nn.Linear``, so every family offers quantization the same kind of layer.
+
+    Applied both on load and on rebuild, so saved state dicts always hold ``[out, in]`` weights.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+            linear = nn.Linear(in_features, out_features, bias=module.bias is not None,
+                               device=module.weight.device, dtype=module.weight.dtype)
+            linear.weight = nn.Parameter(module.weight.detach().t().contiguous())
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach())
+            model.set_submodule(name, linear)
+    return model
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -68,7 +88,7 @@ def load(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
     if info["missing_keys"]:  # transformers would run them randomly initialised; wrong shapes raise above
         missing = ", ".join(sorted(info["missing_keys"])[:3])
         raise PotqError(f"{folder} lacks weights ({missing}...); re-save the model")
-    return model.eval(), _tokenizer(folder, config)
+    return as_linear_layers(model).eval(), _tokenizer(folder, config)
 
 
 def _config(folder: Path) -> PretrainedConfig:

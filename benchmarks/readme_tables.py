@@ -1,0 +1,30 @@
+"""Copy generated result tables into README.md, so the README never holds a hand-typed number.
+
+Every block ``<!-- table:NAME --> … <!-- /table:NAME -->`` in README.md is replaced by the
+Markdown table (the lines starting with ``|``) of ``docs/results/NAME.md``, with a link to it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def table_of(name: str) -> str:
+    source = ROOT / "docs" / "results" / f"{name}.md"
+    lines = [line for line in source.read_text().splitlines() if line.startswith("|")]
+    return "\n".join(lines) + f"\n\n(from [docs/results/{name}.md](docs/results/{name}.md), " \
+                              "which holds the command that made it)\n"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = BLOCK.sub(lambda m: m.group(1) + table_of(m.group("name")) + m.group(4), readme.read_text())
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
