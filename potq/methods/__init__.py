@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 from potq.errors import PotqError
-from potq.methods import rtn
+from potq.methods import grid, rtn
 
 METHODS: dict[str, Callable] = {
     "rtn": rtn.quantize,
+    "grid": grid.quantize,
 }
 
 
