@@ -13,6 +13,7 @@ from torch import nn
 
 from potq.config import QuantConfig
 from potq.errors import PotqError
+from potq.eval.data import calibration_batch
 from potq.methods import get_method
 from potq.models import LoadedModel, transformer_blocks
 from potq.nn import QuantLinear
@@ -30,29 +31,39 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
-              **settings: Any) -> nn.Module:
+              calib_samples: int = 32, calib_len: int = 512, seed: int = 0, **settings: Any) -> nn.Module:
     """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns the module.
 
-    ``settings`` go to the method (e.g. ``progress=False``); the JSON-able ones are recorded in
-    ``model.potq_meta`` and from there in ``potq.json``.
+    ``settings`` go to the method (e.g. ``progress=False``, ``epochs=10``); the JSON-able ones are
+    recorded in ``model.potq_meta`` and from there in ``potq.json``. Methods that need data get
+    ``calib_samples`` sequences of ``calib_len`` tokens drawn with ``seed`` from the calibration
+    half of C4 (never evaluation text) unless ``calibration=ids`` is given; 32×512 is the fast
+    default on 2-core CPUs (the thesis uses 128×2048).
     """
-    if isinstance(model, LoadedModel):
-        model = model.model
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    module, tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
+    if any(isinstance(m, QuantLinear) for m in module.modules()):
         raise PotqError("this model is already quantized: load the float model to quantize it again")
-    run = get_method(method)
-    layers = quantizable_layers(model)
+    chosen = get_method(method)
+    layers = quantizable_layers(module)
     if not layers:
-        raise PotqError(f"{type(model).__name__} has no linear layers in its transformer blocks to quantize")
-    quantized = run(model, layers, config, **settings)
+        raise PotqError(f"{type(module).__name__} has no linear layers in its transformer blocks to quantize")
+    calibration_info = None
+    if chosen.needs_calibration and "calibration" not in settings:
+        if tokenizer is None:
+            raise PotqError(f"method {method!r} needs calibration data: pass a LoadedModel or calibration=ids")
+        calibration_info = {"data": "c4 calibration half (c4_validation_2k.jsonl documents 0-999)",
+                            "samples": calib_samples, "seqlen": calib_len, "seed": seed}
+        settings["calibration"] = calibration_batch(tokenizer, calib_samples, calib_len, seed)
+    quantized = chosen.run(module, layers, config, **settings)
     for name, qw in quantized.items():
-        model.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
-    model.potq_meta = {
+        module.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
+    module.potq_meta = {
         **config.to_dict(),
         "method": method,
         "method_settings": {k: v for k, v in settings.items() if k not in _UI_SETTINGS and _is_json(v)},
+        "calibration": calibration_info,
     }
-    return model
+    return module
 
 
 _UI_SETTINGS = {"progress"}  # how a run looks, not what it computes: not recorded

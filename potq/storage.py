@@ -182,7 +182,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
     model.load_state_dict(state, strict=False)
     model.eval()
     model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "method",
-                                                     "method_settings")}
+                                                     "method_settings", "calibration")}
     source = {**manifest.get("source", {}), "quantized": str(folder.resolve())}
     return LoadedModel(model, Tokenizer.load(folder), source)
 

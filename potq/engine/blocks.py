@@ -1,0 +1,93 @@
+"""The block-wise engine every data-dependent method runs on (two-step Step 2, later GPTQ, AWQ,
+OmniQuant): walk the transformer blocks in order, hand each one its calibration inputs and float
+targets, let the method quantize it in place, and propagate.
+
+Inputs of block ``l`` are the calibration activations after the *already quantized* blocks
+``0..l-1`` (so each block learns to correct what the earlier ones got wrong). The target is, by
+default, the float block's output on those same inputs (``target="same-input"``): the method then
+solves exactly the thesis' per-block problem ``‖F(W, X) − F(W̃, X)‖²``. ``target="float-stream"``
+instead keeps a second, all-float stream and aims at the float model's own activations.
+Memory: one block plus its calibration activations (two or three ``[N, L, d]`` tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from potq.errors import PotqError
+from potq.models import transformer_blocks
+
+TARGETS = ("same-input", "float-stream")
+
+
+@dataclass
+class BlockData:
+    """Calibration activations entering one block, in mini-batches, and the keyword arguments the
+    model passes every block (causal mask, rotary embeddings, positions: identical per batch)."""
+
+    inputs: list[Tensor]
+    kwargs: dict[str, Any]
+
+
+class _Captured(Exception):
+    """Raised by the hook on block 0 once its inputs are recorded: the rest of the model is skipped."""
+
+
+def capture_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> BlockData:
+    """Run the embeddings on ``ids`` ``[N, L]`` and record what enters the first block."""
+    first = transformer_blocks(model)[0]
+    inputs: list[Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple, kw: dict) -> None:
+        inputs.append(args[0] if args else kw["hidden_states"])
+        kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "use_cache")})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in ids.split(batch_size):
+                try:
+                    model(batch, use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return BlockData(inputs, kwargs)
+
+
+def block_forward(block: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def outputs(block: nn.Module, data: BlockData) -> list[Tensor]:
+    with torch.no_grad():
+        return [block_forward(block, x, data.kwargs) for x in data.inputs]
+
+
+BlockMethod = Callable[[int, nn.Module, BlockData, list[Tensor]], None]
+
+
+def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size: int = 8,
+                  target: str = "same-input", progress: bool = True) -> None:
+    """Call ``method(index, block, data, targets)`` on every block in order; ``method`` quantizes
+    the block in place, and its outputs become the next block's inputs."""
+    if target not in TARGETS:
+        raise PotqError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    model.eval()
+    data = capture_inputs(model, ids, batch_size)
+    float_data = BlockData(list(data.inputs), data.kwargs) if target == "float-stream" else None
+    blocks = transformer_blocks(model)
+    for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
+        targets = outputs(block, float_data or data)
+        method(index, block, data, targets)
+        data = BlockData(outputs(block, data), data.kwargs)
+        if float_data is not None:
+            float_data = BlockData(targets, data.kwargs)
