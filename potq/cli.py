@@ -30,7 +30,18 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
     p.add_argument("--group-size", type=int, default=128,
                    help="input elements per scale (default 128; -1 per channel, 0 per tensor)")
-    p.add_argument("--method", default="rtn", choices=sorted(METHODS), help="how scales are chosen")
+    p.add_argument("--method", default="rtn", choices=sorted(METHODS),
+                   help="rtn: round to nearest; grid: Step 1 scale search; twostep: Step 1 + block-wise "
+                        "fine-tuning (Step 2); finetune: Step 2 from naive scales")
+    g = p.add_argument_group("data-dependent methods (twostep, finetune)")
+    g.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    g.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    g.add_argument("--epochs", type=int, default=None, help="Step 2 epochs (default 10, or 40 at 2 bits)")
+    g.add_argument("--lr", type=float, default=None, help="Step 2 Adam learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=None, help="λ of the λ/2‖Γ‖² term (default 0.1)")
+    g.add_argument("--grad", choices=("ste", "detach"), default=None,
+                   help="gradient through the rounding (default detach)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,12 +102,18 @@ def _version() -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import potq
+    from potq.methods import METHODS
     from potq.info import summary
 
     config = potq.QuantConfig(args.format, args.bits, args.group_size)  # validate before loading
     lm = potq.load_model(args.model)
     start = time.perf_counter()
-    potq.quantize_(lm.model, config, method=args.method)
+    settings = {}
+    if METHODS[args.method].needs_calibration:
+        settings = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("grad", args.grad),
+                                       ("weight_decay", args.weight_decay)) if v is not None}
+        settings.update(calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed)
+    potq.quantize_(lm, config, method=args.method, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output)
     s = summary(args.output)
