@@ -54,4 +54,4 @@ def _print_rows(rows: list[dict], max_windows: int, ctx: int) -> None:
         print(f"{r['label']:32} {r['ppl']:>9.2f} {r['bpw']:>12.3f} {size:>9}")
     print(f"\nGreedy continuations of {PROMPT!r}:")
     for r in rows:
-        print(f"  [{r['label']}] {PROMPT}{r['text']!r}")
+        print(f"  [{r['label']}] {PROMPT + r['text']!r}")
