@@ -33,7 +33,7 @@ from potq.errors import PotqError
 from potq.formats import get_format
 from potq.formats.grouping import num_groups
 from potq.formats.packing import packed_row_bytes
-from potq.models import LoadedModel, architecture, build_model
+from potq.models import LoadedModel, architecture, build_model, load_model
 from potq.models.tokenizer import Tokenizer
 from potq.nn import QuantLinear
 
@@ -202,6 +202,4 @@ def _check_against_model(model: nn.Module, header: dict, aliases: dict[str, str]
 
 def load_any(spec: str | os.PathLike) -> LoadedModel:
     """A potq folder (quantized or float, as saved) or any model ``potq.load_model`` reads."""
-    from potq.models import load_model
-
     return load(spec) if is_potq_folder(spec) else load_model(str(spec))
