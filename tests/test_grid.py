@@ -57,3 +57,38 @@ def test_padding_never_counts():
     _, best_alone = search_scales(w[:, 16:], fmt, -1)
     assert torch.equal(best_ragged[:, 1], best_alone[:, 0])
     assert to_groups(w, 16).shape == (2, 2, 16)
+
+
+@pytest.mark.parametrize("name", ["pot", "pot-zero"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_exact_pot_shortcut_equals_trying_every_multiplier(stories_float, name, bits):
+    # The histogram shortcut must give the same errors as quantizing with all 200 multipliers,
+    # on real weights, with per-column weights and a ragged last group (64 = 24 + 24 + 16).
+    from potq.methods.grid import log_grid_errors, tried_errors
+
+    w = stories_float.model.get_submodule("model.layers.0.self_attn.q_proj").weight.detach()
+    torch.manual_seed(bits)
+    column_weight = torch.rand(w.shape[1]) + 0.1
+    wg = to_groups(w.float(), 24)
+    weight = to_groups(column_weight[None], 24)
+    fmt = get_format(name, bits)
+    fast = log_grid_errors(wg, fmt, MULTIPLIERS, weight)
+    slow = tried_errors(wg, fmt, MULTIPLIERS, weight)
+    assert fast.shape == slow.shape == (200, w.shape[0], 3)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-9)
+    chosen = slow.gather(0, fast.argmin(0)[None])[0]
+    torch.testing.assert_close(chosen, slow.min(0).values, rtol=1e-5, atol=0)
+
+
+def test_uneven_multiplier_grid_uses_binary_search():
+    from potq.methods.grid import group_errors, tried_errors
+
+    torch.manual_seed(2)
+    w = torch.randn(4, 64)
+    fmt = get_format("pot", 3)
+    uneven = torch.tensor([0.3, 0.5, 0.8, 0.9, 1.0, 1.3])
+    fast = group_errors(w, fmt, 32, uneven)
+    slow = tried_errors(to_groups(w, 32), fmt, uneven, torch.ones(1, 2, 32))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="increasing"):
+        group_errors(w, fmt, 32, uneven.flip(0))

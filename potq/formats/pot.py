@@ -28,6 +28,11 @@ class PoT(Format):
         return 2 ** (self.bits - 1) - 1
 
     @property
+    def lowest_index(self) -> int:
+        """The smallest rounded exponent: ``-K`` here; one lower (the zero level) with a zero."""
+        return -self.top_exponent
+
+    @property
     def _field_mask(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
@@ -40,7 +45,7 @@ class PoT(Format):
         return torch.log2((wg.abs() / qp.scale).clamp(min=2.0**-140))
 
     def exponent_or_level(self, wg: Tensor, qp: QParams, rnd: Rounding) -> Tensor:
-        return rnd(self.log2_ratio(wg, qp)).clamp(-self.top_exponent, 0)
+        return rnd(self.log2_ratio(wg, qp)).clamp(self.lowest_index, 0)
 
     def value_of(self, index: Tensor, wg_sign: Tensor, qp: QParams) -> Tensor:
         return wg_sign * qp.scale * torch.exp2(index)
@@ -68,8 +73,9 @@ class PoTWithZero(PoT):
     def top_exponent(self) -> int:
         return 2 ** (self.bits - 1) - 2
 
-    def exponent_or_level(self, wg: Tensor, qp: QParams, rnd: Rounding) -> Tensor:
-        return rnd(self.log2_ratio(wg, qp)).clamp(-self.top_exponent - 1, 0)  # -K-1 stands for the zero level
+    @property
+    def lowest_index(self) -> int:
+        return -self.top_exponent - 1  # stands for the zero level
 
     def value_of(self, index: Tensor, wg_sign: Tensor, qp: QParams) -> Tensor:
         value = super().value_of(index, wg_sign, qp)

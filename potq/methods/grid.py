@@ -6,9 +6,15 @@ error of the group. All groups of a layer are searched at once; the multipliers 
 chunks so that memory stays at ``chunk × weights`` floats. The search goes through
 ``Format.init_qparams(clip=b)``, so it works for every format, uniform included (there it is the
 usual clipping-ratio search).
+
+PoT grids get an exact shortcut (:func:`log_grid_errors`) that never tries the 200 multipliers
+one by one: trying them costs ``200 × weights`` log/exp evaluations, about six minutes for
+SmolLM2-135M on two cores, where the shortcut takes seconds.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -17,13 +23,14 @@ from tqdm import tqdm
 from potq.config import QuantConfig
 from potq.formats import Format, QParams
 from potq.formats.grouping import PER_TENSOR, to_groups
+from potq.formats.pot import PoT
 from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
 
 MULTIPLIERS = torch.arange(1, 201, dtype=torch.float32) / 100  # the thesis' b grid
 
 
 def group_errors(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor,
-                 column_weight: Tensor | None = None, chunk: int = 16) -> Tensor:
+                 column_weight: Tensor | None = None) -> Tensor:
     """Squared error of every group under every multiplier, ``[len(multipliers), rows, groups]``.
 
     ``column_weight`` (``[in]``) weighs each input column's squared error (ones by default);
@@ -32,12 +39,71 @@ def group_errors(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor,
     wg = to_groups(w.float(), group_size)
     ones = torch.ones(w.shape[1]) if column_weight is None else column_weight.float()
     weight = to_groups(ones[None], group_size)  # [1, groups, G], zeros on the padding
+    if isinstance(fmt, PoT):
+        return log_grid_errors(wg, fmt, multipliers, weight)
+    return tried_errors(wg, fmt, multipliers, weight)
+
+
+def tried_errors(wg: Tensor, fmt: Format, multipliers: Tensor, weight: Tensor, chunk: int = 16) -> Tensor:
+    """Any format: quantize with each multiplier in turn (chunked) and measure."""
     errors = []
     for bs in multipliers.split(chunk):
         qp = fmt.init_qparams(wg.unsqueeze(0), bs.view(-1, 1, 1))  # [chunk, rows, groups]
         deq = fmt.fake_quant(wg.unsqueeze(0), qp)
         errors.append(((deq - wg) ** 2 * weight).sum(-1))
     return torch.cat(errors)
+
+
+def log_grid_errors(wg: Tensor, fmt: PoT, multipliers: Tensor, weight: Tensor) -> Tensor:
+    """PoT grids, exactly, without trying each multiplier.
+
+    With ``a0 = max|w|`` of a group and ``x = log2(|w|/a0)``, a weight's exponent under the
+    multiplier b is ``clamp(round(x − log2 b), lo, 0)``: a step function of b that drops by one
+    each time ``log2 b`` passes ``x + ½ − n``. Writing ``c(e)`` for the level ``2^e`` (0 for the
+    zero level), the weighted error of a group is
+    ``Σλw² − 2·a0·b·Σλ|w|c(e) + a0²·b²·Σλc(e)²``; both sums change only at those crossings, so
+    each weight adds its crossings to a per-group histogram over the b grid, and a cumulative
+    sum gives both sums at every b. Cost: ``(−lo)`` bucket look-ups per weight instead of 200
+    quantizations.
+    """
+    m = len(multipliers)
+    crossings = _grid_counter(multipliers.float())
+    rows, groups, width = wg.shape
+    mag = wg.abs()
+    a0 = mag.amax(dim=-1, keepdim=True)
+    x = torch.log2((mag / a0.clamp(min=torch.finfo(torch.float32).tiny)).clamp(min=2.0**-140))
+    lam = weight.expand_as(wg).double()
+    lam_mag = lam * mag.double()
+    level = lambda e: float(fmt.value_of(torch.tensor(float(e)), torch.tensor(1.0), QParams(torch.tensor(1.0))))  # noqa: E731
+    lo = fmt.lowest_index
+    slot = torch.arange(rows * groups).view(rows, groups, 1) * (m + 1)
+    h1 = torch.zeros(rows * groups * (m + 1), dtype=torch.float64)
+    h2 = torch.zeros_like(h1)
+    for n in range(0, lo, -1):  # the crossing from exponent n down to n − 1
+        flat = (slot + crossings(x + (0.5 - n))).reshape(-1)
+        h1.index_add_(0, flat, (lam_mag * (level(n) - level(n - 1))).reshape(-1))
+        h2.index_add_(0, flat, (lam * (level(n) ** 2 - level(n - 1) ** 2)).reshape(-1))
+    # Σ over weights whose crossing lies beyond grid point j: a reversed cumulative sum
+    tail = lambda h: h.view(rows, groups, m + 1).flip(-1).cumsum(-1).flip(-1)[..., 1:]  # noqa: E731
+    s1 = level(lo) * lam_mag.sum(-1, keepdim=True) + tail(h1)
+    s2 = level(lo) ** 2 * lam.sum(-1, keepdim=True) + tail(h2)
+    b = multipliers.double()
+    a = a0.double()
+    err = (lam_mag * mag.double()).sum(-1, keepdim=True) - 2 * a * b * s1 + (a * b) ** 2 * s2
+    return err.clamp(min=0).permute(2, 0, 1).float()
+
+
+def _grid_counter(multipliers: Tensor) -> Callable[[Tensor], Tensor]:
+    """``f(v)`` = how many multipliers are ``≤ 2^v``. An evenly spaced grid (the thesis' is) gets
+    it by arithmetic; any other increasing grid by binary search (≈3× slower on the CPU)."""
+    steps = multipliers.diff()
+    if not bool((steps > 0).all()):
+        raise ValueError("multipliers must be increasing")
+    first, step, m = float(multipliers[0]), float(steps.mean()), len(multipliers)
+    if torch.allclose(steps, torch.full_like(steps, step), rtol=1e-4, atol=0):
+        return lambda v: torch.floor((torch.exp2(v) - first) / step + 1).clamp(0, m).long()
+    betas = torch.log2(multipliers)
+    return lambda v: torch.searchsorted(betas, v, right=True)
 
 
 def search_scales(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor = MULTIPLIERS,
