@@ -4,7 +4,13 @@ disk and evaluated with the same windows. Writes a Markdown table and the raw JS
     python benchmarks/ppl_table.py --model smollm2-135m --rows float uniform:4 pot:4 uniform:3 pot:3 \
         --dataset wikitext2 --out docs/results/rtn-wikitext2
 
-A row is ``float`` or ``FORMAT:BITS[:METHOD]`` (method default rtn); ``--group-size`` applies to all.
+A row is ``float`` or ``FORMAT:BITS[:METHOD[:GROUP]][,key=value...]``: method default rtn, group
+size default ``--group-size``, and ``key=value`` settings passed to the method (e.g.
+``pot:3:twostep:64,grad=ste``).
+
+Resumable: results already in the JSON are kept (per row and data set), and a quantized folder
+already in ``--work`` is reloaded instead of quantized again, so a long table can be filled in
+over several runs and a data set added later without re-quantizing. ``--force`` redoes a row.
 """
 
 from __future__ import annotations
@@ -23,48 +29,83 @@ import torch
 import potq
 from potq.eval import perplexity
 from potq.info import summary
+from potq.storage import read_manifest
 
 
-def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace) -> dict:
-    if spec == "float":
-        lm, bpw, size, qseconds, label = float_lm, 32.0, None, 0.0, "float"
-    else:
-        fmt, bits, *rest = spec.split(":")
-        method = rest[0] if rest else "rtn"
-        config = potq.QuantConfig(fmt, int(bits), args.group_size)
+def parse_row(spec: str, default_group: int) -> dict:
+    """``pot:3:twostep:64,grad=ste`` -> format, bits, method, group size, settings."""
+    head, *pairs = spec.split(",")
+    fmt, bits, *rest = head.split(":")
+    settings = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        settings[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return {"format": fmt, "bits": int(bits), "method": rest[0] if rest else "rtn",
+            "group_size": int(rest[1]) if len(rest) > 1 else default_group, "settings": settings}
+
+
+def label_of(row: dict) -> str:
+    extra = "".join(f", {k}={v}" for k, v in row["settings"].items())
+    return f"{row['format']} {row['bits']}-bit {row['method']}{extra}"
+
+
+def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cached: dict) -> tuple:
+    """The row's saved folder (made now or found in ``--work``) loaded back, and its record."""
+    row = parse_row(spec, args.group_size)
+    folder = Path(args.work) / args.model / spec.replace(":", "-").replace(",", "-").replace("=", "")
+    record = {k: cached[k] for k in ("quantize_seconds", "blocks") if k in cached}
+    if args.force or not (folder / "potq.json").exists() or "quantize_seconds" not in record:
         lm = potq.LoadedModel(copy.deepcopy(float_lm.model), float_lm.tokenizer, float_lm.source)
         start = time.perf_counter()
-        potq.quantize_(lm.model, config, method=method)
-        qseconds = time.perf_counter() - start
-        folder = potq.save(lm, Path(args.work) / f"{fmt}{bits}-{method}-g{args.group_size}")
-        lm = potq.load(folder)
-        s = summary(folder)
-        bpw, size, label = s["bits_per_quantized_weight"], s["file_bytes"], f"{fmt} {bits}-bit {method}"
-    result = {"row": spec, "label": label, "bits_per_weight": bpw, "file_bytes": size,
-              "quantize_seconds": qseconds}
-    for dataset in args.dataset:
+        potq.quantize_(lm, potq.QuantConfig(row["format"], row["bits"], row["group_size"]),
+                       method=row["method"], **row["settings"])
+        record = {"quantize_seconds": time.perf_counter() - start,
+                  "blocks": getattr(lm.model, "potq_report", {}).get("blocks")}
+        potq.save(lm, folder)
+    s = summary(folder)
+    record.update(label=label_of(row), group_size=row["group_size"], method=row["method"],
+                  bits_per_weight=s["bits_per_quantized_weight"], file_bytes=s["file_bytes"],
+                  settings=read_manifest(folder)["method_settings"])
+    return potq.load(folder), record
+
+
+def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cached: dict) -> dict:
+    todo = [d for d in args.dataset if args.force or d not in cached]
+    if spec == "float":
+        lm, result = float_lm, {"label": "float", "bits_per_weight": 32.0, "file_bytes": None,
+                                "quantize_seconds": 0.0, "group_size": None, "method": None}
+    elif not todo and "quantize_seconds" in cached:
+        return cached
+    else:
+        lm, result = quantized_model(spec, float_lm, args, cached)
+    result = {**cached, **result, "row": spec}
+    for dataset in todo:
         r = perplexity(lm.model, lm.tokenizer, dataset, ctx=args.ctx, max_windows=args.max_windows,
                        dtype=args.dtype)
         result[dataset] = r.to_dict()
-        print(f"{label}: {dataset} ppl {r.ppl:.3f} ({r.windows}/{r.total_windows} windows)", flush=True)
+        print(f"{result['label']}: {dataset} ppl {r.ppl:.3f} ({r.windows}/{r.total_windows} windows)", flush=True)
     return result
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
     float_name = "float (Q4_1-expanded, fp32)" if args.model == "smollm2-135m" else "float (fp32)"
-    head = "| model | bits/weight (incl. scales) | " + " | ".join(f"{d} ppl" for d in args.dataset)
-    lines = [head + " | file MiB | quantize s |", "|" + " --- |" * (4 + len(args.dataset))]
+    datasets = [d for d in args.dataset if any(d in r for r in results)]
+    head = "| model | G | bits/weight (incl. scales) | " + " | ".join(f"{d} ppl" for d in datasets)
+    lines = [head + " | file MiB | quantize s |", "|" + " --- |" * (5 + len(datasets))]
     for r in results:
         label = float_name if r["row"] == "float" else r["label"]
-        ppls = " | ".join(f"{r[d]['ppl']:.2f}" for d in args.dataset)
+        ppls = " | ".join(f"{r[d]['ppl']:.2f}" if d in r else "–" for d in datasets)
         size = "–" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f}"
-        lines.append(f"| {label} | {r['bits_per_weight']:.3f} | {ppls} | {size} | {r['quantize_seconds']:.1f} |")
-    first = results[0][args.dataset[0]]
+        lines.append(f"| {label} | {r['group_size'] or '–'} | {r['bits_per_weight']:.3f} | {ppls} | {size} | "
+                     f"{r['quantize_seconds']:.1f} |")
+    windows = ", ".join(f"{d} {r[d]['windows']} of {r[d]['total_windows']}" for d in datasets
+                        for r in results[:1] if d in r)
     return "\n".join([
-        f"# {args.model}: perplexity, group size {args.group_size}, ctx {args.ctx}",
+        f"# {args.model}: perplexity, ctx {args.ctx}",
         "",
-        f"Windows evaluated: {first['windows']} of {first['total_windows']} ({first['dtype']}); "
-        "each quantized row is saved, reloaded from disk, then evaluated.",
+        f"Windows evaluated: {windows} (fp32 unless noted); each quantized row is saved, reloaded "
+        "from disk, then evaluated. Calibration for data-dependent methods: 32×512 tokens of the C4 "
+        "calibration half, seed 0. A dash: not measured yet.",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.",
         "",
@@ -86,16 +127,22 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--work", default="out/bench", help="where the quantized folders are written")
+    p.add_argument("--work", default="out/bench", help="where the quantized folders are kept")
+    p.add_argument("--force", action="store_true", help="quantize and evaluate every row again")
     p.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    float_lm = potq.load_model(args.model)
-    results = [run_row(spec, float_lm, args) for spec in args.rows]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": results}, indent=1))
-    out.with_suffix(".md").write_text(markdown(results, args, command))
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    cache = {r["row"]: r for r in old.get("rows", [])}
+    float_lm = potq.load_model(args.model)
+    results = []
+    for spec in args.rows:  # written after every row, so an interrupted run keeps what it measured
+        results.append(run_row(spec, float_lm, args, cache.get(spec, {})))
+        done = results + [r for s, r in cache.items() if s not in args.rows]
+        out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": done}, indent=1))
+        out.with_suffix(".md").write_text(markdown(done, args, command))
     print(out.with_suffix(".md").read_text())
 
 

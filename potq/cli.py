@@ -33,7 +33,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="rtn", choices=sorted(METHODS),
                    help="rtn: round to nearest; grid: Step 1 scale search; twostep: Step 1 + block-wise "
                         "fine-tuning (Step 2); finetune: Step 2 from naive scales")
-    g = p.add_argument_group("data-dependent methods (twostep, finetune)")
+    p.add_argument("--objective", choices=("mse", "act"), default=None,
+                   help="Step 1 error (grid, twostep): mse = plain weight error (default, the thesis'); "
+                        "act = weighted per input column by the calibration E[x²]")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write what was done, the wall time and the per-block, per-epoch loss here "
+                        "(.json, else Markdown)")
+    g = p.add_argument_group("data-dependent methods (twostep, finetune, grid --objective act)")
     g.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     g.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
@@ -102,20 +108,22 @@ def _version() -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import potq
-    from potq.methods import METHODS
     from potq.info import summary
+    from potq.methods import METHODS
+    from potq.report import build_report, write_report
 
     config = potq.QuantConfig(args.format, args.bits, args.group_size)  # validate before loading
     lm = potq.load_model(args.model)
     start = time.perf_counter()
-    settings = {}
-    if METHODS[args.method].needs_calibration:
-        settings = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("grad", args.grad),
-                                       ("weight_decay", args.weight_decay)) if v is not None}
+    settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "grad", "objective")
+                if getattr(args, k) is not None}
+    if METHODS[args.method].needs_calibration(settings):
         settings.update(calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed)
     potq.quantize_(lm, config, method=args.method, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output)
+    if args.report:
+        print(f"report -> {write_report(args.report, build_report(lm.model, args.model, seconds))}")
     s = summary(args.output)
     print(f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
           f"({args.method}) in {seconds:.1f} s -> {args.output}")

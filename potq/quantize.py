@@ -6,8 +6,9 @@ modules, and record what was done in ``model.potq_meta`` (saved as ``potq.json``
 
 from __future__ import annotations
 
+import inspect
 import json
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -44,11 +45,12 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     if any(isinstance(m, QuantLinear) for m in module.modules()):
         raise PotqError("this model is already quantized: load the float model to quantize it again")
     chosen = get_method(method)
+    _check_settings(method, chosen.run, settings)
     layers = quantizable_layers(module)
     if not layers:
         raise PotqError(f"{type(module).__name__} has no linear layers in its transformer blocks to quantize")
     calibration_info = None
-    if chosen.needs_calibration and "calibration" not in settings:
+    if chosen.needs_calibration(settings) and "calibration" not in settings:
         if tokenizer is None:
             raise PotqError(f"method {method!r} needs calibration data: pass a LoadedModel or calibration=ids")
         calibration_info = {"data": "c4 calibration half (c4_validation_2k.jsonl documents 0-999)",
@@ -57,16 +59,32 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     quantized = chosen.run(module, layers, config, **settings)
     for name, qw in quantized.items():
         module.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
+    effective = {**_defaults(chosen.run), **settings, **getattr(module, "potq_report", {}).get("settings", {})}
     module.potq_meta = {
         **config.to_dict(),
         "method": method,
-        "method_settings": {k: v for k, v in settings.items() if k not in _UI_SETTINGS and _is_json(v)},
+        "method_settings": {k: v for k, v in effective.items() if k not in _UI_SETTINGS and _is_json(v)},
         "calibration": calibration_info,
     }
     return module
 
 
 _UI_SETTINGS = {"progress"}  # how a run looks, not what it computes: not recorded
+_INPUTS = ("model", "layers", "config")  # what every method is given, not a setting
+
+
+def _defaults(run: Callable) -> dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(run).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _check_settings(method: str, run: Callable, settings: dict[str, Any]) -> None:
+    params = inspect.signature(run).parameters
+    unknown = sorted(set(settings) - set(params) - {"calibration"})
+    if unknown:
+        allowed = sorted(set(params) - set(_INPUTS) - _UI_SETTINGS)
+        raise PotqError(f"method {method!r} has no setting {', '.join(map(repr, unknown))}; "
+                        f"it takes: {', '.join(allowed) or 'none'}")
 
 
 def _is_json(value: Any) -> bool:

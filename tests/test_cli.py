@@ -68,12 +68,33 @@ def test_quantize_info_eval_generate(capsys, tmp_path):
     (["quantize", "stories260k", "--group-size", "-5"], ["group size"]),
     (["quantize", "no/such/model.gguf"], ["no such file or folder"]),
     (["quantize", "stories260k", "--method", "magic"], ["invalid choice: 'magic'"]),
+    (["quantize", "stories260k", "--method", "rtn", "--epochs", "3"], ["method 'rtn' has no setting 'epochs'"]),
+    (["quantize", "stories260k", "--objective", "act"], ["method 'rtn' has no setting 'objective'"]),
 ])
 def test_bad_quantize_input_writes_nothing(capsys, tmp_path, argv, fragments):
     out = tmp_path / "out"
     code, _, err = run(capsys, *argv, "-o", str(out))
     assert_one_line_error(code, err, *fragments)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".md", ".json"])
+def test_twostep_report(capsys, tmp_path, suffix):
+    report = tmp_path / f"report{suffix}"
+    code, text, _ = run(capsys, "quantize", "stories260k", "--bits", "3", "--group-size", "32",
+                        "--method", "twostep", "--epochs", "2", "--calib-samples", "4", "--calib-len", "32",
+                        "--objective", "act", "-o", str(tmp_path / "m"), "--report", str(report))
+    assert code == 0 and f"report -> {report}" in text
+    manifest = json.loads((tmp_path / "m" / "potq.json").read_text())
+    assert manifest["method_settings"]["objective"] == "act" and manifest["method_settings"]["epochs"] == 2
+    if suffix == ".json":
+        data = json.loads(report.read_text())
+        assert data["method"] == "twostep" and data["wall_seconds"] > 0
+        assert len(data["blocks"]) == 5 and all(len(b["loss"]) == 3 for b in data["blocks"])
+    else:
+        body = report.read_text()
+        assert "| block | epoch 0 | epoch 1 | epoch 2 | kept | change | seconds |" in body
+        assert body.count("\n| 4 |") == 1 and "wall time" in body
 
 
 def test_corrupt_model_file(capsys, tmp_path):

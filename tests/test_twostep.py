@@ -36,7 +36,7 @@ def test_step2_never_raises_a_block_loss(stories_float, calib, grad):
     model = copy.deepcopy(stories_float.model)
     potq.quantize_(model, potq.PoTConfig(bits=3, group_size=32), method="twostep", calibration=calib,
                    epochs=3, grad=grad, batch_size=1, progress=False)
-    for block in model.potq_report:
+    for block in model.potq_report["blocks"]:
         assert len(block["loss"]) == 4  # before + 3 epochs
         assert block["kept"] <= block["loss"][0], block
 
@@ -46,9 +46,9 @@ def test_step2_from_naive_scales_lowers_the_block_loss(stories_float, calib):
     model = copy.deepcopy(stories_float.model)
     potq.quantize_(model, potq.PoTConfig(bits=3, group_size=32), method="finetune", calibration=calib,
                    epochs=4, grad="detach", batch_size=1, progress=False)
-    before = sum(b["loss"][0] for b in model.potq_report)
-    after = sum(b["kept"] for b in model.potq_report)
-    assert after < before, model.potq_report
+    before = sum(b["loss"][0] for b in model.potq_report["blocks"])
+    after = sum(b["kept"] for b in model.potq_report["blocks"])
+    assert after < before, model.potq_report["blocks"]
 
 
 def test_twostep_records_calibration(stories, tmp_path):
@@ -56,5 +56,47 @@ def test_twostep_records_calibration(stories, tmp_path):
                    calib_samples=4, calib_len=32, seed=3, progress=False)
     loaded = potq.load(potq.save(stories, tmp_path / "m"))
     meta = loaded.model.potq_meta
-    assert meta["method"] == "twostep" and meta["method_settings"] == {"epochs": 1}
+    assert meta["method"] == "twostep"
+    assert meta["method_settings"] == {"epochs": 1, "lr": 1e-3, "weight_decay": 0.1, "grad": "detach",
+                                       "batch_size": 4, "target": "same-input", "init": "grid",
+                                       "objective": "mse"}
     assert meta["calibration"]["samples"] == 4 and meta["calibration"]["seed"] == 3
+
+
+def test_defaults_are_recorded_resolved(stories, calib):
+    potq.quantize_(stories, potq.PoTConfig(bits=2, group_size=32), method="finetune", calibration=calib[:2, :16],
+                   epochs=None, progress=False)  # None: the thesis' schedule, 40 epochs at 2 bits
+    settings = stories.model.potq_meta["method_settings"]
+    assert settings["epochs"] == 40 and settings["init"] == "rtn"
+    assert len(stories.model.potq_report["blocks"][0]["loss"]) == 41
+
+
+def test_a_setting_the_method_does_not_take_is_one_clear_error(stories):
+    with pytest.raises(potq.PotqError, match="method 'rtn' has no setting 'epochs'"):
+        potq.quantize_(stories, potq.PoTConfig(bits=3), method="rtn", epochs=3)
+
+
+def test_activation_weighted_grid_minimises_the_weighted_error(stories_float, calib):
+    """``objective="act"``: block 0 sees the float embeddings, so its E[x²] is computable here,
+    and the searched scales must beat plain-MSE scales on the E[x²]-weighted error."""
+    from potq.engine.blocks import capture_inputs, input_moments
+    from potq.formats import get_format
+    from potq.formats.weights import fake_quantize, init_qparams
+    from potq.methods.grid import search_scales
+    from potq.models import transformer_blocks
+
+    float_model = stories_float.model
+    block = transformer_blocks(float_model)[0]
+    moments = input_moments(block, capture_inputs(float_model, calib, 8))
+    act = copy.deepcopy(float_model)
+    potq.quantize_(act, potq.PoTConfig(bits=3, group_size=32), method="grid", objective="act",
+                   calibration=calib, progress=False)
+    assert act.potq_meta["method_settings"]["objective"] == "act"
+    fmt = get_format("pot", 3)
+    for name, weight in moments.items():
+        w = block.get_submodule(name).weight.detach()
+        deq = act.get_submodule(f"model.layers.0.{name}").dequantize()
+        plain = fake_quantize(w, fmt, 32, fmt.as_stored(search_scales(w, fmt, 32)[0]))
+        weighted = lambda q: float(((q - w) ** 2 * weight).sum())  # noqa: E731
+        assert weighted(deq) <= weighted(plain) * 1.001, name
+        assert weighted(deq) <= weighted(fake_quantize(w, fmt, 32, fmt.as_stored(init_qparams(w, fmt, 32)))) * 1.001

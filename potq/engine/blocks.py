@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from potq.errors import PotqError
+from potq.formats.weights import QuantizedWeight
 from potq.models import transformer_blocks
 
 TARGETS = ("same-input", "float-stream")
@@ -70,6 +71,45 @@ def block_forward(block: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> Tensor
 def outputs(block: nn.Module, data: BlockData) -> list[Tensor]:
     with torch.no_grad():
         return [block_forward(block, x, data.kwargs) for x in data.inputs]
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers of one block, by their name inside it."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def input_moments(block: nn.Module, data: BlockData) -> dict[str, Tensor]:
+    """E[x²] per input channel of every linear in ``block`` over the calibration inputs (the
+    diagonal of GPTQ's Hessian ``XᵀX``): how much an error in each weight column costs."""
+    linears = block_linears(block)
+    sums = {name: torch.zeros(m.in_features) for name, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def hook(name: str) -> Callable:
+        def record(_module: nn.Module, args: tuple, _out: Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] += x.pow(2).sum(0)
+            counts[name] += x.shape[0]
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        outputs(block, data)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name] / max(counts[name], 1) for name in linears}
+
+
+def commit(block: nn.Module, chosen: dict[str, QuantizedWeight], layers: dict[str, nn.Linear],
+           result: dict[str, QuantizedWeight]) -> None:
+    """Overwrite each linear of ``block`` with its quantized weight, so the blocks after it see
+    the quantized outputs, and file it in ``result`` under its model-wide name."""
+    by_module = {id(m): name for name, m in layers.items()}
+    for local, qw in chosen.items():
+        module = block.get_submodule(local)
+        module.weight.data.copy_(qw.dequantize())
+        result[by_module[id(module)]] = qw
 
 
 BlockMethod = Callable[[int, nn.Module, BlockData, list[Tensor]], None]

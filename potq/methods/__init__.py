@@ -7,22 +7,31 @@ file plus one line in ``METHODS``.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 from potq.errors import PotqError
 from potq.methods import grid, rtn, twostep
 
 
+def _never(_settings: dict[str, Any]) -> bool:
+    return False
+
+
+def _always(_settings: dict[str, Any]) -> bool:
+    return True
+
+
 class Method(NamedTuple):
     run: Callable
-    needs_calibration: bool = False
+    needs_calibration: Callable[[dict[str, Any]], bool] = _never  # given the method's settings
 
 
 METHODS: dict[str, Method] = {
     "rtn": Method(rtn.quantize),
-    "grid": Method(grid.quantize),
-    "twostep": Method(twostep.quantize, needs_calibration=True),
-    "finetune": Method(twostep.quantize_finetune, needs_calibration=True),
+    "grid": Method(grid.quantize, lambda settings: settings.get("objective") == "act"),
+    "twostep": Method(twostep.quantize, _always),
+    "finetune": Method(partial(twostep.quantize, init="rtn"), _always),  # Step 2 alone: the ablation
 }
 
 

@@ -21,11 +21,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from potq.config import QuantConfig
+from potq.engine.blocks import BlockData, block_linears, commit, input_moments, run_blockwise
+from potq.errors import PotqError
 from potq.formats import Format, QParams
 from potq.formats.grouping import PER_TENSOR, to_groups
 from potq.formats.pot import PoT
 from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
 
+OBJECTIVES = ("mse", "act")
 MULTIPLIERS = torch.arange(1, 201, dtype=torch.float32) / 100  # the thesis' b grid
 
 
@@ -116,13 +119,35 @@ def search_scales(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor =
     return init_qparams(w, fmt, group_size, clip=best), best
 
 
-def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig,
+def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, objective: str = "mse",
+             calibration: Tensor | None = None, batch_size: int = 8,
              progress: bool = True) -> dict[str, QuantizedWeight]:
-    """Every layer with its grid-searched group scales (thesis Step 1)."""
+    """Every layer with its grid-searched group scales (thesis Step 1).
+
+    ``objective="mse"`` (the thesis'): plain weight error, no data. ``"act"``: each input
+    column's squared error weighted by E[x²] of that column over ``calibration``, measured block
+    by block with the earlier blocks already quantized (GPTQ's diagonal): errors on columns that
+    see large activations cost more output error.
+    """
+    if objective not in OBJECTIVES:
+        raise PotqError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     fmt = config.make_format()
-    result = {}
-    for name, layer in tqdm(layers.items(), desc=f"grid {fmt!r}", unit="layer", disable=not progress):
-        w = layer.weight.detach()
-        qp, _ = search_scales(w, fmt, config.group_size)
-        result[name] = quantize_weight(w, fmt, config.group_size, qp)
+    if objective == "mse":
+        bar = tqdm(layers.items(), desc=f"grid {fmt!r}", unit="layer", disable=not progress)
+        return {name: searched(layer.weight.detach(), fmt, config.group_size) for name, layer in bar}
+    if calibration is None:
+        raise PotqError("objective 'act' needs calibration data: pass a LoadedModel or calibration=ids")
+    result: dict[str, QuantizedWeight] = {}
+
+    def step(_index: int, block: nn.Module, data: BlockData, _targets: list[Tensor]) -> None:
+        moments = input_moments(block, data)
+        commit(block, {n: searched(m.weight.detach(), fmt, config.group_size, moments[n])
+                       for n, m in block_linears(block).items()}, layers, result)
+
+    run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
     return result
+
+
+def searched(w: Tensor, fmt: Format, group_size: int, column_weight: Tensor | None = None) -> QuantizedWeight:
+    """``w`` quantized with its grid-searched scales."""
+    return quantize_weight(w, fmt, group_size, search_scales(w, fmt, group_size, column_weight=column_weight)[0])

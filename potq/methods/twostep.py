@@ -16,18 +16,18 @@ The gradient through the rounding (``grad``):
 from __future__ import annotations
 
 import time
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from tqdm import tqdm
 
 from potq.config import QuantConfig
-from potq.engine.blocks import BlockData, run_blockwise
+from potq.engine.blocks import BlockData, block_linears, commit, input_moments, run_blockwise
+from potq.errors import PotqError
 from potq.formats import Format, QParams
 from potq.formats.weights import QuantizedWeight, fake_quantize, init_qparams, quantize_weight
-from potq.methods.grid import search_scales
+from potq.methods.grid import OBJECTIVES, search_scales
 
 GRADS = ("ste", "detach")
 
@@ -77,48 +77,50 @@ def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], sta
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
              epochs: int | None = None, lr: float = 1e-3, weight_decay: float = 0.1, grad: str = "detach",
-             batch_size: int = 4, target: str = "same-input", init: str = "grid",
+             batch_size: int = 4, target: str = "same-input", init: str = "grid", objective: str = "mse",
              progress: bool = True) -> dict[str, QuantizedWeight]:
-    """Step 1 (``init="grid"``) or naive scales (``init="rtn"``), then Step 2, block by block.
+    """Step 1 (``init="grid"``, with ``objective`` as in :func:`potq.methods.grid.quantize`) or
+    naive scales (``init="rtn"``), then Step 2, block by block.
 
     Each block's float weights are overwritten with their quantized values once it is done, so
     the next block's calibration inputs flow through the quantized model.
     """
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}")
+    if objective not in OBJECTIVES:
+        raise PotqError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     fmt = config.make_format()
     epochs = default_epochs(config.bits) if epochs is None else epochs
     for p in model.parameters():
         p.requires_grad_(False)
     result: dict[str, QuantizedWeight] = {}
-    model.potq_report = report = []  # per block: loss before / per epoch, seconds
+    blocks: list[dict] = []
+    model.potq_report = {"settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "grad": grad,
+                                      "batch_size": batch_size, "target": target, "init": init,
+                                      "objective": objective},
+                         "blocks": blocks}
 
     def step(index: int, block: nn.Module, data: BlockData, targets: list[Tensor]) -> None:
         start_time = time.perf_counter()
-        names = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        start = {n: _initial(m.weight.detach(), fmt, config.group_size, init) for n, m in names.items()}
+        linears = block_linears(block)
+        moments = input_moments(block, data) if objective == "act" and init == "grid" else {}
+        start = {n: _initial(m.weight.detach(), fmt, config.group_size, init, moments.get(n))
+                 for n, m in linears.items()}
         tuned, history = finetune_block(block, data, targets, start, fmt, config.group_size, epochs,
                                         lr, weight_decay, grad)
-        for name, module in names.items():
-            qw = quantize_weight(module.weight.detach(), fmt, config.group_size, tuned[name])
-            module.weight.data.copy_(qw.dequantize())
-            result[_full_name(layers, module)] = qw
-        report.append({"block": index, "loss": history, "kept": min(history),
+        commit(block, {n: quantize_weight(m.weight.detach(), fmt, config.group_size, tuned[n])
+                       for n, m in linears.items()}, layers, result)
+        blocks.append({"block": index, "loss": history, "kept": min(history),
                        "seconds": time.perf_counter() - start_time})
+        if progress:
+            tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
+                       f"({100 * (min(history) / history[0] - 1):+.1f} %) in {blocks[-1]['seconds']:.0f} s")
 
     run_blockwise(model, calibration, step, batch_size=batch_size, target=target, progress=progress)
     return result
 
 
-def _initial(w: Tensor, fmt: Format, group_size: int, init: str) -> QParams:
-    return search_scales(w, fmt, group_size)[0] if init == "grid" else init_qparams(w, fmt, group_size)
-
-
-def _full_name(layers: dict[str, nn.Linear], module: nn.Module) -> str:
-    return next(name for name, layer in layers.items() if layer is module)
-
-
-def quantize_finetune(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig,
-                      calibration: Tensor, **settings: Any) -> dict[str, QuantizedWeight]:
-    """Step 2 alone, from the naive scales (the thesis' ablation)."""
-    return quantize(model, layers, config, calibration, init="rtn", **settings)
+def _initial(w: Tensor, fmt: Format, group_size: int, init: str, column_weight: Tensor | None) -> QParams:
+    if init == "grid":
+        return search_scales(w, fmt, group_size, column_weight=column_weight)[0]
+    return init_qparams(w, fmt, group_size)
