@@ -8,9 +8,11 @@ A row is ``float`` or ``FORMAT:BITS[:METHOD[:GROUP]][,key=value...]``: method de
 size default ``--group-size``, and ``key=value`` settings passed to the method (e.g.
 ``pot:3:twostep:64,grad=ste``).
 
-Resumable: results already in the JSON are kept (per row and data set), and a quantized folder
-already in ``--work`` is reloaded instead of quantized again, so a long table can be filled in
-over several runs and a data set added later without re-quantizing. ``--force`` redoes a row.
+Every measurement goes to a store (``--store``, default ``docs/results/MODEL-runs.json``) keyed by
+row; a table (``--out``) is a view of some rows. Rows already in the store are not measured
+again (per row and data set), and a quantized folder already in ``--work`` is reloaded instead of
+quantized again, so a long table fills in over several runs, tables share rows, and a data set
+can be added later without re-quantizing. ``--force`` redoes the listed rows.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cac
     return result
 
 
-def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
+def markdown(results: list[dict], args: argparse.Namespace, command: str, missing: list[str] = ()) -> str:
     float_name = "float (Q4_1-expanded, fp32)" if args.model == "smollm2-135m" else "float (fp32)"
     datasets = [d for d in args.dataset if any(d in r for r in results)]
     head = "| model | G | bits/weight (incl. scales) | " + " | ".join(f"{d} ppl" for d in datasets)
@@ -115,6 +117,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
         "",
         *lines,
         "",
+        *([f"Not measured yet: {', '.join(missing)}.", ""] if missing else []),
     ])
 
 
@@ -128,22 +131,38 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--work", default="out/bench", help="where the quantized folders are kept")
-    p.add_argument("--force", action="store_true", help="quantize and evaluate every row again")
+    p.add_argument("--force", action="store_true", help="quantize and evaluate the listed rows again")
+    p.add_argument("--no-measure", action="store_true",
+                   help="only write the table of what the store already holds (rows not in it are listed)")
+    p.add_argument("--store", default=None, help="JSON of every measured row (default docs/results/MODEL-runs.json)")
     p.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    cache = {r["row"]: r for r in old.get("rows", [])}
+    store = Path(args.store or f"docs/results/{args.model}-runs.json")
+    runs = json.loads(store.read_text()) if store.exists() else {}
+    if args.no_measure:  # a view of what the store holds
+        results = [runs[spec] for spec in args.rows if spec in runs]
+        missing = [spec for spec in args.rows if spec not in runs]
+        _write(out.with_suffix(".md"), markdown(results, args, command, missing))
+        print(out.with_suffix(".md").read_text())
+        return
     float_lm = potq.load_model(args.model)
     results = []
-    for spec in args.rows:  # written after every row, so an interrupted run keeps what it measured
-        results.append(run_row(spec, float_lm, args, cache.get(spec, {})))
-        done = results + [r for s, r in cache.items() if s not in args.rows]
-        out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": done}, indent=1))
-        out.with_suffix(".md").write_text(markdown(done, args, command))
+    for spec in args.rows:  # saved after every row, so an interrupted run keeps what it measured
+        results.append(run_row(spec, float_lm, args, runs.get(spec, {})))
+        runs[spec] = results[-1]
+        _write(store, json.dumps(runs, indent=1))
+        _write(out.with_suffix(".json"), json.dumps({"command": command, "rows": results}, indent=1))
+        _write(out.with_suffix(".md"), markdown(results, args, command))
     print(out.with_suffix(".md").read_text())
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

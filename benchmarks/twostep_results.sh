@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The two-step method's result tables on SmolLM2-135M (issue 4), full test sets, ctx 2048.
+# Step 1 measures every row into docs/results/smollm2-135m-runs.json, most telling rows first;
+# it resumes where it stopped (rows already stored are skipped), so it can run over several
+# sittings. Step 2 writes the tables as views of that store. About 10 min per row and data set
+# for evaluation on 2 cores, plus ~25 min (3-bit) / ~80 min (2-bit) per twostep/finetune row.
+#
+#   bash benchmarks/twostep_results.sh [DATASETS...]     (default: wikitext2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATASETS=("${@:-wikitext2}")
+TABLE=(benchmarks/ppl_table.py --model smollm2-135m --dataset "${DATASETS[@]}")
+TAG=$(IFS=-; echo "${DATASETS[*]}")
+
+PRIORITY=(
+  pot:3 pot:3:grid pot:3:twostep
+  pot-zero:3 pot-zero:3:grid pot-zero:3:twostep
+  pot:2 pot:2:grid pot-zero:2 pot-zero:2:grid uniform:2
+  pot:3:grid:128,objective=act pot-zero:3:grid:128,objective=act
+  pot:3:finetune pot-zero:3:finetune
+  pot:2:twostep pot-zero:2:twostep pot:2:finetune pot-zero:2:finetune
+  pot:2:grid:128,objective=act pot-zero:2:grid:128,objective=act
+  pot:3:twostep:64 pot-zero:3:twostep:64 pot:2:twostep:64 pot-zero:2:twostep:64
+  float uniform:3
+)
+MAIN=(float uniform:3 uniform:2 pot:3 pot:2 pot-zero:3 pot-zero:2
+      pot:3:twostep pot:2:twostep pot:3:twostep:64 pot:2:twostep:64
+      pot-zero:3:twostep pot-zero:2:twostep pot-zero:3:twostep:64 pot-zero:2:twostep:64)
+ABLATION=(pot:3 pot:3:grid pot:3:finetune pot:3:twostep pot:2 pot:2:grid pot:2:finetune pot:2:twostep
+          pot-zero:3 pot-zero:3:grid pot-zero:3:finetune pot-zero:3:twostep
+          pot-zero:2 pot-zero:2:grid pot-zero:2:finetune pot-zero:2:twostep)
+OBJECTIVE=(pot:3 pot:3:grid pot:3:grid:128,objective=act pot-zero:3 pot-zero:3:grid
+           pot-zero:3:grid:128,objective=act pot:2 pot:2:grid pot:2:grid:128,objective=act
+           pot-zero:2 pot-zero:2:grid pot-zero:2:grid:128,objective=act)
+
+if [[ -z "${VIEWS_ONLY:-}" ]]; then
+  "$PY" "${TABLE[@]}" --rows "${PRIORITY[@]}" --out "out/progress-$TAG"
+fi
+"$PY" "${TABLE[@]}" --no-measure --rows "${MAIN[@]}" --out "docs/results/main-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${ABLATION[@]}" --out "docs/results/ablation-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${OBJECTIVE[@]}" --out "docs/results/step1-objective-$TAG"
