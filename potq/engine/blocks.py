@@ -78,17 +78,17 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def input_moments(block: nn.Module, data: BlockData) -> dict[str, Tensor]:
-    """E[x²] per input channel of every linear in ``block`` over the calibration inputs (the
-    diagonal of GPTQ's Hessian ``XᵀX``): how much an error in each weight column costs."""
+def input_statistic(block: nn.Module, data: BlockData, statistic: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Mean over calibration tokens of ``statistic(x)`` for the input ``x`` (``[tokens, in]``,
+    float32) of every linear in ``block``, from one forward pass of the block."""
     linears = block_linears(block)
-    sums = {name: torch.zeros(m.in_features) for name, m in linears.items()}
+    sums: dict[str, Tensor] = {}
     counts = dict.fromkeys(linears, 0)
 
     def hook(name: str) -> Callable:
         def record(_module: nn.Module, args: tuple, _out: Tensor) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] += x.pow(2).sum(0)
+            sums[name] = statistic(x) + sums.get(name, 0)
             counts[name] += x.shape[0]
         return record
 
@@ -98,7 +98,18 @@ def input_moments(block: nn.Module, data: BlockData) -> dict[str, Tensor]:
     finally:
         for h in handles:
             h.remove()
-    return {name: sums[name] / max(counts[name], 1) for name in linears}
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def input_moments(block: nn.Module, data: BlockData) -> dict[str, Tensor]:
+    """E[x²] per input channel of every linear (the diagonal of GPTQ's Hessian ``XᵀX``): how
+    much an error in each weight column costs in output error."""
+    return input_statistic(block, data, lambda x: x.pow(2).sum(0))
+
+
+def input_hessians(block: nn.Module, data: BlockData) -> dict[str, Tensor]:
+    """``H = 2·E[x xᵀ]`` of every linear: the curvature of its squared output error (GPTQ)."""
+    return input_statistic(block, data, lambda x: 2 * x.T @ x)
 
 
 def commit(block: nn.Module, chosen: dict[str, QuantizedWeight], layers: dict[str, nn.Linear],
@@ -116,9 +127,10 @@ BlockMethod = Callable[[int, nn.Module, BlockData, list[Tensor]], None]
 
 
 def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size: int = 8,
-                  target: str = "same-input", progress: bool = True) -> None:
+                  target: str = "same-input", targets: bool = True, progress: bool = True) -> None:
     """Call ``method(index, block, data, targets)`` on every block in order; ``method`` quantizes
-    the block in place, and its outputs become the next block's inputs."""
+    the block in place, and its outputs become the next block's inputs. Methods that do not
+    compare against the float block pass ``targets=False`` and get an empty list."""
     if target not in TARGETS:
         raise PotqError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     model.eval()
@@ -126,8 +138,8 @@ def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size
     float_data = BlockData(list(data.inputs), data.kwargs) if target == "float-stream" else None
     blocks = transformer_blocks(model)
     for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
-        targets = outputs(block, float_data or data)
-        method(index, block, data, targets)
+        wanted = outputs(block, float_data or data) if targets or float_data is not None else []
+        method(index, block, data, wanted)
         data = BlockData(outputs(block, data), data.kwargs)
         if float_data is not None:
-            float_data = BlockData(targets, data.kwargs)
+            float_data = BlockData(wanted, data.kwargs)

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any, Callable, NamedTuple
 
 from potq.errors import PotqError
-from potq.methods import grid, rtn, twostep
+from potq.methods import gptq, grid, rtn, twostep
 
 
 def _never(_settings: dict[str, Any]) -> bool:
@@ -32,6 +32,7 @@ METHODS: dict[str, Method] = {
     "grid": Method(grid.quantize, lambda settings: settings.get("objective") == "act"),
     "twostep": Method(twostep.quantize, _always),
     "finetune": Method(partial(twostep.quantize, init="rtn"), _always),  # Step 2 alone: the ablation
+    "gptq": Method(gptq.quantize, _always),
 }
 
 
