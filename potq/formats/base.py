@@ -75,11 +75,14 @@ class Format(ABC):
 
     # --- what each format defines -------------------------------------------------------
     @abstractmethod
-    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0) -> QParams:
+    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0,
+                     clip_low: Tensor | float | None = None) -> QParams:
         """Scales (and zeros) that make the grid span ``clip`` times the group's range.
 
         ``clip`` (scalar or ``[rows, groups]``) is the multiplier b of a grid search: every
-        scale-search method works through this one knob, whatever the format.
+        scale-search method works through this one knob, whatever the format. ``clip_low``
+        clips the negative end separately (OmniQuant's two clipping strengths); only affine
+        formats have a separate negative end, the others ignore it.
         """
 
     @abstractmethod

@@ -36,7 +36,8 @@ class PoT(Format):
     def _field_mask(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
-    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0) -> QParams:
+    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0,
+                     clip_low: Tensor | float | None = None) -> QParams:
         return QParams((wg.abs().amax(dim=-1) * clip).clamp(min=FP16_TINY))
 
     def log2_ratio(self, wg: Tensor, qp: QParams) -> Tensor:

@@ -23,8 +23,9 @@ class UniformAsym(Format):
     def qmax(self) -> int:
         return 2**self.bits - 1
 
-    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0) -> QParams:
-        lo = wg.amin(dim=-1).clamp(max=0) * clip
+    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0,
+                     clip_low: Tensor | float | None = None) -> QParams:
+        lo = wg.amin(dim=-1).clamp(max=0) * (clip if clip_low is None else clip_low)
         hi = wg.amax(dim=-1).clamp(min=0) * clip
         scale = ((hi - lo) / self.qmax).clamp(min=FP16_TINY)
         zero = torch.round(-lo / scale).clamp(0, self.qmax)
@@ -52,7 +53,8 @@ class UniformSym(Format):
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
-    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0) -> QParams:
+    def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0,
+                     clip_low: Tensor | float | None = None) -> QParams:
         return QParams((wg.abs().amax(dim=-1) * clip / self.qmax).clamp(min=FP16_TINY))
 
     def exponent_or_level(self, wg: Tensor, qp: QParams, rnd: Rounding) -> Tensor:

@@ -48,12 +48,14 @@ class QuantizedWeight:
         return pack_bits(self.codes, self.fmt.bits)
 
 
-def init_qparams(w: Tensor, fmt: Format, group_size: int, clip: Tensor | float = 1.0) -> QParams:
-    """Round-to-nearest parameters of ``w`` (``[out, in]``), per group, channel or tensor."""
+def init_qparams(w: Tensor, fmt: Format, group_size: int, clip: Tensor | float = 1.0,
+                 clip_low: Tensor | float | None = None) -> QParams:
+    """Round-to-nearest parameters of ``w`` (``[out, in]``), per group, channel or tensor,
+    optionally clipped (see :meth:`Format.init_qparams`)."""
     if group_size == PER_TENSOR:
-        qp = fmt.init_qparams(tensor_wide(w.float()), clip)
+        qp = fmt.init_qparams(tensor_wide(w.float()), clip, clip_low)
         return qp.map(lambda t: broadcast_rows(t, w.shape[0]))
-    return fmt.init_qparams(to_groups(w.float(), group_size), clip)
+    return fmt.init_qparams(to_groups(w.float(), group_size), clip, clip_low)
 
 
 def quantize_weight(w: Tensor, fmt: Format, group_size: int, qp: QParams | None = None) -> QuantizedWeight:

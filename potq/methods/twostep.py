@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import time
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
-from tqdm import tqdm
 
 from potq.config import QuantConfig
 from potq.engine.blocks import BlockData, block_linears, commit, input_moments, run_blockwise
+from potq.engine.trainer import record_block, train_block
 from potq.errors import PotqError
 from potq.formats import Format, QParams
-from potq.formats.weights import QuantizedWeight, fake_quantize, init_qparams, quantize_weight
+from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
 from potq.methods.grid import OBJECTIVES, search_scales
 
 GRADS = ("ste", "detach")
@@ -40,39 +38,18 @@ def default_epochs(bits: int) -> int:
 def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], start: dict[str, QParams],
                    fmt: Format, group_size: int, epochs: int, lr: float, weight_decay: float,
                    grad: str) -> tuple[dict[str, QParams], list[float]]:
-    """Learn Γ for every linear of ``block``; returns the parameters of the epoch with the lowest
-    block loss (Γ = 0 included: rounding makes the loss jump as codes flip, so a later epoch can
-    be worse than an earlier one) and the loss before training and after each epoch (mean squared
-    output error over the calibration set)."""
-    weights = {name: block.get_submodule(name).weight.detach() for name in start}
+    """Learn Γ (one per group, from 0) for every linear of ``block`` with Adam; returns the best
+    epoch's parameters and the block loss history (see :func:`potq.engine.trainer.train_block`)."""
     gammas = {name: torch.zeros_like(qp.scale, requires_grad=True) for name, qp in start.items()}
-    optimizer = torch.optim.Adam(gammas.values(), lr=lr)
 
-    def tuned(name: str) -> QParams:
+    def tuned(name: str, _weight: Tensor) -> QParams:
         return QParams(start[name].scale * (1 + gammas[name]), start[name].zero)
 
-    def block_loss(x: Tensor, y: Tensor, g: str) -> Tensor:
-        params = {f"{n}.weight": fake_quantize(weights[n], fmt, group_size, tuned(n), g) for n in weights}
-        out = functional_call(block, params, (x,), data.kwargs)
-        return F.mse_loss(out[0] if isinstance(out, tuple) else out, y)
+    def penalty() -> Tensor:
+        return weight_decay / 2 * sum(g.pow(2).sum() for g in gammas.values())
 
-    def evaluate() -> float:
-        with torch.no_grad():
-            return sum(block_loss(x, y, "none").item() for x, y in zip(data.inputs, targets)) / len(targets)
-
-    history = [evaluate()]
-    best = (history[0], {name: start[name] for name in start})
-    for _ in range(epochs):
-        for x, y in zip(data.inputs, targets):
-            penalty = sum(g.pow(2).sum() for g in gammas.values())
-            loss = block_loss(x, y, grad) + weight_decay / 2 * penalty
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        history.append(evaluate())
-        if history[-1] < best[0]:
-            best = (history[-1], {name: tuned(name).map(lambda t: t.detach()) for name in start})
-    return best[1], history
+    optimizer = torch.optim.Adam(gammas.values(), lr=lr)
+    return train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad, penalty)
 
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
@@ -110,11 +87,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
                                         lr, weight_decay, grad)
         commit(block, {n: quantize_weight(m.weight.detach(), fmt, config.group_size, tuned[n])
                        for n, m in linears.items()}, layers, result)
-        blocks.append({"block": index, "loss": history, "kept": min(history),
-                       "seconds": time.perf_counter() - start_time})
-        if progress:
-            tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
-                       f"({100 * (min(history) / history[0] - 1):+.1f} %) in {blocks[-1]['seconds']:.0f} s")
+        record_block(blocks, index, history, start_time, progress)
 
     run_blockwise(model, calibration, step, batch_size=batch_size, target=target, progress=progress)
     return result

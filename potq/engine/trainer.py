@@ -1,0 +1,79 @@
+"""The block-wise trainer shared by every method that learns quantization parameters against a
+block's float output (two-step Step 2, OmniQuant's learnable weight clipping).
+
+A method says how its trainable tensors turn into each linear's :class:`QParams`; the trainer
+fake-quantizes the block's frozen float weights with them (codes recomputed every step, the
+rounding's gradient chosen by ``grad``), runs the block with those weights through
+``functional_call`` (the module itself is never modified), and minimises the mean squared error
+to the targets plus the method's penalty. It returns the parameters of the epoch with the
+lowest block loss — the start included: rounding makes the loss jump as codes flip, so a later
+epoch can be worse than an earlier one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+from potq.engine.blocks import BlockData
+from potq.formats import Format, QParams
+from potq.formats.weights import fake_quantize
+
+
+def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: Format, group_size: int,
+                qparams_of: Callable[[str, Tensor], QParams], names: list[str], optimizer: torch.optim.Optimizer,
+                epochs: int, grad: str, penalty: Callable[[], Tensor] | None = None,
+                ) -> tuple[dict[str, QParams], list[float]]:
+    """Train the tensors in ``optimizer`` for ``epochs`` passes over the calibration batches.
+
+    ``qparams_of(name, weight)`` builds the current parameters of linear ``name`` from the
+    trainable tensors. Returns the best epoch's parameters (detached) and the block loss (mean
+    squared output error over the calibration set) before training and after each epoch.
+    """
+    weights = {name: block.get_submodule(name).weight.detach() for name in names}
+
+    def current() -> dict[str, QParams]:
+        return {n: qparams_of(n, weights[n]) for n in names}
+
+    def block_loss(x: Tensor, y: Tensor, qps: dict[str, QParams], g: str) -> Tensor:
+        params = {f"{n}.weight": fake_quantize(weights[n], fmt, group_size, qps[n], g) for n in names}
+        out = functional_call(block, params, (x,), data.kwargs)
+        return F.mse_loss(out[0] if isinstance(out, tuple) else out, y)
+
+    def evaluate() -> tuple[float, dict[str, QParams]]:
+        with torch.no_grad():
+            qps = current()
+            loss = sum(block_loss(x, y, qps, "none").item() for x, y in zip(data.inputs, targets))
+        return loss / len(targets), qps
+
+    loss, qps = evaluate()
+    history, best = [loss], (loss, qps)
+    for _ in range(epochs):
+        for x, y in zip(data.inputs, targets):
+            loss_t = block_loss(x, y, current(), grad)
+            if penalty is not None:
+                loss_t = loss_t + penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss_t.backward()
+            optimizer.step()
+        loss, qps = evaluate()
+        history.append(loss)
+        if loss < best[0]:
+            best = (loss, qps)
+    return best[1], history
+
+
+def record_block(blocks: list[dict], index: int, history: list[float], started: float, progress: bool) -> None:
+    """Append one block's loss history and wall time to the method's report (``potq_report``)
+    and, with ``progress``, print its before/after line above the progress bar."""
+    blocks.append({"block": index, "loss": history, "kept": min(history),
+                   "seconds": time.perf_counter() - started})
+    if progress:
+        tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
+                   f"({100 * (min(history) / history[0] - 1):+.1f} %) in {blocks[-1]['seconds']:.0f} s")

@@ -1,0 +1,59 @@
+"""OmniQuant's weight-only part, learnable weight clipping (LWC; Shao et al., 2024), for any
+format: each group's range is clipped by learned strengths ``σ(γ)`` (top) and ``σ(β)`` (bottom,
+affine formats only), trained block by block against the float block's output with the
+rounding passed straight through and AdamW.
+
+With ``--format pot`` the clipped top of the range is the group's largest PoT level ``a`` —
+the PoT adaptation the thesis calls OMNI_POT. It runs on the same block-wise trainer as the
+two-step method's Step 2 (:mod:`potq.engine.trainer`); the difference is the parametrisation
+(a clipped range from the weights rather than a factor on a searched scale) and the defaults.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor, nn
+
+from potq.config import QuantConfig
+from potq.engine.blocks import BlockData, block_linears, commit, run_blockwise
+from potq.engine.trainer import record_block, train_block
+from potq.formats import QParams
+from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
+
+INIT = 4.0  # σ(4) ≈ 0.982: start just inside the full range, as OmniQuant does
+
+
+def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
+             epochs: int = 10, lr: float = 5e-3, weight_decay: float = 0.0, grad: str = "ste",
+             batch_size: int = 4, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """LWC on every block in order; each block's clipped weights are committed before the next."""
+    fmt = config.make_format()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    result: dict[str, QuantizedWeight] = {}
+    blocks: list[dict] = []
+    model.potq_report = {"settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "grad": grad,
+                                      "batch_size": batch_size}, "blocks": blocks}
+
+    def step(index: int, block: nn.Module, data: BlockData, targets: list[Tensor]) -> None:
+        started = time.perf_counter()
+        linears = block_linears(block)
+        shapes = {n: init_qparams(m.weight.detach(), fmt, config.group_size).scale.shape for n, m in linears.items()}
+        top = {n: torch.full(shape, INIT, requires_grad=True) for n, shape in shapes.items()}
+        bottom = {n: torch.full(shape, INIT, requires_grad=True) for n, shape in shapes.items()} if fmt.has_zero else {}
+
+        def clipped(name: str, weight: Tensor) -> QParams:
+            low = torch.sigmoid(bottom[name]) if bottom else None
+            return init_qparams(weight, fmt, config.group_size, clip=torch.sigmoid(top[name]), clip_low=low)
+
+        optimizer = torch.optim.AdamW([*top.values(), *bottom.values()], lr=lr, weight_decay=weight_decay)
+        best, history = train_block(block, data, targets, fmt, config.group_size, clipped, list(linears),
+                                    optimizer, epochs, grad)
+        commit(block, {n: quantize_weight(m.weight.detach(), fmt, config.group_size, best[n])
+                       for n, m in linears.items()}, layers, result)
+        record_block(blocks, index, history, started, progress)
+
+    run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
+    return result
