@@ -78,26 +78,30 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def input_statistic(block: nn.Module, data: BlockData, statistic: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-    """Mean over calibration tokens of ``statistic(x)`` for the input ``x`` (``[tokens, in]``,
-    float32) of every linear in ``block``, from one forward pass of the block."""
-    linears = block_linears(block)
-    sums: dict[str, Tensor] = {}
-    counts = dict.fromkeys(linears, 0)
-
-    def hook(name: str) -> Callable:
-        def record(_module: nn.Module, args: tuple, _out: Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = statistic(x) + sums.get(name, 0)
-            counts[name] += x.shape[0]
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+def each_input(block: nn.Module, data: BlockData, visit: Callable[[str, Tensor], None]) -> None:
+    """Run ``block`` on the calibration inputs and call ``visit(name, x)`` with the input ``x``
+    (``[tokens, in]``, float32) of every linear it contains, batch by batch."""
+    handles = [m.register_forward_hook(
+        lambda _m, args, _out, name=name: visit(name, args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for name, m in block_linears(block).items()]
     try:
         outputs(block, data)
     finally:
         for h in handles:
             h.remove()
+
+
+def input_statistic(block: nn.Module, data: BlockData, statistic: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Mean over calibration tokens of ``statistic(x)`` (a sum over the rows of ``x``) for the
+    input of every linear in ``block``, from one forward pass of the block."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def visit(name: str, x: Tensor) -> None:
+        sums[name] = statistic(x) + sums.get(name, 0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    each_input(block, data, visit)
     return {name: sums[name] / counts[name] for name in sums}
 
 

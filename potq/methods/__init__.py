@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any, Callable, NamedTuple
 
 from potq.errors import PotqError
-from potq.methods import gptq, grid, omniquant, rtn, twostep
+from potq.methods import awq, gptq, grid, omniquant, rtn, twostep
 
 
 def _never(_settings: dict[str, Any]) -> bool:
@@ -33,6 +33,7 @@ METHODS: dict[str, Method] = {
     "twostep": Method(twostep.quantize, _always),
     "finetune": Method(partial(twostep.quantize, init="rtn"), _always),  # Step 2 alone: the ablation
     "gptq": Method(gptq.quantize, _always),
+    "awq": Method(awq.quantize, _always),
     "omniquant": Method(omniquant.quantize, _always),  # learnable weight clipping (LWC)
 }
 

@@ -1,0 +1,140 @@
+"""AWQ (Lin et al., 2024) for any format: protect the input channels that see large activations
+by scaling them up before rounding and folding the inverse scale into the layer before.
+
+Per block, for each group of linears that share an input (q/k/v after the input norm, o after v
+when the shapes allow it, gate/up after the post-attention norm, down after up):
+``s = mean|x|^α`` (normalised to geometric mean 1), α grid-searched over 0, 0.05 … 0.95 for the
+lowest error of the *block output* with that group quantized as ``Q(W·diag(s))·diag(s)⁻¹``; the
+best ``s`` is folded exactly into the previous norm / linear (``W·diag(s)`` here,
+``÷s`` there). Then each linear's group ranges are clipped by a grid-searched ratio (AWQ's
+auto-clip) that minimises the linear's own output error on sampled calibration tokens, and the
+block is rounded to nearest. With ``--format pot`` this is the thesis' AWQ_POT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+from potq.config import QuantConfig
+from potq.engine.blocks import BlockData, block_linears, commit, each_input, input_statistic, run_blockwise
+from potq.errors import PotqError
+from potq.formats import Format
+from potq.formats.grouping import to_groups
+from potq.formats.weights import QuantizedWeight, fake_quantize, init_qparams, quantize_weight
+
+ALPHAS = torch.arange(20) / 20  # 0, 0.05, …, 0.95 (the reference grid)
+CLIPS = 1 - torch.arange(20) / 40  # 1.0, 0.975, …, 0.525
+
+
+def scaling_groups(block: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """``(previous module, linears sharing its output)`` of a LLaMA-style block."""
+    needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    if not all(hasattr(block, n) for n in needed):
+        raise PotqError(f"awq does not know where to fold scales in a {type(block).__name__}: "
+                        "it supports LLaMA-style blocks (SmolLM2, stories260K, Llama)")
+    attn, mlp = block.self_attn, block.mlp
+    groups = [(block.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
+    if attn.v_proj.weight.shape[0] == attn.o_proj.weight.shape[1]:  # not with grouped-query attention
+        groups.append((attn.v_proj, ["self_attn.o_proj"]))
+    groups.append((block.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]))
+    groups.append((mlp.up_proj, ["mlp.down_proj"]))
+    return groups
+
+
+def _fold(previous: nn.Module, block: nn.Module, names: list[str], s: Tensor) -> None:
+    """``previous`` output channel c ÷ s_c, each linear's input column c × s_c: the float block
+    computes exactly the same function."""
+    with torch.no_grad():
+        if isinstance(previous, nn.Linear):
+            previous.weight.div_(s[:, None])
+            if previous.bias is not None:
+                previous.bias.div_(s)
+        else:  # a norm layer with a per-channel weight
+            previous.weight.div_(s)
+        for name in names:
+            block.get_submodule(name).weight.mul_(s)
+
+
+def _block_error(block: nn.Module, data: BlockData, targets: list[Tensor], weights: dict[str, Tensor]) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for x, y in zip(data.inputs, targets):
+            out = functional_call(block, {f"{n}.weight": w for n, w in weights.items()}, (x,), data.kwargs)
+            total += F.mse_loss(out[0] if isinstance(out, tuple) else out, y).item()
+    return total / len(targets)
+
+
+def search_scale(block: nn.Module, data: BlockData, targets: list[Tensor], names: list[str], mean_abs: Tensor,
+                 fmt: Format, group_size: int) -> tuple[Tensor, float, list[float]]:
+    """The best ``s = mean|x|^α`` for one group of linears: ``(s, α, error per α)``."""
+    originals = {n: block.get_submodule(n).weight.detach() for n in names}
+    errors = []
+    for alpha in ALPHAS.tolist():
+        s = mean_abs.clamp(min=1e-4).pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        trial = {n: fake_quantize(w * s, fmt, group_size, init_qparams(w * s, fmt, group_size)) / s
+                 for n, w in originals.items()}
+        errors.append(_block_error(block, data, targets, trial))
+    best = int(torch.tensor(errors).argmin())
+    s = mean_abs.clamp(min=1e-4).pow(float(ALPHAS[best]))
+    return s / (s.max() * s.min()).sqrt(), float(ALPHAS[best]), errors
+
+
+def search_clip(w: Tensor, x: Tensor, fmt: Format, group_size: int) -> Tensor:
+    """Per group, the clip ratio in ``CLIPS`` with the smallest output error on tokens ``x``
+    ``[T, in]``: ``mean_t (Σ_{k∈g} (q_k − w_k)·x_tk)²``."""
+    wg, xg = to_groups(w.float(), group_size), to_groups(x.float(), group_size)  # [rows, g, G], [T, g, G]
+    errors = []
+    for c in CLIPS.tolist():
+        dq = fake_quantize(w, fmt, group_size, init_qparams(w, fmt, group_size, clip=c))
+        diff = to_groups(dq, group_size) - wg
+        errors.append(torch.einsum("rgk,tgk->rgt", diff, xg).pow(2).mean(-1))
+    return CLIPS[torch.stack(errors).argmin(0)]
+
+
+def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
+             clip: bool = True, clip_tokens: int = 512, batch_size: int = 8,
+             progress: bool = True) -> dict[str, QuantizedWeight]:
+    """AWQ scale search and folding, optional clip search, then round-to-nearest, block by block."""
+    fmt = config.make_format()
+    result: dict[str, QuantizedWeight] = {}
+    blocks: list[dict[str, Any]] = []
+    model.potq_report = {"settings": {"clip": clip, "clip_tokens": clip_tokens, "batch_size": batch_size},
+                         "blocks": blocks}
+
+    def step(index: int, block: nn.Module, data: BlockData, targets: list[Tensor]) -> None:
+        chosen = {}
+        mean_abs = input_statistic(block, data, lambda x: x.abs().sum(0))  # folding keeps every input
+        for previous, names in scaling_groups(block):
+            s, alpha, errors = search_scale(block, data, targets, names, mean_abs[names[0]], fmt, config.group_size)
+            _fold(previous, block, names, s)
+            chosen["+".join(n.split(".")[-1] for n in names)] = {"alpha": alpha, "error": min(errors)}
+        tokens = _sample_tokens(block, data, clip_tokens) if clip else {}
+        quantized = {}
+        for name, module in block_linears(block).items():
+            w = module.weight.detach()
+            ratio = search_clip(w, tokens[name], fmt, config.group_size) if clip else 1.0
+            quantized[name] = quantize_weight(w, fmt, config.group_size,
+                                              init_qparams(w, fmt, config.group_size, clip=ratio))
+        commit(block, quantized, layers, result)
+        blocks.append({"block": index, "groups": chosen})
+        if progress:
+            tqdm.write(f"block {index}: α " + ", ".join(f"{k} {v['alpha']:.2f}" for k, v in chosen.items()))
+
+    run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
+    return result
+
+
+def _sample_tokens(block: nn.Module, data: BlockData, count: int) -> dict[str, Tensor]:
+    """About ``count`` input rows of every linear, evenly spaced over the calibration tokens
+    (taken after the scales are folded in, so they match the weights being clipped)."""
+    stride = max(1, sum(x.shape[0] * x.shape[1] for x in data.inputs) // count)
+    rows: dict[str, list[Tensor]] = {}
+    each_input(block, data, lambda name, x: rows.setdefault(name, []).append(x[::stride]))
+    return {name: torch.cat(parts) for name, parts in rows.items()}
