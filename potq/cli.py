@@ -32,14 +32,15 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="input elements per scale (default 128; -1 per channel, 0 per tensor)")
     p.add_argument("--method", default="rtn", choices=sorted(METHODS),
                    help="rtn: round to nearest; grid: Step 1 scale search; twostep: Step 1 + block-wise "
-                        "fine-tuning (Step 2); finetune: Step 2 from naive scales")
+                        "fine-tuning (Step 2); finetune: Step 2 from naive scales; gptq; awq; "
+                        "omniquant: learnable weight clipping (all work with every format)")
     p.add_argument("--objective", choices=("mse", "act"), default=None,
                    help="Step 1 error (grid, twostep): mse = plain weight error (default, the thesis'); "
                         "act = weighted per input column by the calibration E[x²]")
     p.add_argument("--report", type=Path, default=None,
                    help="write what was done, the wall time and the per-block, per-epoch loss here "
                         "(.json, else Markdown)")
-    g = p.add_argument_group("data-dependent methods (twostep, finetune, grid --objective act)")
+    g = p.add_argument_group("data-dependent methods (twostep, finetune, gptq, awq, omniquant, grid --objective act)")
     g.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     g.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
@@ -47,7 +48,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None, help="Step 2 Adam learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=None, help="λ of the λ/2‖Γ‖² term (default 0.1)")
     g.add_argument("--grad", choices=("ste", "detach"), default=None,
-                   help="gradient through the rounding (default detach)")
+                   help="gradient through the rounding (twostep/finetune default detach, omniquant ste)")
+    g.add_argument("--damp", type=float, default=None, help="gptq: dampening, fraction of the mean Hessian diagonal (0.01)")
+    g.add_argument("--act-order", action="store_true", default=None,
+                   help="gptq: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--no-clip", dest="clip", action="store_false", default=None,
+                   help="awq: skip the clipping search")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,8 +121,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = potq.QuantConfig(args.format, args.bits, args.group_size)  # validate before loading
     lm = potq.load_model(args.model)
     start = time.perf_counter()
-    settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "grad", "objective")
-                if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "grad", "objective", "damp",
+                                               "act_order", "clip") if getattr(args, k) is not None}
     if METHODS[args.method].needs_calibration(settings):
         settings.update(calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed)
     potq.quantize_(lm, config, method=args.method, **settings)

@@ -70,6 +70,7 @@ def test_quantize_info_eval_generate(capsys, tmp_path):
     (["quantize", "stories260k", "--method", "magic"], ["invalid choice: 'magic'"]),
     (["quantize", "stories260k", "--method", "rtn", "--epochs", "3"], ["method 'rtn' has no setting 'epochs'"]),
     (["quantize", "stories260k", "--objective", "act"], ["method 'rtn' has no setting 'objective'"]),
+    (["quantize", "stories260k", "--method", "awq", "--act-order"], ["method 'awq' has no setting 'act_order'"]),
 ])
 def test_bad_quantize_input_writes_nothing(capsys, tmp_path, argv, fragments):
     out = tmp_path / "out"
@@ -95,6 +96,18 @@ def test_twostep_report(capsys, tmp_path, suffix):
         body = report.read_text()
         assert "| block | epoch 0 | epoch 1 | epoch 2 | kept | change | seconds |" in body
         assert body.count("\n| 4 |") == 1 and "wall time" in body
+
+
+@pytest.mark.parametrize("method, flags", [("gptq", ["--act-order", "--damp", "0.02"]), ("awq", ["--no-clip"]),
+                                           ("omniquant", ["--epochs", "1"])])
+def test_baseline_methods_from_the_command_line(capsys, tmp_path, method, flags):
+    code, text, err = run(capsys, "quantize", "stories260k", "--format", "pot", "--bits", "3", "--group-size", "32",
+                          "--method", method, *flags, "--calib-samples", "4", "--calib-len", "32", "-o", str(tmp_path / "m"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "m" / "potq.json").read_text())
+    assert manifest["method"] == method and manifest["calibration"]["samples"] == 4
+    expected = {"gptq": {"act_order": True, "damp": 0.02}, "awq": {"clip": False}, "omniquant": {"epochs": 1}}[method]
+    assert expected.items() <= manifest["method_settings"].items()
 
 
 def test_corrupt_model_file(capsys, tmp_path):
