@@ -33,6 +33,17 @@ from potq.methods.grid import MULTIPLIERS, group_errors, search_scales  # noqa: 
 from potq.quantize import quantizable_layers  # noqa: E402
 
 
+def log_plot(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, path: Path) -> None:
+    """Log y axis, labels, legend; save and close."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def weight_histogram(w: torch.Tensor, layer: str, bits: int, group_size: int, out: Path) -> None:
     """Weights of one typical group (the one whose max|w| is the layer's median) on its grids."""
     wg = to_groups(w, group_size).reshape(-1, to_groups(w, group_size).shape[-1])
@@ -62,14 +73,8 @@ def error_vs_b(w: torch.Tensor, layer: str, bits: int, group_size: int, out: Pat
             curve = errors[:, g] / errors[99, g]  # relative to b = 1 (round to nearest)
             ax.plot(MULTIPLIERS.numpy(), curve.numpy(), ls="-" if name == "pot" else "--",
                     label=f"{name}, group {g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("scale multiplier b")
-    ax.set_ylabel("group squared error / error at b = 1")
     ax.set_title(f"Step 1 search, {bits}-bit G{group_size}, {layer}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "step1-error-vs-b.png", dpi=120)
-    plt.close(fig)
+    log_plot(fig, ax, "scale multiplier b", "group squared error / error at b = 1", out / "step1-error-vs-b.png")
 
 
 def b_histogram(model: torch.nn.Module, bits: int, group_size: int, out: Path) -> None:
@@ -105,13 +110,7 @@ def ppl_vs_bits(store: Path, dataset: str, out: Path) -> None:
     for name, points in sorted(series.items()):
         points.sort()
         ax.plot(*zip(*points), marker="o", ls="-" if name.startswith("pot") else "--", label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight, scales included")
-    ax.set_ylabel(f"{dataset} perplexity (log scale)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "ppl-vs-bits.png", dpi=120)
-    plt.close(fig)
+    log_plot(fig, ax, "bits per weight, scales included", f"{dataset} perplexity (log scale)", out / "ppl-vs-bits.png")
 
 
 def main() -> None:

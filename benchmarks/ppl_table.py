@@ -46,6 +46,19 @@ def parse_row(spec: str, default_group: int) -> dict:
             "group_size": int(rest[1]) if len(rest) > 1 else default_group, "settings": settings}
 
 
+def canonical(spec: str, default_group: int) -> str:
+    """One name per measurement: ``uniform:4:rtn`` and ``uniform:4:rtn:128`` are ``uniform:4``."""
+    if spec == "float":
+        return spec
+    row = parse_row(spec, default_group)
+    name = f"{row['format']}:{row['bits']}"
+    if row["method"] != "rtn" or row["group_size"] != default_group:
+        name += f":{row['method']}"
+    if row["group_size"] != default_group:
+        name += f":{row['group_size']}"
+    return name + "".join(f",{k}={v}" for k, v in row["settings"].items())
+
+
 def label_of(row: dict) -> str:
     extra = "".join(f", {k}={v}" for k, v in row["settings"].items())
     return f"{row['format']} {row['bits']}-bit {row['method']}{extra}"
@@ -137,6 +150,7 @@ def main() -> None:
     p.add_argument("--store", default=None, help="JSON of every measured row (default docs/results/MODEL-runs.json)")
     p.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
     args = p.parse_args()
+    args.rows = [canonical(spec, args.group_size) for spec in args.rows]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The baselines the thesis compares against (issue 5), on SmolLM2-135M, G128, ctx 2048, full
+# test sets: uniform RTN / GPTQ / AWQ / OmniQuant at 4, 3, 2 bits (thesis Table 3.1) and their
+# PoT adaptations next to potq's twostep at 3 and 2 bits (Table 4.1). Resumable like
+# benchmarks/twostep_results.sh (same store, docs/results/smollm2-135m-runs.json).
+#
+#   bash benchmarks/baselines_results.sh [DATASETS...]     (default: wikitext2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATASETS=("${@:-wikitext2}")
+TABLE=(benchmarks/ppl_table.py --model smollm2-135m --dataset "${DATASETS[@]}")
+TAG=$(IFS=-; echo "${DATASETS[*]}")
+
+UNIFORM=(float)
+for bits in 4 3 2; do
+  for method in rtn gptq awq omniquant; do UNIFORM+=("uniform:$bits:$method"); done
+done
+POT=(float)
+for bits in 3 2; do
+  for method in rtn awq gptq omniquant twostep; do POT+=("pot:$bits:$method"); done
+done
+
+if [[ -z "${VIEWS_ONLY:-}" ]]; then
+  "$PY" "${TABLE[@]}" --rows "${UNIFORM[@]}" "${POT[@]:1}" --out "out/progress-baselines-$TAG"
+fi
+"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" --out "docs/results/baselines-uniform-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" --out "docs/results/baselines-pot-$TAG"
