@@ -85,7 +85,7 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
 
 
 def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cached: dict) -> dict:
-    todo = [d for d in args.dataset if args.force or d not in cached]
+    todo = [d for d in args.dataset if args.force or not _same_windows(cached.get(d), args)]
     if spec == "float":
         lm, result = float_lm, {"label": "float", "bits_per_weight": 32.0, "file_bytes": None,
                                 "quantize_seconds": 0.0, "group_size": None, "method": None}
@@ -100,6 +100,14 @@ def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cac
         result[dataset] = r.to_dict()
         print(f"{result['label']}: {dataset} ppl {r.ppl:.3f} ({r.windows}/{r.total_windows} windows)", flush=True)
     return result
+
+
+def _same_windows(result: dict | None, args: argparse.Namespace) -> bool:
+    """A stored result counts only if it was measured on the windows asked for now."""
+    if result is None or result["ctx"] != args.ctx:
+        return False
+    wanted = result["total_windows"] if args.max_windows is None else min(args.max_windows, result["total_windows"])
+    return result["windows"] == wanted
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str, missing: list[str] = ()) -> str:
