@@ -5,12 +5,7 @@
 # benchmarks/twostep_results.sh (same store, docs/results/smollm2-135m-runs.json).
 #
 #   bash benchmarks/baselines_results.sh [DATASETS...]     (default: wikitext2)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-DATASETS=("${@:-wikitext2}")
-TABLE=(benchmarks/ppl_table.py --model smollm2-135m --dataset "${DATASETS[@]}")
-TAG=$(IFS=-; echo "${DATASETS[*]}")
+source "$(dirname "$0")/table_setup.sh"
 
 UNIFORM=(float)
 for bits in 4 3 2; do

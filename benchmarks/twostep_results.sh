@@ -2,16 +2,11 @@
 # The two-step method's result tables on SmolLM2-135M (issue 4), full test sets, ctx 2048.
 # Step 1 measures every row into docs/results/smollm2-135m-runs.json, most telling rows first;
 # it resumes where it stopped (rows already stored are skipped), so it can run over several
-# sittings. Step 2 writes the tables as views of that store. About 10 min per row and data set
-# for evaluation on 2 cores, plus ~25 min (3-bit) / ~80 min (2-bit) per twostep/finetune row.
+# sittings. Step 2 writes the tables as views of that store. docs/results/quantize-time.md
+# says what a row costs here.
 #
 #   bash benchmarks/twostep_results.sh [DATASETS...]     (default: wikitext2)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-DATASETS=("${@:-wikitext2}")
-TABLE=(benchmarks/ppl_table.py --model smollm2-135m --dataset "${DATASETS[@]}")
-TAG=$(IFS=-; echo "${DATASETS[*]}")
+source "$(dirname "$0")/table_setup.sh"
 
 PRIORITY=(
   pot:3 pot:3:grid pot:3:twostep
