@@ -74,16 +74,16 @@ def search_scale(block: nn.Module, data: BlockData, targets: list[Tensor], names
                  fmt: Format, group_size: int) -> tuple[Tensor, float, list[float]]:
     """The best ``s = mean|x|^α`` for one group of linears: ``(s, α, error per α)``."""
     originals = {n: block.get_submodule(n).weight.detach() for n in names}
-    errors = []
+    scales, errors = [], []
     for alpha in ALPHAS.tolist():
         s = mean_abs.clamp(min=1e-4).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         trial = {n: fake_quantize(w * s, fmt, group_size, init_qparams(w * s, fmt, group_size)) / s
                  for n, w in originals.items()}
+        scales.append(s)
         errors.append(_block_error(block, data, targets, trial))
     best = int(torch.tensor(errors).argmin())
-    s = mean_abs.clamp(min=1e-4).pow(float(ALPHAS[best]))
-    return s / (s.max() * s.min()).sqrt(), float(ALPHAS[best]), errors
+    return scales[best], float(ALPHAS[best]), errors
 
 
 def search_clip(w: Tensor, x: Tensor, fmt: Format, group_size: int) -> Tensor:

@@ -23,7 +23,7 @@ from potq.config import QuantConfig
 from potq.engine.blocks import BlockData, block_linears, commit, input_hessians, run_blockwise
 from potq.errors import PotqError
 from potq.formats import Format, QParams
-from potq.formats.grouping import group_width, num_groups
+from potq.formats.grouping import group_width
 from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
 
 
@@ -67,7 +67,6 @@ def gptq_weight(w: Tensor, hessian: Tensor, fmt: Format, group_size: int, block_
             err_block[:, i] = err
         W[:, i2:] -= err_block @ U[i1:i2, i2:]
     Q = Q[:, torch.argsort(perm)]
-    assert qp.scale.shape[1] == num_groups(cols, group_size)
     return quantize_weight(Q, fmt, group_size, qp)  # Q is on the grid of qp: encoding is exact
 
 
