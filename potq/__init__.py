@@ -13,6 +13,7 @@ Names are imported on first use, so ``potq --help`` does not pay for importing t
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
@@ -26,6 +27,13 @@ _EXPORTS = {
 }
 
 __all__ = [*_EXPORTS, "eval", "__version__"]
+
+# transformers imports torchao (potq's PT2E back end) whenever it is installed; torchao then warns
+# about its CUDA-only libraries on every CPU import and torch about torchao's pytree enums. Both
+# are noise for potq's users, so they are quieted unless the application configured them.
+for _name in ("torchao", "torch.utils._pytree"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def __getattr__(name: str) -> Any:

@@ -11,8 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from potq.errors import PotqError
 from potq.formats import FORMATS
+
+if TYPE_CHECKING:
+    from potq.config import QuantConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +31,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     from potq.methods import METHODS
 
     p.add_argument("--format", default="pot", choices=sorted(FORMATS),
-                   help="weight grid: pot (zero-excluded, the thesis'), pot-zero, uniform (asymmetric), uniform-sym")
+                   help="weight grid: pot (zero-excluded, the thesis'), pot-zero, pot-seed (the 'PoT weights in "
+                        "LLMs' definition, exponents [-E, E] and epsilon), uniform (asymmetric), uniform-sym")
     p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
     p.add_argument("--group-size", type=int, default=128,
                    help="input elements per scale (default 128; -1 per channel, 0 per tensor)")
@@ -34,6 +40,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="rtn: round to nearest; grid: Step 1 scale search; twostep: Step 1 + block-wise "
                         "fine-tuning (Step 2); finetune: Step 2 from naive scales; gptq; awq; "
                         "omniquant: learnable weight clipping (all work with every format)")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="pot-seed only: the epsilon in log2(|w|/s + epsilon) (default 1e-8)")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize the embedding tables (token, position, a tied output head), round-to-nearest")
     p.add_argument("--objective", choices=("mse", "act"), default=None,
                    help="Step 1 error (grid, twostep): mse = plain weight error (default, the thesis'); "
                         "act = weighted per input column by the calibration E[x²]")
@@ -57,6 +67,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from potq.eval.data import DATASETS
+
     parser = _Parser(prog="potq", description="Power-of-two quantization of LLMs.")
     parser.add_argument("--version", action="version", version=f"potq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -67,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(p)
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     p.set_defaults(func=cmd_quantize)
-
-    from potq.eval import DATASETS
 
     p = sub.add_parser("eval", help="perplexity on a data set (GPTQ protocol)")
     p.add_argument("model", help=model_help)
@@ -94,6 +104,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the summary to this JSON file")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("pt2e", help="quantize through PyTorch 2 export (PT2E): export, prepare, calibrate, "
+                                     "convert; print the quantized graph and the loss")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--format", default="pot-seed", choices=[*sorted(FORMATS), "int"],
+                   help="weight format: a potq format, or int = PT2E's own symmetric per-channel integers "
+                        "(2-32 bits, the seed's 'normal quantization'); default pot-seed")
+    p.add_argument("--bits", type=int, default=5, help="stored bits (default 5 = the seed's 4-bit PoT [-7, 7])")
+    p.add_argument("--group-size", type=int, default=-1, help="potq formats: default -1 (per channel, as PT2E)")
+    p.add_argument("--epsilon", type=float, default=None, help="pot-seed: epsilon in log2(|w|/s + epsilon)")
+    p.add_argument("--quantize-embeddings", action="store_true", help="also the embedding tables (and a tied head)")
+    p.add_argument("--activations", action="store_true",
+                   help="also quantize linear inputs to int8 (affine per tensor, calibrated min/max)")
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches for activations (default 8)")
+    p.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="loss on this held-out text (default: shakespeare for char models, else wikitext2)")
+    p.add_argument("--ctx", type=int, default=None, help="window length (default: min(2048, model positions))")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--graph", type=Path, default=None, help="write the whole converted graph's code here")
+    p.set_defaults(func=cmd_pt2e)
+
+    p = sub.add_parser("train-char", help="train the seed's char-level nanoGPT (4x128, context 64) on CPU")
+    p.add_argument("--data", type=Path, default=None,
+                   help="training text (default: tiny Shakespeare from the shared folder); split 80/10/10")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="output folder (default: $POTQ_HOME/models/nanogpt-shakespeare, the short name's home)")
+    p.add_argument("--steps", type=int, default=15000, help="iterations (default 15000, the seed's)")
+    p.add_argument("--batch-size", type=int, default=12, help="windows per step (default 12)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between loss estimates (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_char)
+
     p = sub.add_parser("demo", help="float vs 4-bit uniform vs 4-bit PoT on the default model")
     p.add_argument("--model", default="smollm2-135m", help=model_help)
     p.add_argument("--bits", type=int, default=4)
@@ -112,20 +154,28 @@ def _version() -> str:
     return __version__
 
 
+def quant_config(args: argparse.Namespace) -> "QuantConfig":
+    """The QuantConfig of the format flags (``--epsilon`` becomes the format's option)."""
+    from potq.config import QuantConfig
+
+    options = {} if args.epsilon is None else {"epsilon": args.epsilon}
+    return QuantConfig(args.format, args.bits, args.group_size, options)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     import potq
     from potq.info import summary
     from potq.methods import METHODS
     from potq.report import build_report, write_report
 
-    config = potq.QuantConfig(args.format, args.bits, args.group_size)  # validate before loading
+    config = quant_config(args)  # validate before loading
     lm = potq.load_model(args.model)
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "grad", "objective", "damp",
                                                "act_order", "clip") if getattr(args, k) is not None}
     if METHODS[args.method].needs_calibration(settings):
         settings.update(calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed)
-    potq.quantize_(lm, config, method=args.method, **settings)
+    potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output)
     if args.report:
@@ -139,9 +189,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from potq.eval import perplexity
-    from potq.storage import load_any
+    from potq.models import load_model
 
-    lm = load_any(args.model)
+    lm = load_model(args.model)
     r = perplexity(lm.model, lm.tokenizer, args.dataset, ctx=args.ctx, max_windows=args.max_windows,
                    dtype=args.dtype)
     print(f"{args.dataset} perplexity {r.ppl:.3f} (ctx {r.ctx}, {r.windows} of {r.total_windows} windows, "
@@ -152,9 +202,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from potq.eval import generate
-    from potq.storage import load_any
+    from potq.models import load_model
 
-    lm = load_any(args.model)
+    lm = load_model(args.model)
     print(args.prompt, end="", flush=True)
     generate(lm.model, lm.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
              temperature=args.temperature, top_k=args.top_k, seed=args.seed,
@@ -171,8 +221,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"source: {src.get('path')} (sha256 {str(src.get('sha256'))[:16]}…)")
     print(f"{s['quantized_layers']} quantized layers, {s['quantized_weights']:,} weights, "
           f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight incl. scales")
-    print(f"on disk: {s['file_bytes']:,} bytes model.safetensors ({s['quantized_bytes']:,} quantized, "
-          f"{s['float_bytes']:,} float tensors)")
+    if s["quantized_embedding_tables"]:
+        print(f"{s['quantized_embedding_tables']} quantized embedding tables, "
+              f"{s['bits_per_embedding_weight']:.3f} bits per embedding weight incl. scales")
+    print(f"on disk: {s['file_bytes']:,} bytes model.safetensors ({s['quantized_bytes']:,} quantized linears, "
+          f"{s['embedding_bytes']:,} quantized embeddings, {s['float_bytes']:,} float tensors)")
     print(f"{'layer':48} {'shape':>12} {'format':>9} {'bits':>4} {'G':>5} {'bits/w':>7} {'bytes':>9}")
     for c in layer_costs(args.folder):
         shape = f"{c.shape[0]}x{c.shape[1]}"
@@ -180,6 +233,52 @@ def cmd_info(args: argparse.Namespace) -> None:
               f"{c.bits_per_weight:>7.3f} {c.stored_bytes:>9,}")
     if args.json:
         _write_json(args.json, s)
+
+
+def cmd_pt2e(args: argparse.Namespace) -> None:
+    from potq.eval import perplexity
+    from potq.eval.data import home_dataset, training_batch
+    from potq.eval.perplexity import max_positions
+    from potq.models import load_model
+    from potq.pt2e import TorchInt, graph_summary, quantize_pt2e
+
+    weights = TorchInt(args.bits) if args.format == "int" else quant_config(args)
+    lm = load_model(args.model)
+    ctx = args.ctx or min(2048, max_positions(lm.model) or 2048)
+    dataset = args.dataset or home_dataset(lm.source)
+    calibration = None
+    if args.activations:
+        calibration = list(training_batch(lm.tokenizer, lm.source, args.calib_batches, ctx, seed=0).split(1))
+    start = time.perf_counter()
+    gm = quantize_pt2e(lm, weights, embeddings=args.quantize_embeddings, activations=args.activations,
+                       calibration=calibration)
+    print(f"exported, prepared, calibrated and converted in {time.perf_counter() - start:.1f} s")
+    print(graph_summary(gm))
+    if args.graph:
+        args.graph.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.graph.with_name(f".{args.graph.name}.tmp")
+        tmp.write_text(gm.code)
+        tmp.replace(args.graph)
+        print(f"graph -> {args.graph}")
+    for name, model in (("float", lm.model), ("pt2e", gm)):
+        r = perplexity(model, lm.tokenizer, dataset, ctx=ctx, max_windows=args.max_windows, dtype="fp32")
+        print(f"{name:6} {dataset} cross-entropy {r.nll:.4f}, perplexity {r.ppl:.3f} "
+              f"(ctx {r.ctx}, {r.windows} of {r.total_windows} windows)")
+
+
+def cmd_train_char(args: argparse.Namespace) -> None:
+    from potq.train.char import train_char
+    from potq.train.loop import TrainSettings
+
+    if args.batch_size < 1:
+        raise PotqError(f"--batch-size must be at least 1, got {args.batch_size}")
+    settings = TrainSettings(steps=args.steps, lr=args.lr, eval_every=args.eval_every, seed=args.seed)
+    lm, result = train_char(args.data, args.output, settings, batch_size=args.batch_size)
+    final = result.final
+    where = lm.source.get("name") or args.output
+    print(f"trained {result.settings.steps} steps in {result.seconds:.0f} s: train loss {final['train']:.4f}, "
+          f"val loss {final['val']:.4f} -> {args.output or 'nanogpt-shakespeare'}")
+    print(f"next: potq eval {where} --dataset shakespeare --ctx 64")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ weights land on; the method (``rtn``, …) says *how* the scales are chosen.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from potq.formats import Format, get_format
 from potq.formats.grouping import check_group_size
@@ -15,18 +15,20 @@ from potq.formats.grouping import check_group_size
 @dataclass(frozen=True)
 class QuantConfig:
     """Any registered format (``potq.formats.FORMATS``) at ``bits`` bits, groups of ``group_size``
-    input elements (-1: per output channel, 0: per tensor)."""
+    input elements (-1: per output channel, 0: per tensor); ``options`` are the format's own
+    parameters (e.g. ``{"epsilon": 1e-6}`` for ``pot-seed``)."""
 
     format: str = "pot"
     bits: int = 4
     group_size: int = 128
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.make_format()  # raises a one-line PotqError for a bad name or bit width
         check_group_size(self.group_size)
 
     def make_format(self) -> Format:
-        return get_format(self.format, self.bits)
+        return get_format(self.format, self.bits, **self.options)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,6 +24,7 @@ class LayerCost:
     bits: int
     group_size: int
     stored_bytes: int  # codes + scales + zeros
+    kind: str = "linear"  # or "embedding"
 
     @property
     def weights(self) -> int:
@@ -42,10 +43,12 @@ def layer_costs(folder: str | Path) -> list[LayerCost]:
     manifest, header = read_manifest(folder), header_shapes(folder)
     costs = []
     for name, e in manifest["quantized_layers"].items():
+        if e.get("shares"):  # a tied head: its codes are counted with its embedding table
+            continue
         stored = sum(tensor_bytes(*header[f"{name}.{part}"]) for part in ("codes", "scales", "zeros")
                      if f"{name}.{part}" in header)
         costs.append(LayerCost(name, (e["out_features"], e["in_features"]), e["format"], e["bits"],
-                               e["group_size"], stored))
+                               e["group_size"], stored, e.get("kind", "linear")))
     return costs
 
 
@@ -53,9 +56,13 @@ def summary(folder: str | Path) -> dict[str, Any]:
     """The numbers ``potq info`` prints, as a dict (also written by ``--json``)."""
     folder = Path(folder)
     manifest, header = read_manifest(folder), header_shapes(folder)
-    costs = layer_costs(folder)
+    all_costs = layer_costs(folder)
+    costs = [c for c in all_costs if c.kind == "linear"]
+    tables = [c for c in all_costs if c.kind == "embedding"]
     q_weights = sum(c.weights for c in costs)
     q_bytes = sum(c.stored_bytes for c in costs)
+    e_weights = sum(c.weights for c in tables)
+    e_bytes = sum(c.stored_bytes for c in tables)
     all_bytes = sum(tensor_bytes(*v) for v in header.values())
     return {
         "path": str(folder),
@@ -67,7 +74,10 @@ def summary(folder: str | Path) -> dict[str, Any]:
         "quantized_weights": q_weights,
         "bits_per_quantized_weight": 8 * q_bytes / q_weights if q_weights else None,
         "quantized_bytes": q_bytes,
-        "float_bytes": all_bytes - q_bytes,
+        "quantized_embedding_tables": len(tables),
+        "bits_per_embedding_weight": 8 * e_bytes / e_weights if e_weights else None,
+        "embedding_bytes": e_bytes,
+        "float_bytes": all_bytes - q_bytes - e_bytes,
         "file_bytes": (folder / WEIGHTS_FILE).stat().st_size,
         "folder_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
         "manifest": MANIFEST_FILE,

@@ -1,7 +1,9 @@
-"""Where the shared models and data live.
+"""Where the shared models and data live, and where models trained here go.
 
 Nothing is ever downloaded: models and data sets come from the read-only ``shared/`` folder
-beside the checkout, or from ``$POTQ_SHARED`` when that is set.
+beside the checkout, or from ``$POTQ_SHARED`` when that is set. Models potq trains itself (the
+char-level nanoGPT) are written under ``$POTQ_HOME`` (default ``~/.cache/potq``), never into
+the shared folder.
 """
 
 from __future__ import annotations
@@ -28,3 +30,13 @@ def shared_file(relative: str) -> Path:
             f"{path} not found: put the shared folder beside the checkout or set POTQ_SHARED to it"
         )
     return path
+
+
+def home_dir() -> Path:
+    """potq's own writable folder: ``$POTQ_HOME``, else ``~/.cache/potq``."""
+    return Path(os.environ.get("POTQ_HOME", "~/.cache/potq")).expanduser().resolve()
+
+
+def trained_model_dir(name: str) -> Path:
+    """Where the model potq trains under the short name ``name`` is saved."""
+    return home_dir() / "models" / name

@@ -1,7 +1,9 @@
 """``quantize_``: swap a model's linear layers for packed :class:`QuantLinear` layers, in place.
 
 The flow is one-way: pick the layers, let the method decide codes and scales, replace the
-modules, and record what was done in ``model.potq_meta`` (saved as ``potq.json``).
+modules, and record what was done in ``model.potq_meta`` (saved as ``potq.json``). On request the
+embedding tables (token, position, and an output head tied to the token table) become packed
+:class:`QuantEmbedding` layers of the same format, round-to-nearest.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from potq.errors import PotqError
 from potq.eval.data import calibration_batch
 from potq.methods import get_method
 from potq.models import LoadedModel, transformer_blocks
-from potq.nn import QuantLinear
+from potq.formats.weights import quantize_weight
+from potq.nn import PackedWeight, QuantEmbedding, QuantLinear
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -31,9 +34,42 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(module, nn.Linear)}
 
 
+def embedding_tables(model: nn.Module) -> dict[str, nn.Embedding]:
+    """Every ``nn.Embedding`` of the model (GPT-2: token and position tables; LLaMA: token)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
+def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> dict[str, QuantEmbedding]:
+    """Replace the embedding tables by packed ones (round-to-nearest, groups along the vector).
+
+    An output head whose weight *is* the token table (tied, as in GPT-2 and SmolLM2) becomes a
+    :class:`QuantLinear` sharing the table's codes, so the model stays tied and is stored once.
+    An untied head stays float, like every output head in potq.
+    """
+    fmt = config.make_format()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    done = {}
+    for name, table in embedding_tables(model).items():
+        packed = QuantEmbedding.from_quantized(quantize_weight(table.weight.detach(), fmt, config.group_size))
+        model.set_submodule(name, packed)
+        done[name] = packed
+        if isinstance(head, nn.Linear) and head.weight is table.weight:
+            tied = QuantLinear(packed.in_features, packed.out_features, fmt, config.group_size,
+                               bias=head.bias is not None)
+            tied.share_from(packed)
+            if head.bias is not None:
+                tied.bias.copy_(head.bias.detach().float())
+            model.set_submodule(next(n for n, m in model.named_modules() if m is head), tied)
+    return done
+
+
 def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
-              calib_samples: int = 32, calib_len: int = 512, seed: int = 0, **settings: Any) -> nn.Module:
+              calib_samples: int = 32, calib_len: int = 512, seed: int = 0, embeddings: bool = False,
+              **settings: Any) -> nn.Module:
     """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns the module.
+
+    ``embeddings=True`` also quantizes the embedding tables (see :func:`quantize_embeddings_`),
+    first, so a data-dependent method calibrates on what the quantized model will feed its blocks.
 
     ``settings`` go to the method (e.g. ``progress=False``, ``epochs=10``); the JSON-able ones are
     recorded in ``model.potq_meta`` and from there in ``potq.json``. Methods that need data get
@@ -42,13 +78,15 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     default on 2-core CPUs (the thesis uses 128×2048).
     """
     module, tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
-    if any(isinstance(m, QuantLinear) for m in module.modules()):
+    if any(isinstance(m, PackedWeight) for m in module.modules()):
         raise PotqError("this model is already quantized: load the float model to quantize it again")
     chosen = get_method(method)
     _check_settings(method, chosen.run, settings)
     layers = quantizable_layers(module)
     if not layers:
         raise PotqError(f"{type(module).__name__} has no linear layers in its transformer blocks to quantize")
+    if embeddings:
+        quantize_embeddings_(module, config)
     calibration_info = None
     if chosen.needs_calibration(settings) and "calibration" not in settings:
         if tokenizer is None:
@@ -62,6 +100,7 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     effective = {**_defaults(chosen.run), **settings, **getattr(module, "potq_report", {}).get("settings", {})}
     module.potq_meta = {
         **config.to_dict(),
+        "embeddings": embeddings,
         "method": method,
         "method_settings": {k: v for k, v in effective.items() if k not in _UI_SETTINGS and _is_json(v)},
         "calibration": calibration_info,

@@ -33,9 +33,9 @@ from potq.errors import PotqError
 from potq.formats import get_format
 from potq.formats.grouping import num_groups
 from potq.formats.packing import packed_row_bytes
-from potq.models import LoadedModel, architecture, build_model, load_model
+from potq.models import LoadedModel, architecture, build_model
 from potq.models.tokenizer import Tokenizer
-from potq.nn import QuantLinear
+from potq.nn import PackedWeight, QuantEmbedding, QuantLinear
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "potq.json"
@@ -85,7 +85,7 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 def _manifest(model: nn.Module, source: dict, aliases: dict[str, str]) -> dict[str, Any]:
     meta = getattr(model, "potq_meta", None) or {"format": None, "bits": None, "group_size": None,
                                                 "method": None, "method_settings": {}}
-    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = _layer_entries(model)
     return {
         "file_format_version": FILE_FORMAT_VERSION,
         "potq_version": __version__,
@@ -98,10 +98,21 @@ def _manifest(model: nn.Module, source: dict, aliases: dict[str, str]) -> dict[s
     }
 
 
-def _layer_entry(layer: QuantLinear) -> dict[str, Any]:
-    return {"in_features": layer.in_features, "out_features": layer.out_features,
-            "format": layer.fmt.name, "bits": layer.fmt.bits, "group_size": layer.group_size,
-            "bias": layer.bias is not None}
+def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """One entry per packed layer; a layer sharing another's codes (a tied head) names it."""
+    owners: dict[int, str] = {}
+    entries = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, PackedWeight):
+            continue
+        entry = {"kind": layer.kind, "in_features": layer.in_features, "out_features": layer.out_features,
+                 "format": layer.fmt.name, "bits": layer.fmt.bits, "group_size": layer.group_size,
+                 "bias": getattr(layer, "bias", None) is not None}
+        owner = owners.setdefault(id(layer.codes), name)
+        if owner != name:
+            entry["shares"] = owner
+        entries[name] = entry
+    return entries
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -149,10 +160,12 @@ def expected_layer_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[
     """Shapes and dtypes the file must hold for one quantized layer of ``potq.json``."""
     fmt = get_format(entry["format"], entry["bits"])
     rows, cols, group = entry["out_features"], entry["in_features"], entry["group_size"]
-    expected = {f"{name}.codes": ((rows, packed_row_bytes(cols, fmt.bits)), "U8"),
-                f"{name}.scales": ((rows, num_groups(cols, group)), "F16")}
-    if fmt.has_zero:
-        expected[f"{name}.zeros"] = ((rows, num_groups(cols, group)), "U8")
+    expected = {}
+    if not entry.get("shares"):  # a tied head's codes are its table's
+        expected[f"{name}.codes"] = ((rows, packed_row_bytes(cols, fmt.bits)), "U8")
+        expected[f"{name}.scales"] = ((rows, num_groups(cols, group)), "F16")
+        if fmt.has_zero:
+            expected[f"{name}.zeros"] = ((rows, num_groups(cols, group)), "U8")
     if entry.get("bias"):
         expected[f"{name}.bias"] = ((rows,), "F32")
     return expected
@@ -170,21 +183,30 @@ def load(path: str | os.PathLike) -> LoadedModel:
                     raise PotqError(f"{folder / WEIGHTS_FILE}: tensor {key} is {header.get(key)}, "
                                     f"expected {want}: the file is corrupt, quantize the model again")
         model = build_model(manifest["architecture"])
-    except (KeyError, TypeError) as exc:
-        raise PotqError(f"{folder / MANIFEST_FILE} is incomplete (missing {exc}): quantize again") from None
-    for name, entry in manifest["quantized_layers"].items():
-        fmt = get_format(entry["format"], entry["bits"])
-        model.set_submodule(name, QuantLinear(entry["in_features"], entry["out_features"], fmt,
-                                               entry["group_size"], bias=entry["bias"]))
+        for name, entry in manifest["quantized_layers"].items():
+            model.set_submodule(name, _packed_layer(entry))
+        for name, entry in manifest["quantized_layers"].items():
+            if entry.get("shares"):
+                model.get_submodule(name).share_from(model.get_submodule(entry["shares"]))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise PotqError(f"{folder / MANIFEST_FILE} is incomplete or malformed ({exc}): quantize again") from None
     _check_against_model(model, header, manifest.get("aliases", {}), folder)
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(state, strict=False)
     model.eval()
-    model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "method",
+    model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "options", "method",
                                                      "method_settings", "calibration")}
     source = {**manifest.get("source", {}), "quantized": str(folder.resolve())}
     return LoadedModel(model, Tokenizer.load(folder), source)
+
+
+def _packed_layer(entry: dict[str, Any]) -> PackedWeight:
+    """An empty packed layer of the kind and shape a ``quantized_layers`` entry describes."""
+    fmt = get_format(entry["format"], entry["bits"])
+    if entry.get("kind", "linear") == "embedding":
+        return QuantEmbedding(entry["in_features"], entry["out_features"], fmt, entry["group_size"])
+    return QuantLinear(entry["in_features"], entry["out_features"], fmt, entry["group_size"], bias=entry["bias"])
 
 
 def _check_against_model(model: nn.Module, header: dict, aliases: dict[str, str], folder: Path) -> None:
@@ -198,8 +220,3 @@ def _check_against_model(model: nn.Module, header: dict, aliases: dict[str, str]
         if tuple(expected[key].shape) != shape:
             raise PotqError(f"{folder / WEIGHTS_FILE}: tensor {key} has shape {shape}, the model "
                             f"expects {tuple(expected[key].shape)}: quantize the model again")
-
-
-def load_any(spec: str | os.PathLike) -> LoadedModel:
-    """A potq folder (quantized or float, as saved) or any model ``potq.load_model`` reads."""
-    return load(spec) if is_potq_folder(spec) else load_model(str(spec))

@@ -24,3 +24,21 @@ def story_text() -> str:
     from potq.eval import eval_text
 
     return eval_text("tinystories")[:20000]
+
+
+@pytest.fixture(scope="session")
+def char_trained(tmp_path_factory):
+    """The seed's char nanoGPT after a short run (200 steps) on tiny Shakespeare, and its result."""
+    from potq.train.char import train_char
+    from potq.train.loop import TrainSettings
+
+    out = tmp_path_factory.mktemp("char") / "nanogpt"
+    settings = TrainSettings(steps=200, eval_every=100, eval_batches=4)
+    return train_char(output=out, settings=settings, progress=False)
+
+
+@pytest.fixture
+def char_model(char_trained) -> potq.LoadedModel:
+    """A fresh copy of the trained char model each test may quantize in place."""
+    lm, _ = char_trained
+    return potq.LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.source)

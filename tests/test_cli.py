@@ -152,7 +152,7 @@ def test_installed_entry_point_prints_no_traceback(tmp_path):
     proc = subprocess.run([*exe.split(), "quantize", "stories260k", "--bits", "12", "-o", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["potq: error: bits must be an integer from 2 to 8, got 12"]
+    assert proc.stderr.strip().splitlines() == ["potq: error: pot bits must be an integer from 2 to 8, got 12"]
 
 
 def test_smollm2_3bit_g128_costs_about_3_125_bits(capsys, tmp_path):

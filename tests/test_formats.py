@@ -61,6 +61,10 @@ def test_uniform_sym3_by_hand():
 def test_every_code_is_a_grid_level(name, bits):
     torch.manual_seed(bits)
     w = torch.randn(16, 100) * torch.rand(16, 1)
+    if bits < FORMATS[name].min_bits:
+        with pytest.raises(PotqError, match=f"{name} bits must be an integer from {bits + 1}"):
+            get_format(name, bits)
+        return
     fmt = get_format(name, bits)
     qw = quantize_weight(w, fmt, 32)
     assert int(qw.codes.max()) < 2**bits
@@ -151,6 +155,24 @@ def test_bad_bits_give_one_line_error(bad):
     with pytest.raises(PotqError, match="bits must be an integer from 2 to 8") as e:
         PoTConfig(bits=bad)
     assert "\n" not in str(e.value)
+
+
+def test_pot_seed_is_the_seed_definition():
+    """y = sign·s·2^clip(round(log2(|x|/s + ε)), -E, E) with s = max|w|/2^E, exact zeros kept,
+    and ε only moving weights far below s (the seed's "ε sets the resolution near zero")."""
+    w = torch.tensor([[1.0, 0.5, 0.3, -0.26, 0.0, 1e-3, -1e-6, 0.7]])
+    fmt = get_format("pot-seed", 5)  # the seed's 4-bit grid: exponents [-7, 7]
+    assert fmt.half_range == 7
+    qw = quantize_weight(w, fmt, -1)
+    s = 1.0 / 2**7
+    expected = [math.copysign(1.0, x) * s * 2 ** min(7, max(-7, round(math.log2(abs(x) / s + 1e-8)))) if x else 0.0
+                for x in w[0].tolist()]
+    assert qw.dequantize()[0].tolist() == pytest.approx(expected, rel=1e-6)
+    coarse = fake_quantize(w, get_format("pot-seed", 5, epsilon=1.0), -1, qw.qparams())
+    assert coarse[0, 5] == pytest.approx(s)  # |x|/s + 1 rounds to 2^0: ε swamps the small weight
+    assert coarse[0, 4] == 0.0 and coarse[0, :4].tolist() == qw.dequantize()[0, :4].tolist()
+    with pytest.raises(PotqError, match="format 'pot' has no option epsilon"):
+        get_format("pot", 4, epsilon=0.1)
 
 
 def test_bad_format_and_group_size():

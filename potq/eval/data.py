@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # the evaluation code only needs encode/decode, not the model
 DATASETS = ("wikitext2", "ptb", "c4", "shakespeare", "tinystories")
 
 C4_FILE = "data/c4_validation_2k.jsonl"
+SHAKESPEARE_FILE = "data/tinyshakespeare_input.txt"
 C4_CALIBRATION_DOCS = 1000
 # GPTQ scores C4 on the first 256 windows of its joined validation text only (max_tokens = 256*ctx).
 WINDOW_CAP: dict[str, int] = {"c4": 256}
@@ -69,14 +71,24 @@ def _c4() -> str:
     return " ".join(_c4_documents()[C4_CALIBRATION_DOCS:])
 
 
-def _shakespeare() -> str:
-    """The last 10 % of the characters of tiny Shakespeare.
+def split_text(text: str) -> dict[str, str]:
+    """The 80/10/10 character split of a training text: ``train``, ``val``, ``test``.
 
-    That is the test part of an 80/10/10 split, and equally the validation part of nanoGPT's
-    90/10 split (``data[int(n * 0.9):]``), so a char-level nanoGPT trained on either never saw it.
+    The test part is the last 10 %, which is also the validation part of nanoGPT's 90/10 split
+    (``data[int(n * 0.9):]``), so a char nanoGPT trained by either recipe never saw it.
     """
-    text = shared_file("data/tinyshakespeare_input.txt").read_text(encoding="utf-8")
-    return text[int(len(text) * 0.9):]
+    n = len(text)
+    return {"train": text[:int(n * 0.8)], "val": text[int(n * 0.8):int(n * 0.9)], "test": text[int(n * 0.9):]}
+
+
+def shakespeare_text() -> str:
+    """Tiny Shakespeare, whole (the char nanoGPT's training text)."""
+    return shared_file(SHAKESPEARE_FILE).read_text(encoding="utf-8")
+
+
+def _shakespeare() -> str:
+    """The test part of tiny Shakespeare (:func:`split_text`)."""
+    return split_text(shakespeare_text())["test"]
 
 
 def _tinystories() -> str:
@@ -104,6 +116,28 @@ def eval_text(name: str) -> str:
 def calibration_texts() -> list[str]:
     """The calibration half of C4 (documents 0..999); never overlaps ``eval_text("c4")``."""
     return list(_c4_documents()[:C4_CALIBRATION_DOCS])
+
+
+def home_dataset(source: dict) -> str:
+    """The evaluation set a model is scored on by default: a char model trained here on
+    tiny Shakespeare is scored on its held-out split, every other model on WikiText-2."""
+    return "shakespeare" if source.get("loader") == "potq train-char" else "wikitext2"
+
+
+def training_batch(tokenizer: Tokenizer, source: dict, n: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """Windows a model may learn or calibrate from, never evaluation text: for a char model
+    trained here (``source["loader"] == "potq train-char"``) the train split of its own text,
+    for every other model the calibration half of C4 (:func:`calibration_batch`)."""
+    if source.get("loader") != "potq train-char":
+        return calibration_batch(tokenizer, n, seqlen, seed)
+    path = Path(source.get("path", ""))
+    if not path.is_file():
+        raise PotqError(f"the char model's training text {path} is missing: put it back or retrain the model")
+    ids = tokenizer.encode(split_text(path.read_text(encoding="utf-8"))["train"], bos=False)
+    if len(ids) <= seqlen:
+        raise PotqError(f"the training text has fewer than {seqlen} tokens: lower the sequence length")
+    rng = random.Random(seed)
+    return torch.tensor([ids[s:s + seqlen] for s in (rng.randrange(len(ids) - seqlen) for _ in range(n))])
 
 
 def calibration_batch(tokenizer: Tokenizer, n: int, seqlen: int, seed: int) -> torch.LongTensor:

@@ -64,10 +64,11 @@ class Format(ABC):
 
     name: ClassVar[str]
     has_zero: ClassVar[bool] = False  # stores an integer zero point per group (uint8)
+    min_bits: ClassVar[int] = MIN_BITS
 
     def __init__(self, bits: int) -> None:
-        if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            raise PotqError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        if not isinstance(bits, int) or not self.min_bits <= bits <= MAX_BITS:
+            raise PotqError(f"{self.name} bits must be an integer from {self.min_bits} to {MAX_BITS}, got {bits!r}")
         self.bits = bits
 
     def __repr__(self) -> str:
@@ -103,6 +104,10 @@ class Format(ABC):
         """Unpack codes into ``(index, sign)`` as float tensors for :meth:`value_of`."""
 
     # --- shared behaviour ----------------------------------------------------------------
+    def sign(self, w: Tensor) -> Tensor:
+        """The sign each weight is coded with (:func:`sign_of`; a format with a signed zero overrides)."""
+        return sign_of(w)
+
     def store_scale(self, scale: Tensor) -> Tensor:
         """The scale as written to disk: fp16, kept inside fp16's finite positive range."""
         return scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16)
@@ -118,7 +123,7 @@ class Format(ABC):
     def encode(self, wg: Tensor, qp: QParams) -> Tensor:
         """Codes (uint8) of grouped weights ``[rows, groups, G]``."""
         index = self.exponent_or_level(wg, _expand(qp), torch.round)
-        return self.to_code(index, sign_of(wg), _expand(qp)).to(torch.uint8)
+        return self.to_code(index, self.sign(wg), _expand(qp)).to(torch.uint8)
 
     def decode(self, codes: Tensor, qp: QParams) -> Tensor:
         """Float32 weights ``[rows, groups, G]`` of codes."""
@@ -134,7 +139,7 @@ class Format(ABC):
         constant, so only the scale receives a gradient.
         """
         qpe = _expand(qp)
-        sign = sign_of(wg)
+        sign = self.sign(wg)
         index = self.exponent_or_level(wg, qpe, ROUNDINGS[grad])
         return self.value_of(index, sign, qpe)
 

@@ -38,8 +38,16 @@ class LoadedModel:
 
 
 def load_model(spec: str) -> LoadedModel:
-    """The model named by ``spec`` (a short name or a path), in float32 and eval mode."""
+    """The model named by ``spec`` (a short name or a path), in float32 and eval mode.
+
+    A short name of a model potq trained (``nanogpt-shakespeare``) or a path to any potq folder
+    is read by :func:`potq.storage.load`, so every command takes it like a source model.
+    """
     name, path = resolve(spec)
+    from potq.storage import is_potq_folder, load  # storage builds on this module: import on use
+
+    if is_potq_folder(path):
+        return load(path)
     kind = _loader_kind(path)
     model, tokenizer = LOADERS[kind](path)
     files = hf.weight_files(path) if path.is_dir() else [path]

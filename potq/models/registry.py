@@ -1,8 +1,9 @@
-"""Short names for the models in the shared folder.
+"""Short names for models: the ones in the shared folder and the ones potq trains itself.
 
-Tests, the CLI and reports name models by a short, stable word instead of a long path, and the
-path stays relative to the shared folder so a checkout works wherever that folder lives. Adding a
-model is one line in :data:`SHORT_NAMES`.
+Tests, the CLI and reports name models by a short, stable word instead of a long path. A shared
+model's path stays relative to the shared folder, so a checkout works wherever that folder lives;
+a trained model lives under ``$POTQ_HOME`` once the command that makes it has run. Adding a model
+is one line in :data:`SHORT_NAMES` or :data:`TRAINED_NAMES`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from potq.errors import PotqError
-from potq.paths import shared_file
+from potq.paths import shared_file, trained_model_dir
 
 SHORT_NAMES: dict[str, str] = {
     "smollm2-135m": "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
     "stories260k": "models/stories260K/stories260K.gguf",
+}
+# short name -> the command that trains it into trained_model_dir(name)
+TRAINED_NAMES: dict[str, str] = {
+    "nanogpt-shakespeare": "potq train-char",
 }
 
 
@@ -22,8 +27,13 @@ def resolve(spec: str) -> tuple[str | None, Path]:
     """``(short name or None, existing path)`` for a short name or a path to a model file/folder."""
     if spec in SHORT_NAMES:
         return spec, shared_file(SHORT_NAMES[spec])
+    if spec in TRAINED_NAMES:
+        folder = trained_model_dir(spec)
+        if not folder.is_dir():
+            raise PotqError(f"{spec} is not trained yet ({folder} is missing): run `{TRAINED_NAMES[spec]}` first")
+        return spec, folder
     path = Path(spec).expanduser()
     if not path.exists():
-        names = ", ".join(SHORT_NAMES)
+        names = ", ".join([*SHORT_NAMES, *TRAINED_NAMES])
         raise PotqError(f"{spec}: no such file or folder; give a model path or one of the short names {names}")
     return None, path.resolve()

@@ -1,3 +1,3 @@
-from potq.nn.quant_linear import QuantLinear
+from potq.nn.packed import PackedWeight, QuantEmbedding, QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["PackedWeight", "QuantEmbedding", "QuantLinear"]

@@ -1,0 +1,1 @@
+"""Training: one loop (:mod:`potq.train.loop`) shared by the char nanoGPT and QAT."""
