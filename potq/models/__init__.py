@@ -1,7 +1,7 @@
 """Loading models into one shape: a float32, eval-mode transformers causal LM plus a Tokenizer.
 
 ``load_model`` takes a short name (see :data:`SHORT_NAMES`) or a path: a ``.gguf`` file, a
-llama2.c ``.bin`` checkpoint, or a Hugging Face folder (``config.json`` + safetensors). Whatever the
+llama2.c or llm.c ``.bin`` checkpoint, or a Hugging Face folder (``config.json`` + safetensors). Whatever the
 source, quantization and evaluation see a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``, and
 ``architecture``/``build_model`` let a saved quantized model be rebuilt without the source file.
 """
@@ -17,14 +17,14 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from potq.errors import PotqError
-from potq.models import gguf, hf, llama2c
+from potq.models import gguf, hf, llama2c, llmc
 from potq.models.registry import SHORT_NAMES, resolve
 from potq.models.tokenizer import Tokenizer
 
 __all__ = ["SHORT_NAMES", "LoadedModel", "architecture", "build_model", "load_model", "transformer_blocks"]
 
 LOADERS: dict[str, Callable[[Path], tuple[PreTrainedModel, Tokenizer]]] = {
-    "gguf": gguf.load, "llama2c": llama2c.load, "hf": hf.load,
+    "gguf": gguf.load, "llama2c": llama2c.load, "llmc": llmc.load, "hf": hf.load,
 }
 
 
@@ -93,8 +93,10 @@ def _loader_kind(path: Path) -> str:
         return "hf"
     kinds = {".gguf": "gguf", ".bin": "llama2c"}
     if path.suffix.lower() not in kinds:
-        raise PotqError(f"{path}: unknown model file type; give a .gguf file, a llama2.c .bin checkpoint "
-                        "or a Hugging Face model folder")
+        raise PotqError(f"{path}: unknown model file type; give a .gguf file, a llama2.c or llm.c .bin "
+                        "checkpoint or a Hugging Face model folder")
+    if kinds[path.suffix.lower()] == "llama2c" and llmc.is_llmc(path):
+        return "llmc"
     return kinds[path.suffix.lower()]
 
 

@@ -104,12 +104,17 @@ def _config(folder: Path) -> PretrainedConfig:
 
 
 def _tokenizer(folder: Path, config: PretrainedConfig) -> Tokenizer:
-    """The folder's ``tokenizer.json`` with BOS/EOS from the config.
+    """The folder's ``tokenizer.json`` with BOS/EOS from the config (a GPT-2 folder without one
+    gets GPT-2's BPE from the shared folder).
 
     Whether BOS starts a text is read off the tokenizer's own post-processor (what
     ``add_special_tokens=True`` would add), because that is where HF folders record the habit.
     """
     path = folder / TOKENIZER_FILE
+    if config.model_type == "gpt2" and not path.is_file():  # GPT-2 folders often ship only vocab files
+        from potq.models.gpt2_bpe import gpt2_tokenizer
+
+        return gpt2_tokenizer()
     try:
         backend = BackendTokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for missing or malformed files
