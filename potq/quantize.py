@@ -16,7 +16,8 @@ from torch import nn
 
 from potq.config import QuantConfig
 from potq.errors import PotqError
-from potq.eval.data import calibration_batch
+from potq.eval.data import training_batch
+from potq.eval.perplexity import max_positions
 from potq.methods import get_method
 from potq.models import LoadedModel, transformer_blocks
 from potq.formats.weights import quantize_weight
@@ -74,7 +75,8 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     ``settings`` go to the method (e.g. ``progress=False``, ``epochs=10``); the JSON-able ones are
     recorded in ``model.potq_meta`` and from there in ``potq.json``. Methods that need data get
     ``calib_samples`` sequences of ``calib_len`` tokens drawn with ``seed`` from the calibration
-    half of C4 (never evaluation text) unless ``calibration=ids`` is given; 32×512 is the fast
+    half of C4 (a char model trained here: the train split of its text; never evaluation text)
+    unless ``calibration=ids`` is given; 32×512 is the fast
     default on 2-core CPUs (the thesis uses 128×2048).
     """
     module, tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
@@ -91,9 +93,15 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     if chosen.needs_calibration(settings) and "calibration" not in settings:
         if tokenizer is None:
             raise PotqError(f"method {method!r} needs calibration data: pass a LoadedModel or calibration=ids")
-        calibration_info = {"data": "c4 calibration half (c4_validation_2k.jsonl documents 0-999)",
-                            "samples": calib_samples, "seqlen": calib_len, "seed": seed}
-        settings["calibration"] = calibration_batch(tokenizer, calib_samples, calib_len, seed)
+        source = model.source if isinstance(model, LoadedModel) else {}
+        limit = max_positions(module)
+        if limit is not None and calib_len > limit:
+            raise PotqError(f"calibration sequences of {calib_len} tokens exceed the model's {limit} positions: "
+                            f"pass --calib-len {limit} or less")
+        data = ("the train split of its own text" if source.get("loader") == "potq train-char"
+                else "c4 calibration half (c4_validation_2k.jsonl documents 0-999)")
+        calibration_info = {"data": data, "samples": calib_samples, "seqlen": calib_len, "seed": seed}
+        settings["calibration"] = training_batch(tokenizer, source, calib_samples, calib_len, seed)
     quantized = chosen.run(module, layers, config, **settings)
     for name, qw in quantized.items():
         module.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
