@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
+def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
+    """The format flags, and (``method``) the method choice with every method's settings."""
     from potq.methods import METHODS
 
     p.add_argument("--format", default="pot", choices=sorted(FORMATS),
@@ -36,14 +37,17 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
     p.add_argument("--group-size", type=int, default=128,
                    help="input elements per scale (default 128; -1 per channel, 0 per tensor)")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize the embedding tables (token, position, a tied output head), round-to-nearest")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="pot-seed only: the epsilon in log2(|w|/s + epsilon) (default 1e-8)")
+    if not method:
+        return
     p.add_argument("--method", default="rtn", choices=sorted(METHODS),
                    help="rtn: round to nearest; grid: Step 1 scale search; twostep: Step 1 + block-wise "
                         "fine-tuning (Step 2); finetune: Step 2 from naive scales; gptq; awq; "
-                        "omniquant: learnable weight clipping (all work with every format)")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help="pot-seed only: the epsilon in log2(|w|/s + epsilon) (default 1e-8)")
-    p.add_argument("--quantize-embeddings", action="store_true",
-                   help="also quantize the embedding tables (token, position, a tied output head), round-to-nearest")
+                        "omniquant: learnable weight clipping; qat: quantization-aware training (see `potq qat`) "
+                        "(all work with every format)")
     p.add_argument("--objective", choices=("mse", "act"), default=None,
                    help="Step 1 error (grid, twostep): mse = plain weight error (default, the thesis'); "
                         "act = weighted per input column by the calibration E[x²]")
@@ -103,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="a potq folder written by `potq quantize`")
     p.add_argument("--json", type=Path, default=None, help="also write the summary to this JSON file")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("qat", help="quantization-aware training: fine-tune through the quantized weights, "
+                                    "save packed like `potq quantize`")
+    p.add_argument("model", help=model_help)
+    _add_quant_args(p, method=False)
+    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    p.add_argument("--scales", choices=("learned", "frozen"), default="learned",
+                   help="group scales from Step 1's grid search, then learned (LSQ-like) or frozen")
+    p.add_argument("--calib-samples", type=int, default=512,
+                   help="training windows drawn from the model's training text (default 512; 10%% held out)")
+    p.add_argument("--calib-len", type=int, default=None,
+                   help="tokens per window (default 256, or the model's context when shorter)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", type=Path, default=None, help="write the settings, wall time and loss history here")
+    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    p.set_defaults(func=cmd_qat, method="qat")
 
     p = sub.add_parser("pt2e", help="quantize through PyTorch 2 export (PT2E): export, prepare, calibrate, "
                                      "convert; print the quantized graph and the loss")
@@ -172,9 +194,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     lm = potq.load_model(args.model)
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "grad", "objective", "damp",
-                                               "act_order", "clip") if getattr(args, k) is not None}
+                                               "act_order", "clip", "steps", "batch_size", "scales")
+                if getattr(args, k, None) is not None}
+    if args.method == "qat":  # a checkpoint beside the output lets an interrupted run resume
+        settings["state_dir"] = str(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"))
     if METHODS[args.method].needs_calibration(settings):
-        settings.update(calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed)
+        from potq.eval.perplexity import max_positions
+
+        calib_len = args.calib_len or min(256, max_positions(lm.model) or 256)
+        settings.update(calib_samples=args.calib_samples, calib_len=calib_len, seed=args.seed)
     potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output)
@@ -233,6 +261,13 @@ def cmd_info(args: argparse.Namespace) -> None:
               f"{c.bits_per_weight:>7.3f} {c.stored_bytes:>9,}")
     if args.json:
         _write_json(args.json, s)
+
+
+def cmd_qat(args: argparse.Namespace) -> None:
+    import shutil
+
+    cmd_quantize(args)
+    shutil.rmtree(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"), ignore_errors=True)
 
 
 def cmd_pt2e(args: argparse.Namespace) -> None:

@@ -116,7 +116,7 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     return module
 
 
-_UI_SETTINGS = {"progress"}  # how a run looks, not what it computes: not recorded
+_UI_SETTINGS = {"progress", "state_dir"}  # how a run looks or where it keeps a checkpoint: not recorded
 _INPUTS = ("model", "layers", "config")  # what every method is given, not a setting
 
 

@@ -17,8 +17,9 @@ from torch import nn
 def build_report(model: nn.Module, source: str, seconds: float) -> dict[str, Any]:
     """Everything ``quantize_`` recorded on ``model``, plus the wall time of the whole run."""
     meta = getattr(model, "potq_meta", {})
-    blocks = getattr(model, "potq_report", {}).get("blocks")
-    return {"model": source, **meta, "wall_seconds": seconds, "blocks": blocks}
+    report = getattr(model, "potq_report", {})
+    return {"model": source, **meta, "wall_seconds": seconds, "blocks": report.get("blocks"),
+            "training": report.get("training")}
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -42,6 +43,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         total = sum(b["seconds"] for b in blocks)
         lines += ["", f"Block-wise time: {total:.1f} s over {len(blocks)} blocks "
                       f"({total / len(blocks):.1f} s per block)."]
+    training = report.get("training")
+    if training:
+        lines += ["Loss estimates (training windows / held-out calibration windows):", "",
+                  "| step | train | val |", "| ---: | ---: | ---: |"]
+        lines += [f"| {h['step']} | {h['train']:.4f} | {h['val']:.4f} |" for h in training["history"]]
+        lines += ["", f"Training: {training['tokens']:,} tokens in {training['seconds']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 

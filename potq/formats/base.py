@@ -23,7 +23,7 @@ from potq.errors import PotqError
 
 MIN_BITS, MAX_BITS = 2, 8
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0  # smallest positive subnormal and largest finite fp16
-Grad = Literal["none", "ste", "detach"]
+Grad = Literal["none", "ste", "detach", "lsq"]
 Rounding = Callable[[Tensor], Tensor]
 
 
@@ -136,11 +136,16 @@ class Format(ABC):
 
         ``grad="none"`` plain rounding (equals ``decode(encode(wg))``); ``"ste"`` passes the
         rounding straight through (thesis eq. 3.16); ``"detach"`` holds the rounded index
-        constant, so only the scale receives a gradient.
+        constant, so only the scale receives a gradient; ``"lsq"`` (QAT with learned scales) gives
+        the weights the straight-through gradient and the scale the held-index one, by reading
+        the index off a detached scale.
         """
         qpe = _expand(qp)
         sign = self.sign(wg)
-        index = self.exponent_or_level(wg, qpe, ROUNDINGS[grad])
+        if grad == "lsq":
+            index = self.exponent_or_level(wg, qpe.map(Tensor.detach), round_ste)
+        else:
+            index = self.exponent_or_level(wg, qpe, ROUNDINGS[grad])
         return self.value_of(index, sign, qpe)
 
     def levels(self, qp: QParams) -> Tensor:

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any, Callable, NamedTuple
 
 from potq.errors import PotqError
-from potq.methods import awq, gptq, grid, omniquant, rtn, twostep
+from potq.methods import awq, gptq, grid, omniquant, qat, rtn, twostep
 
 
 def _never(_settings: dict[str, Any]) -> bool:
@@ -35,6 +35,7 @@ METHODS: dict[str, Method] = {
     "gptq": Method(gptq.quantize, _always),
     "awq": Method(awq.quantize, _always),
     "omniquant": Method(omniquant.quantize, _always),  # learnable weight clipping (LWC)
+    "qat": Method(qat.quantize, _always),  # quantization-aware training on the calibration text
 }
 
 

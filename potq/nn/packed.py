@@ -72,7 +72,8 @@ class PackedWeight(nn.Module):
     def weight_for_forward(self) -> Tensor:
         if not self.cache_weight:
             return self.dequantize()
-        if self._weight is None:
+        stale = self._weight is None or (self._weight.is_inference() and not torch.is_inference_mode_enabled())
+        if stale:  # a copy made under inference_mode cannot enter a graph autograd records
             self._weight = self.dequantize()
         return self._weight
 

@@ -108,6 +108,7 @@ def train(model: nn.Module, batch: Batch, settings: TrainSettings, state_dir: Pa
     The loss is estimated at step 0, every ``eval_every`` steps and at the end; the checkpoint is
     rewritten at most every ``checkpoint_seconds`` (so an interruption loses at most that much).
     """
+    _as_normal_tensors(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = _adamw(params, settings)
     result = TrainResult(settings)
@@ -145,6 +146,15 @@ def train(model: nn.Module, batch: Batch, settings: TrainSettings, state_dir: Pa
         _save_state(state_dir, settings.steps, params, optimizer, result, 0.0, 0)
     model.eval()
     return result
+
+
+def _as_normal_tensors(model: nn.Module) -> None:
+    """Tensors made under ``torch.inference_mode`` (e.g. by an earlier ``generate``) cannot enter
+    autograd; give any such parameter or buffer an ordinary copy before training."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_inference():
+                t.data = t.data.clone()
 
 
 def _logged(result: TrainResult, step: int) -> bool:
