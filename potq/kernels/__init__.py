@@ -1,0 +1,1 @@
+"""Kernels: exponent-add PoT dequantization, and (later) fused packed GEMV."""
