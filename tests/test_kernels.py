@@ -45,3 +45,22 @@ def test_uniform_baseline_and_bad_input():
         pot_dequantize(qw.codes, qw.scale, fmt, 32)
     with pytest.raises(PotqError, match="float32, float16 or bfloat16"):
         pot_dequantize(qw.codes, qw.scale, get_format("pot", 3), 32, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["pot", "pot-zero"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+@pytest.mark.parametrize("group, in_features", [(128, 576), (32, 100), (-1, 96), (64, 1536), (16, 40)])
+def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features):
+    from potq.kernels.fused import ISAS, best_isa, pot_gemv, reference_gemv
+    from potq.nn import QuantLinear
+
+    if best_isa() == "none":
+        pytest.skip("no C++ compiler: the fused kernel is not built here")
+    torch.manual_seed(bits)
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(37, in_features), get_format(name, bits), group),
+                                       torch.randn(37))
+    for batch in (1, 3, 11):  # 11 > the kernel's 8 rows per pass
+        x = torch.randn(batch, in_features)
+        reference = reference_gemv(x, layer)
+        for isa in ISAS[best_isa()]:
+            assert torch.allclose(pot_gemv(x, layer, isa), reference, rtol=1e-5, atol=1e-4), isa
