@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import potq
+import result_store
 from potq.eval import generate, perplexity
 from potq.eval.data import home_dataset
 from potq.eval.perplexity import max_positions
@@ -80,7 +78,7 @@ def measure(lm, row: str, bits: int, args, prompts, reference) -> dict:
 def run(args) -> None:
     name = Path(args.model).name
     store_path = RESULTS / f"qat-{name}.json"
-    store = json.loads(store_path.read_text()) if store_path.exists() else {"runs": {}}
+    store = result_store.load(store_path)
     lm = potq.load_model(args.model)
     args.dataset = args.dataset or home_dataset(lm.source)
     args.ctx = args.ctx or min(2048, max_positions(lm.model) or 2048)
@@ -103,11 +101,9 @@ def run(args) -> None:
             print(f"{name} {key} ...", flush=True)
             store["runs"][key] = measure(lm, row, bits, args, prompts, reference)
             print(f"  ppl {store['runs'][key]['ppl']:.3f}", flush=True)
-            store.update(command="python " + " ".join(shlex.quote(a) for a in sys.argv), group_size=args.group_size,
-                         torch_threads=torch.get_num_threads(), encoder=ENCODER, prompts=prompts)
-            tmp = store_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(store, indent=1))
-            tmp.replace(store_path)
+            store.update(group_size=args.group_size, torch_threads=torch.get_num_threads(), encoder=ENCODER,
+                         prompts=prompts)
+            result_store.save(store_path, store)
     write_markdown()
 
 
@@ -118,10 +114,9 @@ def write_markdown() -> None:
            "rtn (the PoT-QAT seed's metric). ROUGE-L and BERTScore compare each row's greedy continuations of",
            "the prompts with the float model's. Memory: the packed linear weights incl. scales vs their float32",
            "size (the seed's 87.5 % at 4 bits ignores scales), and the whole file vs the float model.", ""]
-    for path in sorted(RESULTS.glob("qat-*.json")):
-        store = json.loads(path.read_text())
+    for model, store in result_store.stored(RESULTS, "qat"):
         runs, f = store["runs"], store["runs"]["float"]
-        out += [f"## {path.stem.removeprefix('qat-')}", "", f"`{store['command']}`", "",
+        out += [f"## {model}", "", f"`{store['command']}`", "",
                 f"{f['dataset']}, ctx {f['ctx']}, {f['windows']} of {f['total_windows']} windows; group size "
                 f"{store['group_size']}; {store['torch_threads']} threads; BERTScore encoder: {store['encoder']}.", "",
                 "| row | bits/w | CE | ppl | improvement | ROUGE-L | BERTScore F1 | linears saved | file saved | QAT |",
@@ -143,7 +138,7 @@ def write_markdown() -> None:
         for key, r in runs.items():
             out.append(f"- **{key}**: " + (store["prompts"][0] + r["samples"][0]).replace("\n", " ⏎ "))
         out.append("")
-    (RESULTS / "qat.md").write_text("\n".join(out))
+    result_store.write_atomic(RESULTS / "qat.md", "\n".join(out))
     print(f"-> {RESULTS / 'qat.md'}")
 
 

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import potq
+import result_store
 from potq.eval import generate, perplexity
 from potq.eval.data import home_dataset
 from potq.eval.perplexity import max_positions
@@ -87,7 +85,7 @@ def key(row: str, embeddings: bool, epsilon: float | None) -> str:
 
 def run(args) -> None:
     store_path = RESULTS / f"seed-pot-weights-{Path(args.model).name}.json"
-    store = json.loads(store_path.read_text()) if store_path.exists() else {"runs": {}}
+    store = result_store.load(store_path)
     lm = potq.load_model(args.model)
     args.dataset = args.dataset or home_dataset(lm.source)
     args.ctx = args.ctx or min(2048, max_positions(lm.model) or 2048)
@@ -101,13 +99,10 @@ def run(args) -> None:
             continue
         print(f"{args.model} {k} ...", flush=True)
         store["runs"][k] = measure(lm, row, emb, eps, args)
-        store["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
         store["torch_threads"] = torch.get_num_threads()
         store["source"] = {k2: v for k2, v in lm.source.items() if k2 != "training"}
         store["training"] = lm.source.get("training", {}).get("history", [{}])[-1]
-        tmp = store_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        tmp.replace(store_path)
+        result_store.save(store_path, store)
         print(f"  ce {store['runs'][k]['ce']:.4f} ppl {store['runs'][k]['ppl']:.2f}", flush=True)
     write_markdown()
 
@@ -121,10 +116,8 @@ def write_markdown() -> None:
            "cost is S+1 bits (+ one fp16 scale per output row). `w` = linear weights of the blocks,",
            "`w+emb` = also the token/position tables and the tied output head. Activations in float (the",
            "seed's GPT-2 setting). Cross-entropy in nats per token on held-out text never trained on.", ""]
-    for path in sorted(RESULTS.glob("seed-pot-weights-*.json")):
-        store = json.loads(path.read_text())
+    for model, store in result_store.stored(RESULTS, "seed-pot-weights"):
         runs = store["runs"]
-        model = path.stem.removeprefix("seed-pot-weights-")
         any_run = next(iter(runs.values()))
         out += [f"## {model}", "", f"`{store['command']}`", "",
                 f"{any_run['dataset']}, ctx {any_run['ctx']}, {any_run['windows']} of {any_run['total_windows']} "
@@ -152,9 +145,7 @@ def write_markdown() -> None:
                 text = (r["prompt"] + r["sample"]).replace("\n", " ⏎ ")
                 out.append(f"- **{row}**: {text}")
         out.append("")
-    tmp = MD.with_suffix(".tmp")
-    tmp.write_text("\n".join(out))
-    tmp.replace(MD)
+    result_store.write_atomic(MD, "\n".join(out))
     print(f"-> {MD}")
 
 

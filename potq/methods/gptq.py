@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from potq.config import QuantConfig
 from potq.engine.blocks import BlockData, block_linears, commit, input_hessians, run_blockwise
 from potq.errors import PotqError
-from potq.formats import Format, QParams
+from potq.formats import Format
 from potq.formats.grouping import group_width
 from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
 

@@ -1,0 +1,32 @@
+"""What the result scripts share: a JSON store of measurements, written atomically, and the
+command line that made it (recorded next to every table so anyone can re-run it)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def load(path: Path) -> dict:
+    """The store at ``path``, or an empty one (``{"runs": {}}``)."""
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def save(path: Path, store: dict) -> None:
+    """Write the store (temporary file + rename), recording this script's command line."""
+    store["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    write_atomic(path, json.dumps(store, indent=1))
+
+
+def stored(folder: Path, prefix: str):
+    """``(model name, store)`` of every ``PREFIX-MODEL.json`` in ``folder``, by name."""
+    for path in sorted(folder.glob(f"{prefix}-*.json")):
+        yield path.stem.removeprefix(f"{prefix}-"), json.loads(path.read_text())
