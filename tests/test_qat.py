@@ -63,10 +63,15 @@ def test_short_qat_run_lowers_the_loss_of_the_pot_model(stories, story_halves, s
     assert torch.equal(loaded.model(ids).logits, stories.model(ids).logits)
 
 
-def test_qat_on_the_char_model_trains_on_its_own_text(char_model):
+def test_qat_on_the_char_model_trains_on_its_own_text(char_model, tmp_path):
+    """With embeddings, the tables (and the tied head) are packed first and QAT trains around them."""
     potq.quantize_(char_model, potq.QuantConfig("pot", 3, 32), method="qat", steps=3, calib_samples=16,
-                   calib_len=64, batch_size=2, progress=False)
+                   calib_len=64, batch_size=2, embeddings=True, progress=False)
     assert char_model.model.potq_meta["calibration"]["data"] == "the train split of its own text"
+    assert type(char_model.model.transformer.wte).__name__ == "QuantEmbedding"
+    potq.save(char_model, tmp_path / "q")
+    ids = torch.tensor([char_model.tokenizer.encode("ROMEO:", bos=False)])
+    assert torch.equal(potq.load(tmp_path / "q").model(ids).logits, char_model.model(ids).logits)
 
 
 def test_qat_cli_and_bad_input(char_trained, tmp_path, capsys):
