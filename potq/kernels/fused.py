@@ -1,6 +1,6 @@
 """The fused PoT GEMV (``csrc/pot_gemv.cpp``): built once per machine, with a PyTorch fallback.
 
-The C++ source is compiled on first use with ``torch.utils.cpp_extension.load`` into
+The C++ sources are compiled on first use with ``torch.utils.cpp_extension.load`` into
 ``$POTQ_HOME/kernels/<source hash>`` and reused from there. The vector ISA (AVX-512, AVX2, or
 scalar) is chosen at run time from the CPU. When no compiler is available, :func:`extension`
 returns None and callers use :func:`reference_gemv` — dequantize-then-matmul in PyTorch, which
@@ -24,7 +24,8 @@ from potq.formats.grouping import group_width
 from potq.formats.pot import PoT, PoTWithZero
 from potq.paths import home_dir
 
-SOURCE = Path(__file__).parent / "csrc" / "pot_gemv.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("pot_gemv.cpp", "pot_gemv_avx2.cpp", "pot_gemv_avx512.cpp")]
 ISAS = {"avx512": ("avx512", "avx2", "scalar"), "avx2": ("avx2", "scalar"), "scalar": ("scalar",), "none": ()}
 
 
@@ -33,12 +34,13 @@ def extension() -> ModuleType | None:
     """The compiled kernel module, or None (with one warning) when it cannot be built here."""
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    code = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
     build = home_dir() / "kernels" / digest
     build.mkdir(parents=True, exist_ok=True)
     try:
-        return load(name=f"potq_pot_gemv_{digest}", sources=[str(SOURCE)], build_directory=str(build),
-                    extra_cflags=["-O3"], verbose=False)
+        return load(name=f"potq_pot_gemv_{digest}", sources=[str(p) for p in SOURCES], build_directory=str(build),
+                    extra_cflags=["-O3"], extra_include_paths=[str(CSRC)], verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: the PyTorch path still works
         warnings.warn(f"potq: the fused PoT kernel could not be built ({str(exc).splitlines()[0][:120]}); "
                       "using the PyTorch fallback", stacklevel=2)
