@@ -119,8 +119,11 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
         label = float_name if r["row"] == "float" else r["label"]
         ppls = " | ".join(f"{r[d]['ppl']:.2f}" if d in r else "–" for d in datasets)
         size = "–" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f}"
+        shared = "*" if r.get("shared_machine") else ""
         lines.append(f"| {label} | {r['group_size'] or '–'} | {r['bits_per_weight']:.3f} | {ppls} | {size} | "
-                     f"{r['quantize_seconds']:.1f} |")
+                     f"{r['quantize_seconds']:.1f}{shared} |")
+    if any(r.get("shared_machine") for r in results):
+        lines += ["", "\\* quantized while other jobs shared the two cores: that time is not representative."]
     windows = ", ".join(f"{d} {r[d]['windows']} of {r[d]['total_windows']}" for d in datasets
                         for r in results[:1] if d in r)
     return "\n".join([
@@ -174,6 +177,7 @@ def main() -> None:
     results = []
     for spec in args.rows:  # saved after every row, so an interrupted run keeps what it measured
         results.append(run_row(spec, float_lm, args, runs.get(spec, {})))
+        runs = json.loads(store.read_text()) if store.exists() else {}  # what others wrote meanwhile stays
         runs[spec] = results[-1]
         _write(store, json.dumps(runs, indent=1))
         _write(out.with_suffix(".json"), json.dumps({"command": command, "rows": results}, indent=1))
