@@ -113,7 +113,9 @@ def write_markdown() -> None:
            "start); *qat*: `potq qat` with learned scales. Improvement = perplexity drop of QAT relative to",
            "rtn (the PoT-QAT seed's metric). ROUGE-L and BERTScore compare each row's greedy continuations of",
            "the prompts with the float model's. Memory: the packed linear weights incl. scales vs their float32",
-           "size (the seed's 87.5 % at 4 bits ignores scales), and the whole file vs the float model.", ""]
+           "size (the seed's 87.5 % at 4 bits ignores scales), and the whole file vs the float model.", "",
+           "QAT's held-out loss during training (`python benchmarks/training_plots.py`):", "",
+           "![QAT loss](plots/qat-loss.png)", ""]
     for model, store in result_store.stored(RESULTS, "qat"):
         runs, f = store["runs"], store["runs"]["float"]
         out += [f"## {model}", "", f"`{store['command']}`", "",

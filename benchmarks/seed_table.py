@@ -125,7 +125,8 @@ def write_markdown() -> None:
         if store.get("training", {}).get("val"):
             t = store["training"]
             out.append(f"Trained with `potq train-char` to step {t['step']}: train loss {t['train']:.4f}, "
-                       f"val loss {t['val']:.4f} (the seed: ≈1.45 / ≈1.58).")
+                       f"val loss {t['val']:.4f} (the seed: ≈1.45 / ≈1.58); curve: "
+                       "[plots/char-training.png](plots/char-training.png) (`python benchmarks/training_plots.py`).")
         out += ["", "| row | code bits | CE (w) | ppl (w) | CE (w+emb) | ppl (w+emb) |", "|---|---:|---:|---:|---:|---:|"]
         names = dict.fromkeys(k.split("|")[0] for k in runs if "eps=" not in k)
         for row in names:

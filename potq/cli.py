@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="potq", description="Power-of-two quantization of LLMs.")
     parser.add_argument("--version", action="version", version=f"potq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    model_help = "a short name (smollm2-135m, stories260k), a .gguf / llama2.c .bin / HF folder, or a potq folder"
+    model_help = ("a short name (smollm2-135m, stories260k, nanogpt-shakespeare), a .gguf / llama2.c or llm.c .bin / "
+                  "HF folder, or a potq folder")
 
     p = sub.add_parser("quantize", help="quantize a model and save it as a potq folder")
     p.add_argument("model", help=model_help)
