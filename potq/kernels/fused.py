@@ -53,14 +53,15 @@ def best_isa() -> str:
     return ext.best_isa() if ext is not None else "none"
 
 
-def supports(layer) -> bool:  # noqa: ANN001  (a PackedWeight; imported lazily to avoid a cycle)
-    """Whether the fused kernel computes this layer's format (zero-excluded or with-zero PoT)."""
-    return isinstance(layer.fmt, PoT) and extension() is not None
-
-
 def pot_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
-    """``x @ W.T`` for a packed PoT layer, ``x`` of shape ``[..., in]`` (float32), never decoding W."""
+    """``x @ W.T`` for a packed PoT layer, ``x`` of shape ``[..., in]`` (float32), never decoding W.
+
+    Where the kernel cannot run (no compiler here, a non-PoT format) the result comes from
+    :func:`reference_gemv` instead, so callers never need to ask first.
+    """
     ext = extension()
+    if ext is None or not isinstance(layer.fmt, PoT):
+        return reference_gemv(x, layer)
     isa = isa or best_isa()
     if isa not in ISAS[best_isa()]:
         raise PotqError(f"this CPU runs the {', '.join(ISAS[best_isa()])} kernels, not {isa}")
