@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import potq
 from potq.errors import PotqError
 from potq.formats import get_format
 from potq.formats.weights import dequantize, quantize_weight
@@ -47,20 +48,53 @@ def test_uniform_baseline_and_bad_input():
         pot_dequantize(qw.codes, qw.scale, get_format("pot", 3), 32, torch.float64)
 
 
-@pytest.mark.parametrize("name", ["pot", "pot-zero"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 6])
-@pytest.mark.parametrize("group, in_features", [(128, 576), (32, 100), (-1, 96), (64, 1536), (16, 40)])
-def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features):
-    from potq.kernels.fused import ISAS, best_isa, pot_gemv, reference_gemv
-    from potq.nn import QuantLinear
+def _needs_kernel():
+    from potq.kernels.fused import best_isa
 
     if best_isa() == "none":
         pytest.skip("no C++ compiler: the fused kernel is not built here")
+
+
+@pytest.mark.parametrize("name", ["pot", "pot-zero"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+@pytest.mark.parametrize("group, in_features", [(128, 576), (32, 100), (-1, 96), (64, 1536), (16, 40), (12, 60)])
+def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features):
+    from potq.kernels.fused import ISAS, best_isa, packed_dequantize, pot_gemv, reference_gemv
+    from potq.nn import QuantLinear
+
+    _needs_kernel()
     torch.manual_seed(bits)
     layer = QuantLinear.from_quantized(quantize_weight(torch.randn(37, in_features), get_format(name, bits), group),
                                        torch.randn(37))
-    for batch in (1, 3, 11):  # 11 > the kernel's 8 rows per pass
+    layer.scales[0, 0] = 0.0  # a zero scale and an fp16-subnormal one take the exact table path
+    layer.scales[1, -1] = 3e-7
+    for isa in ISAS[best_isa()]:  # the kernel's own exponent add is bit-exact
+        assert torch.equal(packed_dequantize(layer, isa), layer.dequantize()), isa
+    for batch in (1, 3, 11):
         x = torch.randn(batch, in_features)
         reference = reference_gemv(x, layer)
         for isa in ISAS[best_isa()]:
             assert torch.allclose(pot_gemv(x, layer, isa), reference, rtol=1e-5, atol=1e-4), isa
+
+
+def test_packed_layers_keep_no_float_weight(stories):
+    """A PoT model runs from its packed codes: decoding steps through the fused GEMV, a prompt
+    through a per-call weight, embeddings row by row — and none of it leaves a float copy."""
+    from potq.kernels import fused
+    from potq.nn import QuantEmbedding, QuantLinear
+
+    _needs_kernel()
+    potq.quantize_(stories, potq.QuantConfig("pot", 3, 32), method="rtn", embeddings=True, progress=False)
+    packed = [m for m in stories.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    ids = torch.tensor([stories.tokenizer.encode("Once upon a time")])
+    with torch.inference_mode():
+        prompt_logits = stories.model(ids).logits
+        step_logits = stories.model(ids[:, -1:]).logits
+    assert all(m._weight is None for m in packed)
+    fused.set_enabled(False)
+    try:
+        with torch.inference_mode():
+            assert torch.allclose(stories.model(ids).logits, prompt_logits, atol=1e-4)
+            assert torch.allclose(stories.model(ids[:, -1:]).logits, step_logits, atol=1e-4)
+    finally:
+        fused.set_enabled(True)

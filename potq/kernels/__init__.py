@@ -1,1 +1,1 @@
-"""Kernels: exponent-add PoT dequantization, and (later) fused packed GEMV."""
+"""Kernels: exponent-add PoT dequantization (``exponent_add``) and the fused packed GEMV (``fused``)."""

@@ -10,6 +10,8 @@ is also what the tests compare the kernel against.
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +40,9 @@ def extension() -> ModuleType | None:
     digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
     build = home_dir() / "kernels" / digest
     build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        print(f"potq: building the fused PoT kernel once for this machine (about a minute) in {build}",
+              file=sys.stderr, flush=True)
     try:
         return load(name=f"potq_pot_gemv_{digest}", sources=[str(p) for p in SOURCES], build_directory=str(build),
                     extra_cflags=["-O3"], extra_include_paths=[str(CSRC)], verbose=False)
@@ -47,32 +52,66 @@ def extension() -> ModuleType | None:
         return None
 
 
+_enabled = os.environ.get("POTQ_FUSED", "1") != "0"
+
+
+def set_enabled(flag: bool) -> None:
+    """Use the fused kernel for packed PoT layers (the default) or the pure-PyTorch path
+    (``potq generate --kernel torch``; the environment variable ``POTQ_FUSED=0`` does the same)."""
+    global _enabled
+    _enabled = flag
+
+
 @lru_cache(maxsize=1)
 def best_isa() -> str:
     ext = extension()
     return ext.best_isa() if ext is not None else "none"
 
 
+def serves(layer) -> bool:  # noqa: ANN001
+    """Whether the fused kernel computes this packed layer: a PoT format of 2–4 bits on the CPU,
+    with the kernel built here (wider codes would take its slow scalar path: not worth it)."""
+    return (_enabled and isinstance(layer.fmt, PoT) and layer.fmt.bits <= 4 and layer.codes.device.type == "cpu"
+            and extension() is not None)
+
+
+def _grid(layer) -> tuple[int, int, int, bool]:  # noqa: ANN001
+    """The kernel's description of ``layer``'s codes: bits, group width, K, whether field 0 is zero."""
+    fmt = layer.fmt
+    return fmt.bits, group_width(layer.in_features, layer.group_size), fmt.top_exponent, isinstance(fmt, PoTWithZero)
+
+
+def _isa(isa: str | None) -> str:
+    if isa is None:
+        return best_isa()
+    if isa not in ISAS[best_isa()]:
+        raise PotqError(f"this CPU runs the {', '.join(ISAS[best_isa()])} kernels, not {isa}")
+    return isa
+
+
 def pot_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
-    """``x @ W.T`` for a packed PoT layer, ``x`` of shape ``[..., in]`` (float32), never decoding W.
+    """``x @ W.T (+ bias)`` for a packed PoT layer, ``x`` of shape ``[..., in]``, never decoding W;
+    the result in ``x``'s dtype (the kernel itself works in float32).
 
     Where the kernel cannot run (no compiler here, a non-PoT format) the result comes from
     :func:`reference_gemv` instead, so callers never need to ask first.
     """
-    ext = extension()
-    if ext is None or not isinstance(layer.fmt, PoT):
-        return reference_gemv(x, layer)
-    isa = isa or best_isa()
-    if isa not in ISAS[best_isa()]:
-        raise PotqError(f"this CPU runs the {', '.join(ISAS[best_isa()])} kernels, not {isa}")
+    if not serves(layer):
+        return reference_gemv(x, layer).to(x.dtype)
     flat = x.reshape(-1, layer.in_features).float().contiguous()
-    fmt = layer.fmt
-    y = ext.pot_gemv(flat, layer.codes, layer.scales.float().contiguous(), fmt.bits,
-                     group_width(layer.in_features, layer.group_size), fmt.top_exponent,
-                     isinstance(fmt, PoTWithZero), isa)
+    y = extension().pot_gemv(flat, layer.codes, layer.scales.contiguous(), *_grid(layer), _isa(isa))
     if getattr(layer, "bias", None) is not None:
         y = y + layer.bias
-    return y.reshape(*x.shape[:-1], layer.out_features)
+    return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+
+def packed_dequantize(layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
+    """The float32 weight of a packed PoT layer, made by the kernel's exponent add (falls back
+    to the layer's own PyTorch decode where the kernel does not serve it)."""
+    if not serves(layer):
+        return layer.dequantize()
+    return extension().pot_dequantize(layer.codes, layer.scales.contiguous(), layer.in_features, *_grid(layer),
+                                      _isa(isa))
 
 
 def reference_gemv(x: Tensor, layer) -> Tensor:  # noqa: ANN001

@@ -16,6 +16,7 @@ from potq.formats import Format, QParams
 from potq.formats.grouping import num_groups
 from potq.formats.packing import packed_row_bytes, unpack_bits
 from potq.formats.weights import QuantizedWeight, dequantize
+from potq.kernels import fused
 
 
 class PackedWeight(nn.Module):
@@ -91,8 +92,17 @@ class PackedWeight(nn.Module):
                 f"format={self.fmt!r}, group_size={self.group_size}")
 
 
+FUSED_MAX_ROWS = 8  # up to this many activation rows the fused GEMV beats dequantize + matmul
+
+
 class QuantLinear(PackedWeight):
-    """``y = x Wᵀ + b`` with ``W`` decoded from packed codes."""
+    """``y = x Wᵀ + b`` with ``W`` decoded from packed codes.
+
+    A PoT layer the fused kernel serves (:mod:`potq.kernels.fused`: 2–4 bits, CPU) keeps no float
+    weight at all: a few rows of activations (decoding) go through the fused GEMV on the packed
+    codes, larger batches (a prompt, perplexity windows) through a float weight the kernel's
+    exponent add makes for that call only. Other formats decode once and keep the float weight.
+    """
 
     kind = "linear"
 
@@ -111,8 +121,12 @@ class QuantLinear(PackedWeight):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight_for_forward()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not fused.serves(self):
+            return F.linear(x, self.weight_for_forward().to(x.dtype), bias)
+        if x.numel() <= FUSED_MAX_ROWS * self.in_features and not x.requires_grad:
+            return fused.pot_gemv(x, self)
+        return F.linear(x, fused.packed_dequantize(self).to(x.dtype), bias)
 
 
 class QuantEmbedding(PackedWeight):
@@ -133,4 +147,11 @@ class QuantEmbedding(PackedWeight):
         return self.weight_for_forward()
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight_for_forward())
+        """Only the looked-up rows are decoded: the table stays packed."""
+        if self._weight is not None:
+            return F.embedding(ids, self._weight)
+        flat = ids.reshape(-1)
+        zeros = None if self.zeros is None else self.zeros[flat]
+        qw = QuantizedWeight(self.fmt, self.group_size, unpack_bits(self.codes[flat], self.fmt.bits, self.in_features),
+                             self.scales[flat], zeros)
+        return qw.dequantize().reshape(*ids.shape, self.in_features)

@@ -1,15 +1,18 @@
 // Fused PoT matrix-vector product on packed codes: y[b, r] = sum_j x[b, j] * W[r, j].
 //
-// W is never materialised. Each row's codes are read from the packed bit stream (little-endian,
-// code j at bits j*N .. j*N+N-1, potq's storage layout), 8 (AVX2) or 16 (AVX-512) at a time;
-// each weight is built in a register by adding its exponent to the bit pattern of the group's
-// scale and OR-ing in the sign bit (the thesis' exponent-add dequantization, no multiply), then
-// multiplied-accumulated against the activations. Rows are split across threads.
+// W is never materialised. A PoT group has only 2^N distinct weights ±a·2^e, so for each row
+// and group the kernel first builds that group's table in a register by the thesis' exponent
+// add — the code's exponent added to the bit pattern of the fp16 scale (as float32), the sign
+// bit added in, no multiply — and then turns every 16 (AVX-512) or 8 (AVX2) packed codes into
+// weights with one byte shuffle, one variable shift and one register table lookup, multiplied
+// and accumulated against the activations. The codes are read in potq's storage layout (code j
+// of a row at bits j*N .. j*N+N-1, little-endian), so the layer holds exactly what the file
+// holds. Output rows are split across threads.
 //
 // The vector paths (pot_gemv_avx2.cpp, pot_gemv_avx512.cpp, one row loop in pot_gemv_rows.h)
-// handle 2..4-bit codes, whole vectors of each group (a group starts byte-aligned whenever G is
-// a multiple of 8); the rest — wider codes, a group's last < 8 (16) codes, results that would be
-// subnormal — takes the scalar path, which computes exactly what potq's decode computes.
+// take 2..4-bit codes and any group size; groups whose values would be subnormal get their
+// table value by value (exact). Wider codes take the scalar path, which computes exactly what
+// potq's decode computes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,37 +24,65 @@ void rows_scalar(const Args& A, int64_t nb, const float* x, float* y, int64_t r0
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t b = 0; b < nb; ++b)
       y[b * A.out_features + r] = scalar_dot(A.codes + r * L.row_bytes, x + b * L.in_features,
-                                             A.scales + r * A.groups, L, 0, L.in_features);
+                                             A.scales + r * A.groups, L);
 }
 
 std::string best_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return "avx512";
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return "avx512";
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
   return "scalar";
+}
+
+void dequantize_scalar(const Args& A, float* w, int64_t r0, int64_t r1) {
+  const Layout& L = A.layout;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < L.in_features; ++j) {
+      const int64_t bit = j * L.bits;
+      const uint32_t code = (load_word(A.codes + r * L.row_bytes, bit >> 3, L.row_bytes) >> (bit & 7)) & ((1u << L.bits) - 1);
+      w[r * L.in_features + j] = scalar_weight(code, half_to_float(A.scales[r * A.groups + j / L.group]), L);
+    }
+}
+
+// The kernel's view of a packed layer of `in_features` columns, after checking what it is given.
+Args packed_layer(const torch::Tensor& codes, const torch::Tensor& scales, int64_t in_features, int64_t bits,
+                  int64_t group, int64_t top, bool with_zero) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous(), "codes must be contiguous uint8 [out, bytes]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == codes.size(0),
+              "scales must be contiguous float16 [out, groups]");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
+  TORCH_CHECK(codes.size(1) * 8 >= in_features * bits, "codes too short for ", in_features, " columns");
+  TORCH_CHECK(scales.size(1) * group >= in_features, "too few scales for ", in_features, " columns");
+  const uint8_t* code_ptr = codes.data_ptr<uint8_t>();
+  return {{bits, group, top, in_features, codes.size(1), with_zero}, code_ptr, code_ptr + codes.numel(),
+          reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), scales.size(1), codes.size(0)};
 }
 
 torch::Tensor pot_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t bits,
                        int64_t group, int64_t top, bool with_zero, std::string isa) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [B, in]");
-  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes must be contiguous uint8");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous(), "scales must be contiguous float32");
-  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
-  const int64_t batch = x.size(0), out_features = codes.size(0);
-  const Args A{{bits, group, top, x.size(1), codes.size(1), with_zero}, codes.data_ptr<uint8_t>(),
-               scales.data_ptr<float>(), scales.size(1), out_features};
+  const Args A = packed_layer(codes, scales, x.size(1), bits, group, top, with_zero);
   auto rows = bits > 4 || isa == "scalar" ? rows_scalar : isa == "avx512" ? rows_avx512 : rows_avx2;
-  auto y = torch::empty({batch, out_features}, x.options());
+  auto y = torch::empty({x.size(0), A.out_features}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out_features, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatch)
-      rows(A, std::min(kMaxBatch, batch - b0), xp + b0 * A.layout.in_features, yp + b0 * out_features, r0, r1);
-  });
+  const int64_t batch = x.size(0);
+  at::parallel_for(0, A.out_features, 64, [&](int64_t r0, int64_t r1) { rows(A, batch, xp, yp, r0, r1); });
   return y;
+}
+
+torch::Tensor pot_dequantize(torch::Tensor codes, torch::Tensor scales, int64_t in_features, int64_t bits,
+                             int64_t group, int64_t top, bool with_zero, std::string isa) {
+  const Args A = packed_layer(codes, scales, in_features, bits, group, top, with_zero);
+  auto rows = bits > 4 || isa == "scalar" ? dequantize_scalar : isa == "avx512" ? dequantize_avx512 : dequantize_avx2;
+  auto w = torch::empty({A.out_features, in_features}, torch::dtype(torch::kFloat32));
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, A.out_features, 64, [&](int64_t r0, int64_t r1) { rows(A, wp, r0, r1); });
+  return w;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pot_gemv", &pot_gemv, "fused PoT GEMV on packed codes");
+  m.def("pot_dequantize", &pot_dequantize, "float32 weights of packed PoT codes by exponent add");
   m.def("best_isa", &best_isa, "the widest vector ISA this CPU runs");
 }

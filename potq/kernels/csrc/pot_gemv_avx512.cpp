@@ -1,5 +1,5 @@
-// AVX-512F: 16 codes a vector (two 8-code words). Compiled for this target only; chosen at run time.
-#pragma GCC target("avx512f")
+// AVX-512 (F + BW): 16 weights a vector, one 16-entry table lookup. Chosen at run time.
+#pragma GCC target("avx512f,avx512bw")
 #include <immintrin.h>
 
 #include "pot_gemv_layout.h"
@@ -9,37 +9,54 @@ struct Isa {
   using V = __m512;
   using I = __m512i;
   static constexpr int kLanes = 16;
-  static I lane_shifts(int bits) {
-    const __m256i half = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
-  }
+  struct Table { V values; };
+  struct Entries { I add, keep; V pow2; };
+  struct Unpack { I shuffle, shift; };
+
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store_first(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
-  template <int BITS, bool ZERO>
-  static V decode(const uint8_t* row, int64_t byte, int64_t row_bytes, int32_t a_bits, int64_t top, I shifts);
+
+  static Entries entries(const int32_t* add, const int32_t* keep, const float* pow2) {
+    return {_mm512_loadu_si512(add), _mm512_loadu_si512(keep), _mm512_loadu_ps(pow2)};
+  }
+  // The exponent add: 16 values from one scale, two integer ops.
+  static Table table(int32_t a_bits, const Entries& E) {
+    return {_mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(_mm512_set1_epi32(a_bits), E.add), E.keep))};
+  }
+  static Table table_exact(float a, const Entries& E) { return {_mm512_mul_ps(_mm512_set1_ps(a), E.pow2)}; }
+
+  // Lane i takes the two bytes holding code i (bit base + i·bits of the 16 bytes read), shifted down.
+  static Unpack unpack_control(int bits, int base) {
+    alignas(64) int8_t shuffle[64];
+    alignas(64) int32_t shift[16];
+    for (int i = 0; i < 16; ++i) {
+      const int bit = base + i * bits;
+      shuffle[4 * i] = static_cast<int8_t>(bit >> 3);
+      shuffle[4 * i + 1] = static_cast<int8_t>((bit >> 3) + 1);
+      shuffle[4 * i + 2] = shuffle[4 * i + 3] = static_cast<int8_t>(0x80);
+      shift[i] = bit & 7;
+    }
+    return {_mm512_load_si512(shuffle), _mm512_load_si512(shift)};
+  }
+  static I codes(const uint8_t* p, const Unpack& U) {
+    const I bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_srlv_epi32(_mm512_shuffle_epi8(bytes, U.shuffle), U.shift);
+  }
+  // The table index is the low 4 bits; narrower codes see their table repeated above them.
+  template <int BITS>
+  static V lookup(const Table& t, I codes) { return _mm512_permutexvar_ps(codes, t.values); }
 };
 }  // namespace
 
 #include "pot_gemv_rows.h"
 
-namespace {
-template <int BITS, bool ZERO>
-Isa::V Isa::decode(const uint8_t* row, int64_t byte, int64_t row_bytes, int32_t a_bits, int64_t top, I shifts) {
-  const __m256i lo = _mm256_set1_epi32(static_cast<int32_t>(load_word(row, byte, row_bytes)));
-  const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(load_word(row, byte + BITS, row_bytes)));
-  const I codes = _mm512_and_si512(_mm512_srlv_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), shifts),
-                                   _mm512_set1_epi32((1 << BITS) - 1));
-  const I field = _mm512_and_si512(codes, _mm512_set1_epi32((1 << (BITS - 1)) - 1));
-  const I sign = _mm512_slli_epi32(_mm512_srli_epi32(codes, BITS - 1), 31);
-  const I e = _mm512_sub_epi32(field, _mm512_set1_epi32(static_cast<int32_t>(top) + (ZERO ? 1 : 0)));
-  I v = _mm512_or_si512(_mm512_add_epi32(_mm512_set1_epi32(a_bits), _mm512_slli_epi32(e, 23)), sign);
-  if (ZERO) v = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(field, field), v);
-  return _mm512_castsi512_ps(v);
-}
-}  // namespace
-
 void rows_avx512(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1) {
   rows_for(A, nb, x, y, r0, r1);
 }
+
+void dequantize_avx512(const Args& A, float* w, int64_t r0, int64_t r1) { dequantize_for(A, w, r0, r1); }

@@ -9,12 +9,16 @@ struct Layout {
 
 struct Args {
   Layout layout;
-  const uint8_t* codes;  // [out_features, row_bytes], potq's packed rows
-  const float* scales;   // [out_features, groups], the stored fp16 scales as float32
+  const uint8_t* codes;      // [out_features, row_bytes], potq's packed rows
+  const uint8_t* codes_end;  // one past the last byte: vector reads never go beyond it
+  const uint16_t* scales;    // [out_features, groups], the stored fp16 scales (bit patterns)
   int64_t groups, out_features;
 };
 
-// Rows [r0, r1) of y[nb, out] = x[nb, in] · Wᵀ for nb <= 8, one function per instruction set.
+// Rows [r0, r1) of y[nb, out] = x[nb, in] · Wᵀ, one function per instruction set.
 void rows_avx2(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
 void rows_avx512(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
 void rows_scalar(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
+// Rows [r0, r1) of the weight itself, w[out, in] in float32.
+void dequantize_avx2(const Args& A, float* w, int64_t r0, int64_t r1);
+void dequantize_avx512(const Args& A, float* w, int64_t r0, int64_t r1);

@@ -9,11 +9,21 @@
 
 namespace {
 
-constexpr int64_t kMaxBatch = 8;  // activation rows per pass; larger batches are split by the caller
+// One stored fp16 scale as float32 (exact, subnormals included; F16C is not assumed; no calls,
+// so the vector loops that use it keep their accumulators in registers).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  if (exp == 0) {
+    const float f = float(man) * 0x1p-24f;  // exact: man < 2^10
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (exp == 31 ? 0x7F800000u : (exp + 112) << 23) | (man << 13);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
-// The 32-bit word holding 8 codes that start at `byte` (they take N <= 4 bytes). A full 4-byte
-// load wherever the row has 4 bytes left: building the word from single-byte copies makes every
-// later full-width read of it a store-forwarding stall (measured: 5x slower).
+// The 32-bit word holding the code that starts at `byte` (a code takes N <= 8 bits of it).
 inline uint32_t load_word(const uint8_t* row, int64_t byte, int64_t row_bytes) {
   uint32_t word = 0;
   if (byte + 4 <= row_bytes) {
@@ -32,22 +42,15 @@ inline float scalar_weight(uint32_t code, float a, const Layout& L) {
   return (code >> (L.bits - 1)) & 1 ? -v : v;
 }
 
-inline float scalar_dot(const uint8_t* row, const float* x, const float* scales, const Layout& L,
-                        int64_t start, int64_t end) {
+// One row's dot product with x over codes [0, in_features): the path for codes wider than 4 bits.
+inline float scalar_dot(const uint8_t* row, const float* x, const uint16_t* scales, const Layout& L) {
   float acc = 0.0f;
-  for (int64_t j = start; j < end; ++j) {
+  for (int64_t j = 0; j < L.in_features; ++j) {
     const int64_t bit = j * L.bits;
     const uint32_t code = (load_word(row, bit >> 3, L.row_bytes) >> (bit & 7)) & ((1u << L.bits) - 1);
-    acc += scalar_weight(code, scales[j / L.group], L) * x[j];
+    acc += scalar_weight(code, half_to_float(scales[j / L.group]), L) * x[j];
   }
   return acc;
-}
-
-// Whether every exponent add of a group with scale `a` stays in float32's normal range.
-inline bool normal_range(float a, const Layout& L) {
-  int exp;
-  std::frexp(a, &exp);
-  return exp - 1 - (L.top + 1) > -126;
 }
 
 }  // namespace
