@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--kernel", choices=["fused", "torch"], default="fused",
+                   help="packed PoT layers: the fused CPU kernel (default) or the pure-PyTorch path")
+    p.add_argument("--stats", action="store_true", help="print tokens/s after the text")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="format, bits per weight incl. scales, size, per-layer table")
@@ -158,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=500, help="steps between loss estimates (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_char)
+
+    p = sub.add_parser("bench", help="speed: dequantization, GEMV, decoding, llama.cpp peer, bandwidth bound "
+                                     "(-> docs/results/speed.md)")
+    p.add_argument("--model", default="smollm2-135m", help=model_help)
+    p.add_argument("--threads", type=int, default=None, help="default: every core")
+    p.add_argument("--quick", action="store_true",
+                   help="only the fused 3-bit GEMV vs float32 on the largest linear shape (under a minute)")
+    p.add_argument("--no-peer", action="store_true", help="skip llama.cpp even where it is installed")
+    p.add_argument("--out", type=Path, default=Path("docs/results/speed.md"))
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="float vs 4-bit uniform vs 4-bit PoT on the default model")
     p.add_argument("--model", default="smollm2-135m", help=model_help)
@@ -233,12 +246,32 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from potq.eval import generate
     from potq.models import load_model
 
+    from potq.kernels import fused
+
+    fused.set_enabled(args.kernel == "fused")
     lm = load_model(args.model)
     print(args.prompt, end="", flush=True)
-    generate(lm.model, lm.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-             stream=lambda piece: print(piece, end="", flush=True))
+    start = time.perf_counter()
+    text = generate(lm.model, lm.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    stream=lambda piece: print(piece, end="", flush=True))
+    seconds = time.perf_counter() - start
     print()
+    if args.stats:
+        tokens = len(lm.tokenizer.encode(args.prompt + text)) - len(lm.tokenizer.encode(args.prompt))
+        print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.2f} tok/s, kernel {args.kernel}]")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import os
+
+    from potq import bench
+
+    threads = args.threads or os.cpu_count() or 1
+    if args.quick:
+        print(bench.quick(args.model, threads))
+    else:
+        bench.run_all(args.model, threads, args.out, with_peer=not args.no_peer)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -1,0 +1,139 @@
+"""``potq bench``: how fast packed PoT really is on this CPU, against float and against llama.cpp.
+
+Five tables (issue: "Make PoT fast"), each from one module: dequantization throughput
+(:mod:`.dequant`), GEMV latency on every linear shape of the model (:mod:`.gemv`), end-to-end
+decoding (:mod:`.decode`), the llama.cpp peer (:mod:`.peer`) and the memory-bandwidth bound
+(:mod:`.bandwidth`). Every ratio is measured within one run; the Markdown report and the raw
+numbers are written atomically next to each other, with the command that made them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from potq.bench import bandwidth, decode, dequant, gemv, peer
+from potq.kernels import fused
+
+TARGETS = {"dequant": 1.5, "gemv": 4.0, "decode": 2.0, "peer": 1.5}
+
+
+def _largest_linear(model: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    from potq.models import load_model
+
+    lm = load_model(model)
+    shape, names = next(iter(gemv.linear_shapes(lm.model).items()))
+    return lm.model.get_submodule(names[0]).weight.detach().clone(), shape
+
+
+def quick(model: str, threads: int) -> str:
+    """The fused 3-bit GEMV against float32 on the model's largest linear shape (under a minute)."""
+    torch.set_num_threads(threads)
+    weight, shape = _largest_linear(model)
+    fp32, pot3 = gemv.quick_speedup(weight)
+    print(f"largest linear shape {shape[0]}×{shape[1]}, batch 1, {threads} threads, {fused.best_isa()} kernel: "
+          f"fp32 {fp32:.1f} µs, fused pot3 {pot3:.1f} µs")
+    return f"gemv pot3/fp32 speedup: {fp32 / pot3:.2f}×"
+
+
+def _verdict(measured: float, target: float, what: str) -> str:
+    ok = measured >= target
+    return (f"- {what}: **{measured:.2f}×** (target ≥ {target:g}×) — "
+            + ("met" if ok else f"missed by {target / measured:.2f}×"))
+
+
+def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new_tokens: int = 128,
+            with_peer: bool = True) -> None:
+    """All five benchmarks, printed as they finish and written to ``out_md`` (+ ``.json``)."""
+    from potq.models import load_model
+    from potq.models.registry import resolve
+
+    torch.set_num_threads(threads)
+    report: dict = {"command": "potq " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "model": model,
+                    "threads": threads, "cpu": _cpu_name(), "isa": fused.best_isa(), "torch": torch.__version__}
+    md = ["# Speed: packed PoT on this CPU", "", f"`{report['command']}`", "",
+          f"{report['cpu']}, {threads} threads, fused kernel: {report['isa']}, torch {report['torch']}; "
+          f"model {model}.", ""]
+
+    print("1/5 dequantization ...", flush=True)
+    report["dequant"] = dequant.run()
+    md += ["## 1. Dequantization throughput", ""] + dequant.markdown(report["dequant"], "4096×4096") + [""]
+    _show(md)
+
+    print("2/5 GEMV on every linear shape ...", flush=True)
+    lm = load_model(model)
+    shapes = gemv.linear_shapes(lm.model)
+    weights = {s: lm.model.get_submodule(n[0]).weight.detach().clone() for s, n in shapes.items()}
+    del lm
+    report["gemv"] = {regime: {str(s): gemv.measure_shape(w, regime) for s, w in weights.items()}
+                      for regime in ("hot", "decoding")}
+    md += ["## 2. GEMV latency (batch 1)", "", gemv.__doc__.split("\n\n", 1)[1].strip()]
+    md += gemv.markdown(report["gemv"], {str(s): n for s, n in shapes.items()}) + [""]
+    _show(md)
+
+    print("3/5 + 5/5 end-to-end decoding and the bandwidth bound ...", flush=True)
+    report["read_gb_s"] = bandwidth.read_gb_s()
+    report["decode"] = decode.run(model, prompt_tokens, new_tokens, threads)
+    md += ["## 3. End-to-end decoding, and 5. the bandwidth bound", ""]
+    md += decode.markdown(report["decode"], prompt_tokens, new_tokens, report["read_gb_s"]) + [""]
+    _show(md)
+
+    md += ["## 4. Peer: llama.cpp on the same CPU", ""]
+    source = resolve(model)[1]
+    if with_peer and peer.available() and source.suffix == ".gguf":
+        print("4/5 llama.cpp ...", flush=True)
+        report["peer"] = peer.run(source, prompt_tokens, new_tokens, threads)
+        md += [peer.__doc__.split("\n\n", 1)[1].strip().split("\n\n")[0], ""]
+        md += peer.markdown(report["peer"], report["decode"]) + [""]
+    else:
+        md += ["Not measured in this run: install the extra `pip install -e .[peer]` (builds llama.cpp, "
+               "about 15 minutes) and give a GGUF model.", ""]
+
+    md += ["## Targets", ""] + _verdicts(report) + [""]
+    _write(out_md, md, report)
+
+
+def _verdicts(report: dict) -> list[str]:
+    lines = []
+    for r in report["dequant"]:
+        if r["ratio"] is not None:
+            lines.append(_verdict(r["ratio"], TARGETS["dequant"],
+                                  f"PoT dequantization vs uniform, {r['dtype']} ({r['path']})"))
+    for regime, by_shape in report["gemv"].items():
+        shape, r = next(iter(by_shape.items()))
+        lines.append(_verdict(r["fp32"] / r["pot3"], TARGETS["gemv"],
+                              f"fused pot3 GEMV vs fp32 on the largest shape {shape}, {regime}"))
+    dec = report["decode"]
+    lines.append(_verdict(dec["pot3"]["tokens_per_s"] / dec["float32"]["tokens_per_s"], TARGETS["decode"],
+                          "pot3 decoding vs float32 tokens/s"))
+    if "peer" in report:
+        q4 = report["peer"]["Q4_0"]["tokens_per_s"]
+        lines.append(_verdict(dec["pot3"]["tokens_per_s"] / q4 * TARGETS["peer"], 1.0,
+                              "pot3 decoding within 1.5× of llama.cpp Q4_0 (pot3 tok/s × 1.5 ÷ Q4_0 tok/s)"))
+    return lines
+
+
+def _show(md: list[str]) -> None:
+    print("\n".join(md[-40:]), flush=True)
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _write(out_md: Path, md: list[str], report: dict) -> None:
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out_md.with_suffix(".json"), json.dumps(report, indent=1)), (out_md, "\n".join(md) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print(f"-> {out_md}")

@@ -1,0 +1,123 @@
+"""Benchmark 3: end-to-end decoding — tokens/s and peak memory, float vs packed PoT.
+
+Each variant runs in a fresh process (``python -m potq.bench.decode FOLDER``), so its peak
+resident memory is its own: the model as it is loaded (float, or potq's packed folder with the
+fused kernel), a prompt of ``prompt_tokens`` tokens of WikiText-2, then ``new_tokens`` greedy
+steps with the KV cache, batch 1. The packed folders are made once by RTN (the method does not
+change the speed) under ``$POTQ_HOME/bench/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import potq
+from potq.bench.bandwidth import weight_bytes_per_token
+from potq.eval.data import eval_text
+from potq.paths import home_dir
+
+# variant -> (format bits, quantize embeddings too); None = the float model
+VARIANTS: dict[str, tuple[int, bool] | None] = {"float32": None, "pot4": (4, False), "pot3": (3, False),
+                                                "pot2": (2, False), "pot3 + embeddings": (3, True)}
+
+
+def variant_folder(model: str, variant: str, group: int = 128) -> str:
+    """The model to load for ``variant``: the float model itself, or a packed folder made once."""
+    spec = VARIANTS[variant]
+    if spec is None:
+        return model
+    bits, embeddings = spec
+    folder = home_dir() / "bench" / f"{Path(model).name}-pot{bits}-g{group}{'-emb' if embeddings else ''}"
+    if not (folder / "potq.json").is_file():
+        lm = potq.load_model(model)
+        potq.quantize_(lm, potq.QuantConfig("pot", bits, group), method="rtn", embeddings=embeddings, progress=False)
+        potq.save(lm, folder)
+    return str(folder)
+
+
+def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+    """Load ``path``, then time the prompt and the greedy steps (in this process)."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    lm = potq.load_model(path)
+    load_s = time.perf_counter() - start
+    rss_loaded = _rss_mib()
+    ids = torch.tensor([lm.tokenizer.encode(eval_text("wikitext2"))[:prompt_tokens]])
+    cache = DynamicCache()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        logits = lm.model(ids, past_key_values=cache, use_cache=True).logits
+        prompt_s = time.perf_counter() - start
+        token = logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = lm.model(token, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+        decode_s = time.perf_counter() - start
+    return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
+            "rss_after_load_mib": rss_loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": threads, "weight_bytes_per_token": weight_bytes_per_token(lm.model)}
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(model: str, prompt_tokens: int = 64, new_tokens: int = 128, threads: int = 2,
+        variants: list[str] | None = None) -> dict[str, dict]:
+    """Every variant in its own process; the results by variant name."""
+    results = {}
+    for variant in variants or list(VARIANTS):
+        folder = variant_folder(model, variant)
+        out = subprocess.run([sys.executable, "-m", "potq.bench.decode", folder, "--prompt-tokens", str(prompt_tokens),
+                              "--new-tokens", str(new_tokens), "--threads", str(threads)],
+                             capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise potq.PotqError(f"the decoding benchmark of {variant} failed: {out.stderr.strip().splitlines()[-1]}")
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def markdown(results: dict[str, dict], prompt_tokens: int, new_tokens: int, read_gb_s: float) -> list[str]:
+    """The decoding table, with the bandwidth bound (benchmark 5) beside each measured speed."""
+    base = results.get("float32", {}).get("tokens_per_s")
+    lines = [f"Prompt {prompt_tokens} tokens, {new_tokens} greedy tokens with the KV cache, batch 1, "
+             f"{next(iter(results.values()))['threads']} threads; each variant in a fresh process. Bound = "
+             f"measured read bandwidth {read_gb_s:.1f} GB/s ÷ weight bytes read per token.", "",
+             "| model | decoding tok/s | vs float32 | weights read per token (MB) | bound (tok/s) | of bound "
+             "| prompt (ms) | RSS after load (MiB) | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        ratio = f"{r['tokens_per_s'] / base:.2f}×" if base else "–"
+        mb = r["weight_bytes_per_token"] / 1e6
+        bound = read_gb_s * 1e3 / mb
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {ratio} | {mb:.1f} | {bound:.1f} | "
+                     f"{r['tokens_per_s'] / bound:.0%} | {r['prompt_ms']:.0f} | {r['rss_after_load_mib']:.0f} | "
+                     f"{r['peak_rss_mib']:.0f} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="time decoding of one model (a child of `potq bench`)")
+    p.add_argument("model")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    print(json.dumps(measure(a.model, a.prompt_tokens, a.new_tokens, a.threads)))
+
+
+if __name__ == "__main__":
+    main()

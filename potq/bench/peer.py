@@ -1,0 +1,74 @@
+"""Benchmark 4: the peer — llama.cpp (through ``llama-cpp-python``) on the same CPU and model.
+
+The shared SmolLM2-135M GGUF (Q4_1) is requantized by llama.cpp's own quantizer to Q4_0, Q3_K_M
+and Q2_K (once, under ``$POTQ_HOME/bench/``); each is timed like potq's decoding benchmark: the
+same prompt, the same number of greedy tokens, the same threads. ``llama-cpp-python`` is the
+benchmark-only extra ``potq[peer]``; without it this table is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from potq.eval.data import eval_text
+from potq.paths import home_dir
+
+TYPES = {"Q4_0": 2, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def requantized(source: Path, kind: str) -> Path:
+    """``source`` requantized to ``kind`` by llama.cpp (made once)."""
+    import llama_cpp
+
+    out = home_dir() / "bench" / f"{source.stem.split('.')[0]}.{kind}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = TYPES[kind]
+        params.allow_requantize = True
+        tmp = out.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+        tmp.rename(out)
+    return out
+
+
+def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
+    ids = llm.tokenize(eval_text("wikitext2").encode(), add_bos=False)[:prompt_tokens]
+    start = time.perf_counter()
+    steps = llm.generate(ids, temp=0.0, reset=True)
+    next(steps)
+    prompt_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        next(steps)
+    decode_s = time.perf_counter() - start
+    return {"prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s, "file_mib": path.stat().st_size / 2**20}
+
+
+def run(source: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, dict]:
+    results = {"Q4_1 (shipped)": measure(source, prompt_tokens, new_tokens, threads)}
+    for kind in TYPES:
+        results[kind] = measure(requantized(source, kind), prompt_tokens, new_tokens, threads)
+    return results
+
+
+def markdown(results: dict[str, dict], reference: dict[str, dict]) -> list[str]:
+    """The peer's rows, with potq's pot3 decoding speed relative to each."""
+    pot3 = reference.get("pot3", {}).get("tokens_per_s")
+    lines = ["| llama.cpp | file (MiB) | decoding tok/s | prompt (ms) | potq pot3 / this |", "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        ratio = f"{pot3 / r['tokens_per_s']:.2f}×" if pot3 else "–"
+        lines.append(f"| {name} | {r['file_mib']:.1f} | {r['tokens_per_s']:.2f} | {r['prompt_ms']:.0f} | {ratio} |")
+    return lines
