@@ -32,7 +32,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["quantize", "eval", "generate", "info", "demo"])
+@pytest.mark.parametrize("command", ["quantize", "eval", "generate", "info", "demo", "bench"])
 def test_every_subcommand_has_help(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0 and "usage: potq" in out
@@ -59,6 +59,10 @@ def test_quantize_info_eval_generate(capsys, tmp_path):
 
     code, text, _ = run(capsys, "generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "8")
     assert code == 0 and text.startswith("Once upon a time") and len(text.strip()) > len("Once upon a time")
+    # the fused kernel (default) and the pure-PyTorch path give the same greedy text
+    code, torch_text, _ = run(capsys, "generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "8",
+                              "--kernel", "torch", "--stats")
+    assert code == 0 and torch_text.startswith(text) and "tok/s, kernel torch" in torch_text
 
 
 @pytest.mark.parametrize("argv, fragments", [

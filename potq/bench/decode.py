@@ -30,13 +30,13 @@ VARIANTS: dict[str, tuple[int, bool] | None] = {"float32": None, "pot4": (4, Fal
                                                 "pot2": (2, False), "pot3 + embeddings": (3, True)}
 
 
-def variant_folder(model: str, variant: str, group: int = 128) -> str:
-    """The model to load for ``variant``: the float model itself, or a packed folder made once."""
+def variant_folder(model: str, variant: str, cache: Path, group: int = 128) -> str:
+    """The model to load for ``variant``: the float model itself, or a packed folder made once in ``cache``."""
     spec = VARIANTS[variant]
     if spec is None:
         return model
     bits, embeddings = spec
-    folder = home_dir() / "bench" / f"{Path(model).name}-pot{bits}-g{group}{'-emb' if embeddings else ''}"
+    folder = cache / f"{Path(model).name}-pot{bits}-g{group}{'-emb' if embeddings else ''}"
     if not (folder / "potq.json").is_file():
         lm = potq.load_model(model)
         potq.quantize_(lm, potq.QuantConfig("pot", bits, group), method="rtn", embeddings=embeddings, progress=False)
@@ -76,11 +76,12 @@ def _rss_mib() -> float:
 
 
 def run(model: str, prompt_tokens: int = 64, new_tokens: int = 128, threads: int = 2,
-        variants: list[str] | None = None) -> dict[str, dict]:
-    """Every variant in its own process; the results by variant name."""
+        variants: list[str] | None = None, cache: Path | None = None) -> dict[str, dict]:
+    """Every variant in its own process; the results by variant name. Packed folders are kept in
+    ``cache`` (default ``$POTQ_HOME/bench``) for the next run."""
     results = {}
     for variant in variants or list(VARIANTS):
-        folder = variant_folder(model, variant)
+        folder = variant_folder(model, variant, cache or home_dir() / "bench")
         out = subprocess.run([sys.executable, "-m", "potq.bench.decode", folder, "--prompt-tokens", str(prompt_tokens),
                               "--new-tokens", str(new_tokens), "--threads", str(threads)],
                              capture_output=True, text=True, check=False)

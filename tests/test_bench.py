@@ -1,0 +1,36 @@
+"""`potq bench` runs end to end on the tiny model: the quick line, and the decoding table's
+subprocess measurement (the full report on SmolLM2 is a benchmark, not a test)."""
+
+import re
+
+import pytest
+
+from potq.bench import decode, gemv
+from potq.cli import main
+from potq.kernels.fused import best_isa
+
+
+def test_quick_prints_the_speedup_last(capsys):
+    assert main(["bench", "--quick", "--model", "stories260k", "--threads", "1"]) in (0, None)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"gemv pot3/fp32 speedup: \d+\.\d\d×", last), last
+
+
+def test_decoding_runs_each_variant_in_its_own_process(tmp_path):
+    if best_isa() == "none":
+        pytest.skip("no C++ compiler: the fused kernel is not built here")
+    results = decode.run("stories260k", prompt_tokens=8, new_tokens=4, threads=1, variants=["float32", "pot3"],
+                         cache=tmp_path)
+    assert set(results) == {"float32", "pot3"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in results.values())
+    # the packed model reads about 3/32 of the float bytes per token (+ fp16 scales, float head if untied)
+    assert results["pot3"]["weight_bytes_per_token"] < 0.5 * results["float32"]["weight_bytes_per_token"]
+    assert (tmp_path / "stories260k-pot3-g128" / "potq.json").is_file()
+    table = "\n".join(decode.markdown(results, 8, 4, read_gb_s=10.0))
+    assert "| pot3 |" in table and "| float32 |" in table
+
+
+def test_linear_shapes_are_the_models(stories_float):
+    shapes = gemv.linear_shapes(stories_float.model)
+    assert list(shapes)[0] == max(shapes, key=lambda s: s[0] * s[1])
+    assert sum(len(names) for names in shapes.values()) == 5 * 7 + 1  # 5 blocks x 7 linears + the head
