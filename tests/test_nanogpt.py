@@ -104,3 +104,22 @@ def test_train_char_cli_errors(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("abc" * 10)
     assert main(["train-char", "--data", str(tmp_path / "short.txt"), "-o", str(tmp_path / "o"), "--steps", "2"]) == 2
     assert "fewer than the context" in capsys.readouterr().err
+
+
+def test_keep_best_ends_with_the_lowest_validation_estimate():
+    """A rate far too high makes training diverge; keep_best ends with the best estimate's weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    data = torch.randint(0, 16, (64, 9))
+
+    def batch(split, rng):
+        rows = data[torch.randint(0, 32, (4,), generator=rng) + (0 if split == "train" else 32)]
+        return rows[:, :-1], rows[:, 1:]
+
+    settings = TrainSettings(steps=30, lr=30.0, warmup=1, eval_every=5, eval_batches=2, keep_best=True,
+                             grad_clip=0.0)
+    result = train(model, batch, settings, progress=False)
+    best = min(result.history, key=lambda h: h["val"])
+    assert result.kept_step == best["step"] and best["val"] < result.history[-1]["val"]
+    from potq.train.loop import estimate_loss
+    assert abs(estimate_loss(model, batch, settings)["val"] - best["val"]) < 1e-5

@@ -104,7 +104,8 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
         wrapped[name] = FakeQuantLinear(layer, fmt, config.group_size, qp, learn_scale=scales == "learned")
         model.set_submodule(name, wrapped[name])
     settings = TrainSettings(steps=steps, lr=lr, warmup=max(1, min(100, steps // 10)), weight_decay=weight_decay,
-                             eval_every=max(1, steps // 10), eval_batches=4, seed=seed)
+                             eval_every=max(1, steps // 10), eval_batches=4, seed=seed,
+                             keep_best=True)
     try:
         result = train(model, window_sampler(calibration, batch_size), settings,
                        state_dir=Path(state_dir) if state_dir else None, progress=progress)

@@ -48,6 +48,7 @@ class TrainSettings:
     eval_every: int = 500
     eval_batches: int = 20
     seed: int = 0
+    keep_best: bool = False  # end with the weights of the lowest validation-loss estimate
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.eval_every < 1 or self.eval_batches < 1:
@@ -70,6 +71,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # {"step", "train", "val"}
     seconds: float = 0.0
     tokens: int = 0
+    kept_step: int | None = None  # keep_best: the step whose weights the model ends with
 
     @property
     def final(self) -> dict:
@@ -77,7 +79,7 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return {"settings": asdict(self.settings), "history": self.history, "seconds": round(self.seconds, 1),
-                "tokens": self.tokens}
+                "tokens": self.tokens, "kept_step": self.kept_step}
 
 
 def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -107,12 +109,16 @@ def train(model: nn.Module, batch: Batch, settings: TrainSettings, state_dir: Pa
 
     The loss is estimated at step 0, every ``eval_every`` steps and at the end; the checkpoint is
     rewritten at most every ``checkpoint_seconds`` (so an interruption loses at most that much).
+    With ``settings.keep_best`` the model ends with the weights of the estimate with the lowest
+    validation loss (as Step 2 keeps its best epoch), which guards short fine-tunes (QAT) against
+    ending worse than some point they passed through.
     """
     _as_normal_tensors(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = _adamw(params, settings)
     result = TrainResult(settings)
-    start_step = _resume(state_dir, model, optimizer, params, result) if state_dir else 0
+    best: dict[str, Tensor] = {}
+    start_step = _resume(state_dir, model, optimizer, params, result, best) if state_dir else 0
     model.train()
     started, last_save = time.perf_counter(), time.perf_counter()
     bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, unit="step",
@@ -120,7 +126,7 @@ def train(model: nn.Module, batch: Batch, settings: TrainSettings, state_dir: Pa
     tokens_done = 0
     for step in bar:
         if step % settings.eval_every == 0 and not _logged(result, step):
-            result.history.append({"step": step, **estimate_loss(model, batch, settings)})
+            _estimate(model, batch, settings, step, result, params, best)
         for group in optimizer.param_groups:
             group["lr"] = settings.lr_at(step)
         torch.manual_seed(settings.seed + step)  # dropout of this step
@@ -136,16 +142,30 @@ def train(model: nn.Module, batch: Batch, settings: TrainSettings, state_dir: Pa
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_done / max(elapsed, 1e-9):.0f}",
                         refresh=False)
         if state_dir and time.perf_counter() - last_save >= checkpoint_seconds:
-            _save_state(state_dir, step + 1, params, optimizer, result, elapsed, tokens_done)
+            _save_state(state_dir, step + 1, params, optimizer, result, elapsed, tokens_done, best)
             last_save = time.perf_counter()
     if not _logged(result, settings.steps):
-        result.history.append({"step": settings.steps, **estimate_loss(model, batch, settings)})
+        _estimate(model, batch, settings, settings.steps, result, params, best)
     result.seconds += time.perf_counter() - started
     result.tokens += tokens_done
     if state_dir:
-        _save_state(state_dir, settings.steps, params, optimizer, result, 0.0, 0)
+        _save_state(state_dir, settings.steps, params, optimizer, result, 0.0, 0, best)
+    if settings.keep_best and best:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(best[name])
+        result.kept_step = min(result.history, key=lambda h: h["val"])["step"]
     model.eval()
     return result
+
+
+def _estimate(model: nn.Module, batch: Batch, settings: TrainSettings, step: int, result: TrainResult,
+              params: dict[str, nn.Parameter], best: dict[str, Tensor]) -> None:
+    """Log the loss at ``step``; with ``keep_best``, copy the weights when validation is the lowest yet."""
+    losses = estimate_loss(model, batch, settings)
+    if settings.keep_best and all(losses["val"] < h["val"] for h in result.history):
+        best.update({name: p.detach().clone() for name, p in params.items()})
+    result.history.append({"step": step, **losses})
 
 
 def _as_normal_tensors(model: nn.Module) -> None:
@@ -171,7 +191,7 @@ def _adamw(params: dict[str, nn.Parameter], settings: TrainSettings) -> torch.op
 
 
 def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                result: TrainResult, seconds: float, tokens: int) -> None:
+                result: TrainResult, seconds: float, tokens: int, best: dict[str, Tensor]) -> None:
     """Weights + Adam moments (safetensors) and step/history (JSON), each written then renamed.
 
     The JSON names the step the weights belong to and is renamed last, so a reader never pairs
@@ -179,6 +199,7 @@ def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], opt
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{name}": p.detach().contiguous() for name, p in params.items()}
+    tensors.update({f"best.{name}": t.contiguous() for name, t in best.items()})
     by_id = {id(p): name for name, p in params.items()}
     for p, st in optimizer.state.items():
         for key in ("exp_avg", "exp_avg_sq"):
@@ -194,7 +215,7 @@ def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], opt
 
 
 def _resume(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            params: dict[str, nn.Parameter], result: TrainResult) -> int:
+            params: dict[str, nn.Parameter], result: TrainResult, best: dict[str, Tensor]) -> int:
     """Load the checkpoint in ``state_dir`` if there is one; the step to continue from."""
     if not (state_dir / STATE_JSON).is_file():
         return 0
@@ -217,6 +238,7 @@ def _resume(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             optimizer.state[p] = {"step": torch.tensor(float(step)),
                                   "exp_avg": tensors[f"adam.{name}.exp_avg"],
                                   "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"]}
+    best.update({name: tensors[f"best.{name}"] for name in params if f"best.{name}" in tensors})
     result.history, result.seconds, result.tokens = meta["history"], meta["seconds"], meta["tokens"]
     model.train()
     return step
