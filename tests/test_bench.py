@@ -23,6 +23,7 @@ def test_decoding_runs_each_variant_in_its_own_process(tmp_path):
                          cache=tmp_path)
     assert set(results) == {"float32", "pot3"}
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in results.values())
+    assert results["pot3"]["same_tokens_as_torch_path"] is True
     # the packed model reads about 3/32 of the float bytes per token (+ fp16 scales, float head if untied)
     assert results["pot3"]["weight_bytes_per_token"] < 0.5 * results["float32"]["weight_bytes_per_token"]
     assert (tmp_path / "stories260k-pot3-g128" / "potq.json").is_file()

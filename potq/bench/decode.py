@@ -23,6 +23,8 @@ from transformers import DynamicCache
 import potq
 from potq.bench.bandwidth import weight_bytes_per_token
 from potq.eval.data import eval_text
+from potq.kernels import fused
+from potq.nn import QuantLinear
 from potq.paths import home_dir
 
 # variant -> (format bits, quantize embeddings too); None = the float model
@@ -52,20 +54,35 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     load_s = time.perf_counter() - start
     rss_loaded = _rss_mib()
     ids = torch.tensor([lm.tokenizer.encode(eval_text("wikitext2"))[:prompt_tokens]])
+    prompt_s, decode_s, tokens = _greedy(lm.model, ids, new_tokens)
+    packed = any(isinstance(m, QuantLinear) and fused.serves(m) for m in lm.model.modules())
+    same_text = None
+    if packed:  # the same greedy tokens from the pure-PyTorch path
+        fused.set_enabled(False)
+        same_text = _greedy(lm.model, ids, new_tokens)[2] == tokens
+        fused.set_enabled(True)
+    return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
+            "same_tokens_as_torch_path": same_text,
+            "rss_after_load_mib": rss_loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": threads, "weight_bytes_per_token": weight_bytes_per_token(lm.model)}
+
+
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
+    """Seconds for the prompt, seconds for ``new_tokens`` greedy steps with the KV cache, the tokens."""
     cache = DynamicCache()
+    tokens = []
     with torch.inference_mode():
         start = time.perf_counter()
-        logits = lm.model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
         prompt_s = time.perf_counter() - start
         token = logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            logits = lm.model(token, past_key_values=cache, use_cache=True).logits
+            tokens.append(int(token))
+            logits = model(token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - start
-    return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
-            "rss_after_load_mib": rss_loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": threads, "weight_bytes_per_token": weight_bytes_per_token(lm.model)}
+    return prompt_s, decode_s, tokens
 
 
 def _rss_mib() -> float:
@@ -98,16 +115,20 @@ def markdown(results: dict[str, dict], prompt_tokens: int, new_tokens: int, read
              f"{next(iter(results.values()))['threads']} threads; each variant in a fresh process. Bound = "
              f"measured read bandwidth {read_gb_s:.1f} GB/s ÷ weight bytes read per token.", "",
              "| model | decoding tok/s | vs float32 | weights read per token (MB) | bound (tok/s) | of bound "
-             "| prompt (ms) | RSS after load (MiB) | peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| prompt (ms) | RSS after load (MiB) | peak RSS (MiB) | greedy tokens = PyTorch path |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / base:.2f}×" if base else "–"
         mb = r["weight_bytes_per_token"] / 1e6
         bound = read_gb_s * 1e3 / mb
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {ratio} | {mb:.1f} | {bound:.1f} | "
                      f"{r['tokens_per_s'] / bound:.0%} | {r['prompt_ms']:.0f} | {r['rss_after_load_mib']:.0f} | "
-                     f"{r['peak_rss_mib']:.0f} |")
+                     f"{r['peak_rss_mib']:.0f} | {_same(r['same_tokens_as_torch_path'])} |")
     return lines
+
+
+def _same(flag: bool | None) -> str:
+    return "–" if flag is None else ("yes" if flag else "**no**")
 
 
 def main() -> None:
