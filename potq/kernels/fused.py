@@ -71,14 +71,22 @@ def best_isa() -> str:
 def serves(layer) -> bool:  # noqa: ANN001
     """Whether the fused kernel computes this packed layer: a PoT format of 2–4 bits on the CPU,
     with the kernel built here (wider codes would take its slow scalar path: not worth it)."""
-    return (_enabled and isinstance(layer.fmt, PoT) and layer.fmt.bits <= 4 and layer.codes.device.type == "cpu"
-            and extension() is not None)
+    return _enabled and layer.codes.is_cpu and _grid(layer) is not None
 
 
-def _grid(layer) -> tuple[int, int, int, bool]:  # noqa: ANN001
-    """The kernel's description of ``layer``'s codes: bits, group width, K, whether field 0 is zero."""
-    fmt = layer.fmt
-    return fmt.bits, group_width(layer.in_features, layer.group_size), fmt.top_exponent, isinstance(fmt, PoTWithZero)
+def _grid(layer) -> tuple[int, int, int, bool] | None:  # noqa: ANN001
+    """The kernel's description of ``layer``'s codes — bits, group width, K, whether field 0 is
+    zero — or None where the kernel does not serve its format. Worked out once per layer: a
+    decoding step calls the kernel for every linear, so per-call Python time adds up."""
+    grid = layer.__dict__.get("_fused_grid", False)
+    if grid is False:
+        fmt = layer.fmt
+        grid = None
+        if isinstance(fmt, PoT) and fmt.bits <= 4 and extension() is not None:
+            grid = (fmt.bits, group_width(layer.in_features, layer.group_size), fmt.top_exponent,
+                    isinstance(fmt, PoTWithZero))
+        layer.__dict__["_fused_grid"] = grid
+    return grid
 
 
 def _isa(isa: str | None) -> str:
@@ -98,11 +106,14 @@ def pot_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: ANN00
     """
     if not serves(layer):
         return reference_gemv(x, layer).to(x.dtype)
-    flat = x.reshape(-1, layer.in_features).float().contiguous()
-    y = extension().pot_gemv(flat, layer.codes, layer.scales.contiguous(), *_grid(layer), _isa(isa))
-    if getattr(layer, "bias", None) is not None:
-        y = y + layer.bias
-    return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+    flat = x.reshape(-1, layer.in_features)
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.float().contiguous()
+    y = extension().pot_gemv(flat, layer.codes, layer.scales, *layer.__dict__["_fused_grid"], _isa(isa))
+    if layer.bias is not None:
+        y += layer.bias
+    y = y.view(*x.shape[:-1], layer.out_features)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def packed_dequantize(layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
@@ -110,10 +121,9 @@ def packed_dequantize(layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
     to the layer's own PyTorch decode where the kernel does not serve it)."""
     if not serves(layer):
         return layer.dequantize()
-    return extension().pot_dequantize(layer.codes, layer.scales.contiguous(), layer.in_features, *_grid(layer),
-                                      _isa(isa))
+    return extension().pot_dequantize(layer.codes, layer.scales, layer.in_features, *_grid(layer), _isa(isa))
 
 
 def reference_gemv(x: Tensor, layer) -> Tensor:  # noqa: ANN001
     """The same product by dequantize-then-matmul (the fallback and the tests' reference)."""
-    return F.linear(x.float(), layer.dequantize(), getattr(layer, "bias", None))
+    return F.linear(x.float(), layer.dequantize(), layer.bias)

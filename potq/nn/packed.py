@@ -121,12 +121,13 @@ class QuantLinear(PackedWeight):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if not fused.serves(self):
-            return F.linear(x, self.weight_for_forward().to(x.dtype), bias)
-        if x.numel() <= FUSED_MAX_ROWS * self.in_features and not x.requires_grad:
-            return fused.pot_gemv(x, self)
-        return F.linear(x, fused.packed_dequantize(self).to(x.dtype), bias)
+        if fused.serves(self):
+            if x.numel() <= FUSED_MAX_ROWS * self.in_features and not x.requires_grad:
+                return fused.pot_gemv(x, self)
+            w = fused.packed_dequantize(self)
+        else:
+            w = self.weight_for_forward()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class QuantEmbedding(PackedWeight):
