@@ -146,7 +146,7 @@ def write_markdown() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="nanogpt-shakespeare")
+    result_store.eval_arguments(p)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=200)
@@ -154,16 +154,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--pool", type=int, default=512, help="training windows drawn from the training text")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--ctx", type=int, default=None)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--sample-tokens", type=int, default=48)
-    p.add_argument("--markdown-only", action="store_true")
-    args = p.parse_args()
-    if args.markdown_only:
-        write_markdown()
-    else:
-        run(args)
+    result_store.measure_or_rebuild(p, run, write_markdown)
 
 
 if __name__ == "__main__":

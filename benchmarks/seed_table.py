@@ -152,20 +152,11 @@ def write_markdown() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="nanogpt-shakespeare")
-    p.add_argument("--dataset", default=None, help="default: shakespeare for char models, else wikitext2")
-    p.add_argument("--ctx", type=int, default=None)
-    p.add_argument("--max-windows", type=int, default=None)
+    result_store.eval_arguments(p)
     p.add_argument("--twostep", nargs="*", default=["twostep:pot:3", "twostep:pot:2"],
                    help="potq two-step rows FMT:BITS via `potq quantize` (default pot 3 and 2 bits)")
     p.add_argument("--group-size", type=int, default=32, help="group size of the two-step rows")
-    p.add_argument("--sample-tokens", type=int, default=48)
-    p.add_argument("--markdown-only", action="store_true", help="rebuild the Markdown from the stores")
-    args = p.parse_args()
-    if args.markdown_only:
-        write_markdown()
-    else:
-        run(args)
+    result_store.measure_or_rebuild(p, run, write_markdown)
 
 
 if __name__ == "__main__":
