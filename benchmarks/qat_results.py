@@ -72,7 +72,8 @@ def measure(lm, row: str, bits: int, args, prompts, reference) -> dict:
             "bertscore_f1": bert.f1, "samples": texts, "file_bytes": s["file_bytes"],
             "quantized_bytes": s["quantized_bytes"], "quantized_weights": s["quantized_weights"],
             "bits_per_weight": s["bits_per_quantized_weight"], "settings": settings,
-            "training": None if training is None else {k: training[k] for k in ("seconds", "tokens", "history")}}
+            "training": None if training is None else {k: training.get(k) for k in ("seconds", "tokens", "history",
+                                                                                  "kept_step")}}
 
 
 def run(args) -> None:
@@ -134,6 +135,8 @@ def write_markdown() -> None:
             file_saved = 100 * (1 - r["file_bytes"] / f["bytes"])
             t = r.get("training")
             qat = f"{r['settings']['steps']} steps, {t['tokens']:,} tokens, {t['seconds']:.0f} s" if t else ""
+            if t and t.get("kept_step") is not None:
+                qat += f"; kept step {t['kept_step']} (best held-out loss)"
             out.append(f"| {row} {bits}-bit | {r['bits_per_weight']:.3f} | {r['ce']:.4f} | {r['ppl']:.3f} | {gain} | "
                        f"{r['rouge_l']:.3f} | {r['bertscore_f1']:.3f} | {saved:.1f} % | {file_saved:.1f} % | {qat} |")
         out += ["", "First prompt, greedy:", ""]
