@@ -98,3 +98,23 @@ def test_packed_layers_keep_no_float_weight(stories):
             assert torch.allclose(stories.model(ids[:, -1:]).logits, step_logits, atol=1e-4)
     finally:
         fused.set_enabled(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_benchmark_harness_computes_both_formulas_exactly(dtype):
+    """The dequantization benchmark's C++ harness: PoT exponent add bit-equal to potq's decode,
+    uniform equal to (q − z)·s in float32 rounded once to the output dtype."""
+    from potq.bench.dequant import elementwise
+    from potq.kernels.exponent_add import per_weight
+    from potq.kernels.fused import best_isa
+
+    if best_isa() not in ("avx2", "avx512"):
+        pytest.skip("the harness needs the kernel built for AVX2 or AVX-512")
+    w = torch.randn(64, 200)
+    for name in ("pot", "pot-zero"):
+        for bits in (2, 3, 4, 6):
+            q = quantize_weight(w, get_format(name, bits), 32)
+            assert torch.equal(elementwise(q, dtype), pot_dequantize(q.codes, q.scale, q.fmt, 32, dtype)), (name, bits)
+    u = quantize_weight(w, get_format("uniform", 3), 32)
+    expected = (u.codes.float() - per_weight(u.zero, 32, 200).float()) * per_weight(u.scale, 32, 200).float()
+    assert torch.equal(elementwise(u, dtype), expected.to(dtype))

@@ -81,8 +81,38 @@ torch::Tensor pot_dequantize(torch::Tensor codes, torch::Tensor scales, int64_t 
   return w;
 }
 
+// The dequantization benchmark's harness: unpacked codes [rows, n] -> `dtype` [rows, n], by PoT
+// exponent add (zeros undefined) or uniform (q − z)·s, on rows split across threads.
+torch::Tensor elementwise_dequantize(torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                                     bool pot, int64_t bits, int64_t group, int64_t top, bool with_zero,
+                                     torch::ScalarType dtype, std::string isa) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous(), "codes: contiguous uint8 [rows, n]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == codes.size(0), "scales: fp16 [rows, groups]");
+  TORCH_CHECK(pot || (zeros && zeros->dtype() == torch::kUInt8 && zeros->sizes() == scales.sizes() && zeros->is_contiguous()),
+              "uniform needs uint8 zeros shaped like the scales");
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "the harness needs AVX2 or AVX-512");
+  const int out = dtype == torch::kFloat32 ? 0 : dtype == torch::kFloat16 ? 1 : dtype == torch::kBFloat16 ? 2 : -1;
+  TORCH_CHECK(out >= 0, "dtype must be float32, float16 or bfloat16");
+  const int64_t rows = codes.size(0), n = codes.size(1), groups = scales.size(1);
+  TORCH_CHECK(groups * group >= n, "too few scales");
+  auto w = torch::empty({rows, n}, torch::dtype(dtype));
+  const Layout L{bits, group, top, n, n, with_zero};
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint8_t* zp = pot ? nullptr : zeros->data_ptr<uint8_t>();
+  char* wp = static_cast<char*>(w.data_ptr());
+  const int64_t esize = w.element_size();
+  auto fn = isa == "avx512" ? elementwise_avx512 : elementwise_avx2;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    fn(pot ? 0 : 1, out, cp + r0 * n, sp + r0 * groups, zp ? zp + r0 * groups : nullptr, wp + r0 * n * esize,
+       r1 - r0, n, group, groups, L);
+  });
+  return w;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pot_gemv", &pot_gemv, "fused PoT GEMV on packed codes");
+  m.def("elementwise_dequantize", &elementwise_dequantize, "the dequantization benchmark's PoT / uniform harness");
   m.def("pot_dequantize", &pot_dequantize, "float32 weights of packed PoT codes by exponent add");
   m.def("best_isa", &best_isa, "the widest vector ISA this CPU runs");
 }

@@ -1,6 +1,6 @@
 // AVX2 + FMA: 8 weights a vector, an 8-entry table lookup (two and a blend for 4-bit codes).
 // Compiled for this target only; chosen at run time.
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
 #include "pot_gemv_layout.h"
@@ -22,6 +22,12 @@ struct Isa {
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store_first(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+  static void to_half(const float* src, uint16_t* dst, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; ++j) dst[j] = static_cast<uint16_t>(_cvtss_sh(src[j], 0));
+  }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(V v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -73,9 +79,15 @@ struct Isa {
 }  // namespace
 
 #include "pot_gemv_rows.h"
+#include "dequant_elementwise.h"
 
 void rows_avx2(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1) {
   rows_for(A, nb, x, y, r0, r1);
 }
 
 void dequantize_avx2(const Args& A, float* w, int64_t r0, int64_t r1) { dequantize_for(A, w, r0, r1); }
+
+void elementwise_avx2(int kind, int out, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros,
+                       void* dst, int64_t rows, int64_t n, int64_t group, int64_t groups, const Layout& L) {
+  elementwise_for(kind, out, codes, scales, zeros, dst, rows, n, group, groups, L);
+}

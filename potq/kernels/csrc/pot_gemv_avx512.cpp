@@ -1,5 +1,5 @@
 // AVX-512 (F + BW): 16 weights a vector, one 16-entry table lookup. Chosen at run time.
-#pragma GCC target("avx512f,avx512bw")
+#pragma GCC target("avx512f,avx512bw,f16c")
 #include <immintrin.h>
 
 #include "pot_gemv_layout.h"
@@ -18,6 +18,12 @@ struct Isa {
   static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void store_first(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
+  static void to_half(const float* src, uint16_t* dst, int64_t n) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm512_cvtps_ph(_mm512_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; ++j) dst[j] = static_cast<uint16_t>(_cvtss_sh(src[j], 0));
+  }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 
@@ -54,9 +60,15 @@ struct Isa {
 }  // namespace
 
 #include "pot_gemv_rows.h"
+#include "dequant_elementwise.h"
 
 void rows_avx512(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1) {
   rows_for(A, nb, x, y, r0, r1);
 }
 
 void dequantize_avx512(const Args& A, float* w, int64_t r0, int64_t r1) { dequantize_for(A, w, r0, r1); }
+
+void elementwise_avx512(int kind, int out, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros,
+                       void* dst, int64_t rows, int64_t n, int64_t group, int64_t groups, const Layout& L) {
+  elementwise_for(kind, out, codes, scales, zeros, dst, rows, n, group, groups, L);
+}

@@ -22,3 +22,8 @@ void rows_scalar(const Args& A, int64_t nb, const float* x, float* y, int64_t r0
 // Rows [r0, r1) of the weight itself, w[out, in] in float32.
 void dequantize_avx2(const Args& A, float* w, int64_t r0, int64_t r1);
 void dequantize_avx512(const Args& A, float* w, int64_t r0, int64_t r1);
+// Elementwise PoT (kind 0) or uniform (kind 1) dequantization of unpacked codes (the benchmark harness).
+void elementwise_avx2(int kind, int out, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros,
+                      void* dst, int64_t rows, int64_t n, int64_t group, int64_t groups, const Layout& L);
+void elementwise_avx512(int kind, int out, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros,
+                        void* dst, int64_t rows, int64_t n, int64_t group, int64_t groups, const Layout& L);
