@@ -3,7 +3,7 @@ through the PT2E flow, weights only and weights + embedding tables, with cross-e
 and one generated sample per row; plus its epsilon sweep and potq's own 3-/2-bit two-step rows.
 
     python benchmarks/seed_table.py --model nanogpt-shakespeare
-    python benchmarks/seed_table.py --model smollm2-135m --max-windows 20
+    python benchmarks/seed_table.py --model smollm2-135m --max-windows 8 --twostep
 
 Rows (every one exported, prepared, converted by ``potq.pt2e`` and scored on the converted graph):
 ``int:B`` is PT2E's own symmetric per-channel integer weights (the seed's "normal quantization"),

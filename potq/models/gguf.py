@@ -22,7 +22,9 @@ from potq.models import llama
 from potq.errors import PotqError, first_line
 from potq.models.tokenizer import Tokenizer
 
-EXPANDED_TYPES = {GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")}
+# llama.cpp's legacy and k-quant types (so a llama.cpp-quantized file can be evaluated as a peer)
+EXPANDED_TYPES = {GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
+                                                          "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
 GLOBAL_TENSORS = {"token_embd.weight": llama.EMBEDDING, "output_norm.weight": llama.FINAL_NORM,
                   "output.weight": llama.CLASSIFIER}
 BLOCK_TENSORS = {
