@@ -135,6 +135,11 @@ def write_markdown() -> None:
             label = {"float": "float", "int": "int {}", "seed": "PoT {} (seed bits)",
                      "twostep": "potq two-step {}"}[row.split(":")[0]]
             out.append(f"| {label.format(row.partition(':')[2])} | {stored_bits(row)} | {cells[0]} | {cells[1]} |")
+        if not any(k.startswith("twostep:") for k in runs) and (RESULTS / f"main-{any_run['dataset']}.md").exists():
+            out += ["", f"No two-step rows in this table (run with `--twostep` and no rows: a two-step run of this "
+                        f"model is long on these machines, see [quantize-time.md](quantize-time.md)); potq's "
+                        f"two-step PoT on the full test set is in "
+                        f"[main-{any_run['dataset']}.md](main-{any_run['dataset']}.md)."]
         eps_rows = {k: v for k, v in runs.items() if "eps=" in k}
         if eps_rows:
             out += ["", "Epsilon sweep, PoT 4 (seed bits), w+emb:", "", "| ε | CE | ppl |", "|---:|---:|---:|"]
