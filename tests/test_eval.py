@@ -218,3 +218,24 @@ def test_calibration_batch_needs_long_enough_documents(lm) -> None:
     _, tok = lm
     with pytest.raises(PotqError, match="lower the sequence length"):
         calibration_batch(tok, n=1, seqlen=1_000_000, seed=0)
+
+
+def test_lean_llama_decoder_matches_transformers(stories_float):
+    """potq's LLaMA decoder (used by generate) gives transformers' logits, prompt then one token a
+    step, for the float model and a packed PoT one (fused kernel)."""
+    import copy
+
+    import potq
+    from potq.models.llama_decoder import LlamaDecoder, supports
+
+    ids = torch.tensor([stories_float.tokenizer.encode("Once upon a time there was a little")])
+    for quantized in (False, True):
+        model = copy.deepcopy(stories_float.model)
+        if quantized:
+            potq.quantize_(model, potq.QuantConfig("pot", 3, 32), method="rtn", progress=False)
+        assert supports(model)
+        with torch.inference_mode():
+            reference = model(ids).logits[0, 4:]
+            decoder = LlamaDecoder(model, ids.shape[1])
+            got = torch.stack([decoder(ids[:, :5])] + [decoder(ids[:, t:t + 1]) for t in range(5, ids.shape[1])])
+        assert torch.allclose(got, reference, atol=1e-4), (quantized, (got - reference).abs().max())

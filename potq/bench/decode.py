@@ -3,7 +3,8 @@
 Each variant runs in a fresh process (``python -m potq.bench.decode FOLDER``), so its peak
 resident memory is its own: the model as it is loaded (float, or potq's packed folder with the
 fused kernel), a prompt of ``prompt_tokens`` tokens of WikiText-2, then ``new_tokens`` greedy
-steps with the KV cache, batch 1. The packed folders are made once by RTN (the method does not
+steps with the KV cache, batch 1, through the path ``potq generate`` takes (for LLaMA models potq's
+lean decoder, the same for the float and the packed model). The packed folders are made once by RTN (the method does not
 change the speed) under ``$POTQ_HOME/bench/``.
 """
 
@@ -18,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 import potq
 from potq.bench.bandwidth import weight_bytes_per_token
 from potq.eval.data import eval_text
+from potq.eval.generate import next_tokens
 from potq.kernels import fused
 from potq.nn import QuantLinear
 from potq.paths import home_dir
@@ -53,7 +54,7 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     lm = potq.load_model(path)
     load_s = time.perf_counter() - start
     rss_loaded = _rss_mib()
-    ids = torch.tensor([lm.tokenizer.encode(eval_text("wikitext2"))[:prompt_tokens]])
+    ids = lm.tokenizer.encode(eval_text("wikitext2"))[:prompt_tokens]
     prompt_s, decode_s, tokens = _greedy(lm.model, ids, new_tokens)
     packed = any(isinstance(m, QuantLinear) and fused.serves(m) for m in lm.model.modules())
     same_text = None
@@ -67,20 +68,16 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
             "threads": threads, "weight_bytes_per_token": weight_bytes_per_token(lm.model)}
 
 
-def _greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
-    """Seconds for the prompt, seconds for ``new_tokens`` greedy steps with the KV cache, the tokens."""
-    cache = DynamicCache()
-    tokens = []
+def _greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """Seconds for the prompt (to the first token), seconds for ``new_tokens`` more greedy steps,
+    and the tokens — through the path ``potq generate`` takes (:func:`potq.eval.generate.next_tokens`)."""
     with torch.inference_mode():
         start = time.perf_counter()
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        steps = next_tokens(model, prompt, new_tokens + 1, lambda logits: int(logits.argmax()))
+        tokens = [next(steps)]
         prompt_s = time.perf_counter() - start
-        token = logits[:, -1:].argmax(-1)
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            tokens.append(int(token))
-            logits = model(token, past_key_values=cache, use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
+        tokens += list(steps)
         decode_s = time.perf_counter() - start
     return prompt_s, decode_s, tokens
 

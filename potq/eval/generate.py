@@ -1,7 +1,8 @@
 """Text generation for eyeballing a quantized model: greedy or seeded sampling, with a KV cache.
 
-With a transformers ``DynamicCache`` the prompt is run once and every new token costs a single
-position; models whose ``forward`` takes no ``past_key_values`` (a plain nanoGPT) fall back to
+LLaMA models go through potq's lean decoder (:mod:`potq.models.llama_decoder`, its own KV cache);
+other transformers models through their forward with a ``DynamicCache``: either way the prompt
+is run once and every new token costs a single position; models whose ``forward`` takes no ``past_key_values`` (a plain nanoGPT) fall back to
 recomputing the whole sequence each step, which gives the same tokens, only slower.
 """
 
@@ -16,6 +17,7 @@ from transformers import DynamicCache
 
 from potq.errors import PotqError
 from potq.eval.perplexity import logits_of, max_positions, model_device
+from potq.models import llama_decoder
 
 if TYPE_CHECKING:
     from potq.models.tokenizer import Tokenizer
@@ -27,10 +29,18 @@ def _accepts_cache(model: nn.Module) -> bool:
     return "past_key_values" in inspect.signature(model.forward).parameters
 
 
-def _next_tokens(model: nn.Module, prompt_ids: list[int], steps: int,
+def next_tokens(model: nn.Module, prompt_ids: list[int], steps: int,
                  pick: Picker) -> Iterator[int]:
     """Up to ``steps`` tokens, each chosen by ``pick`` from the logits of the last position."""
     device = model_device(model)
+    if llama_decoder.supports(model):
+        decoder = llama_decoder.LlamaDecoder(model, len(prompt_ids) + steps)
+        logits = decoder(torch.tensor([prompt_ids], dtype=torch.long, device=device))
+        for _ in range(steps):
+            token = pick(logits)
+            yield token
+            logits = decoder(torch.tensor([[token]], dtype=torch.long, device=device))
+        return
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     cache = DynamicCache() if _accepts_cache(model) else None
     for _ in range(steps):
@@ -119,7 +129,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens
     new_ids: list[int] = []
     sent = ""
     with torch.inference_mode():
-        for token in _next_tokens(model, prompt_ids, max_new_tokens, pick):
+        for token in next_tokens(model, prompt_ids, max_new_tokens, pick):
             if token == tokenizer.eos_id:
                 break
             new_ids.append(token)
