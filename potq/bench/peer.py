@@ -8,10 +8,14 @@ benchmark-only extra ``potq[peer]``; without it this table is skipped with a not
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from potq.eval.data import eval_text
+from potq.bench.decode import prompt_text
 from potq.paths import home_dir
 
 TYPES = {"Q4_0": 2, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
@@ -34,18 +38,35 @@ def requantized(source: Path, kind: str) -> Path:
         params.ftype = TYPES[kind]
         params.allow_requantize = True
         tmp = out.with_suffix(".tmp")
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        with _quiet_stderr():  # llama.cpp logs every tensor
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0
+        if failed:
             raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
         tmp.rename(out)
     return out
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C libraries write there directly, past Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
-                          n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
-    ids = llm.tokenize(eval_text("wikitext2").encode(), add_bos=False)[:prompt_tokens]
+    with _quiet_stderr():
+        llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                              n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
+    ids = llm.tokenize(prompt_text(prompt_tokens).encode(), add_bos=False)[:prompt_tokens]
     start = time.perf_counter()
     steps = llm.generate(ids, temp=0.0, reset=True)
     next(steps)

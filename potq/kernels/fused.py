@@ -106,12 +106,19 @@ def pot_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: ANN00
     """
     if not serves(layer):
         return reference_gemv(x, layer).to(x.dtype)
+    return served_gemv(x, layer, _isa(isa))
+
+
+def served_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
+    """:func:`pot_gemv` for a layer :func:`serves` has accepted: the decoding hot path, which
+    does nothing per call that need not be done per call."""
     flat = x.reshape(-1, layer.in_features)
     if flat.dtype != torch.float32 or not flat.is_contiguous():
         flat = flat.float().contiguous()
-    y = extension().pot_gemv(flat, layer.codes, layer.scales, *layer.__dict__["_fused_grid"], _isa(isa))
-    if layer.bias is not None:
-        y += layer.bias
+    y = extension().pot_gemv(flat, layer.codes, layer.scales, *layer.__dict__["_fused_grid"], isa or best_isa())
+    bias = layer.bias
+    if bias is not None:
+        y += bias
     y = y.view(*x.shape[:-1], layer.out_features)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -123,7 +123,7 @@ class QuantLinear(PackedWeight):
     def forward(self, x: Tensor) -> Tensor:
         if fused.serves(self):
             if x.numel() <= FUSED_MAX_ROWS * self.in_features and not x.requires_grad:
-                return fused.pot_gemv(x, self)
+                return fused.served_gemv(x, self)
             w = fused.packed_dequantize(self)
         else:
             w = self.weight_for_forward()
