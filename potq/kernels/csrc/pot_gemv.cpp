@@ -67,7 +67,9 @@ torch::Tensor pot_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t batch = x.size(0);
-  at::parallel_for(0, A.out_features, 64, [&](int64_t r0, int64_t r1) { rows(A, batch, xp, yp, r0, r1); });
+  // Threads only where each gets enough work (~32k weights a row block): waking them costs microseconds.
+  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 15) / std::max<int64_t>(1, A.layout.in_features * batch));
+  at::parallel_for(0, A.out_features, grain, [&](int64_t r0, int64_t r1) { rows(A, batch, xp, yp, r0, r1); });
   return y;
 }
 
