@@ -20,15 +20,20 @@ def read_gb_s(mib: int = 1024, seconds: float = 1.0) -> float:
     return x.numel() * 4 / per_call(lambda: x.sum(), seconds) / 1e9
 
 
-def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one decoding step reads: every linear (the output head included) as held in
-    memory; embedding tables are only read a row at a time and are left out."""
-    total, seen = 0, set()
+def weight_bytes_per_token(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights one decoding step reads — every linear as held in memory, and of those the
+    output head's; embedding tables are only read a row at a time and are left out."""
+    total, head, seen = 0, 0, set()
+    head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module in model.modules():
         if isinstance(module, QuantLinear):
             key = module.codes.data_ptr()
-            total += 0 if key in seen else module.storage_bytes()
+            size = 0 if key in seen else module.storage_bytes()
             seen.add(key)
         elif isinstance(module, nn.Linear) and not isinstance(module, PackedWeight):
-            total += module.weight.numel() * module.weight.element_size()
-    return total
+            size = module.weight.numel() * module.weight.element_size()
+        else:
+            continue
+        total += size
+        head += size if module is head_module else 0
+    return {"total": total, "head": head}

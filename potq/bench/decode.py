@@ -62,10 +62,11 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
         fused.set_enabled(False)
         same_text = _greedy(lm.model, ids, new_tokens)[2] == tokens
         fused.set_enabled(True)
+    read = weight_bytes_per_token(lm.model)
     return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
             "same_tokens_as_torch_path": same_text,
             "rss_after_load_mib": rss_loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": threads, "weight_bytes_per_token": weight_bytes_per_token(lm.model)}
+            "threads": threads, "weight_bytes_per_token": read["total"], "head_bytes": read["head"]}
 
 
 def prompt_text(tokens: int) -> str:
