@@ -244,17 +244,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from potq.eval import generate
+    from potq.kernels import fused
     from potq.models import load_model
 
-    from potq.kernels import fused
-
-    fused.set_enabled(args.kernel == "fused")
     lm = load_model(args.model)
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    text = generate(lm.model, lm.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                    stream=lambda piece: print(piece, end="", flush=True))
+    with fused.enabled(args.kernel == "fused"):
+        text = generate(lm.model, lm.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                        stream=lambda piece: print(piece, end="", flush=True))
     seconds = time.perf_counter() - start
     print()
     if args.stats:

@@ -87,17 +87,13 @@ def test_packed_layers_keep_no_float_weight(stories):
     potq.quantize_(stories, potq.QuantConfig("pot", 3, 32), method="rtn", embeddings=True, progress=False)
     packed = [m for m in stories.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     ids = torch.tensor([stories.tokenizer.encode("Once upon a time")])
-    with torch.inference_mode():
+    with torch.inference_mode(), fused.enabled(True):
         prompt_logits = stories.model(ids).logits
         step_logits = stories.model(ids[:, -1:]).logits
     assert all(m._weight is None for m in packed)
-    fused.set_enabled(False)
-    try:
-        with torch.inference_mode():
-            assert torch.allclose(stories.model(ids).logits, prompt_logits, atol=1e-4)
-            assert torch.allclose(stories.model(ids[:, -1:]).logits, step_logits, atol=1e-4)
-    finally:
-        fused.set_enabled(True)
+    with torch.inference_mode(), fused.enabled(False):
+        assert torch.allclose(stories.model(ids).logits, prompt_logits, atol=1e-4)
+        assert torch.allclose(stories.model(ids[:, -1:]).logits, step_logits, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -59,9 +59,8 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     packed = any(isinstance(m, QuantLinear) and fused.serves(m) for m in lm.model.modules())
     same_text = None
     if packed:  # the same greedy tokens from the pure-PyTorch path
-        fused.set_enabled(False)
-        same_text = _greedy(lm.model, ids, new_tokens)[2] == tokens
-        fused.set_enabled(True)
+        with fused.enabled(False):
+            same_text = _greedy(lm.model, ids, new_tokens)[2] == tokens
     read = weight_bytes_per_token(lm.model)
     return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
             "same_tokens_as_torch_path": same_text,

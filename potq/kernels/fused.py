@@ -10,6 +10,8 @@ is also what the tests compare the kernel against.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import sys
 import warnings
@@ -55,11 +57,16 @@ def extension() -> ModuleType | None:
 _enabled = os.environ.get("POTQ_FUSED", "1") != "0"
 
 
-def set_enabled(flag: bool) -> None:
-    """Use the fused kernel for packed PoT layers (the default) or the pure-PyTorch path
-    (``potq generate --kernel torch``; the environment variable ``POTQ_FUSED=0`` does the same)."""
+@contextmanager
+def enabled(flag: bool) -> Iterator[None]:
+    """Within the block, packed PoT layers use the fused kernel (``True``, the default) or the
+    pure-PyTorch path (``potq generate --kernel torch``; ``POTQ_FUSED=0`` sets the default)."""
     global _enabled
-    _enabled = flag
+    saved, _enabled = _enabled, flag
+    try:
+        yield
+    finally:
+        _enabled = saved
 
 
 @lru_cache(maxsize=1)
