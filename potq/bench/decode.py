@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     start = time.perf_counter()
     lm = potq.load_model(path)
     load_s = time.perf_counter() - start
-    rss_loaded = _rss_mib()
+    rss_loaded = _status_mib("VmRSS")
     ids = lm.tokenizer.encode(prompt_text(prompt_tokens))[:prompt_tokens]
     prompt_s, decode_s, tokens = _greedy(lm.model, ids, new_tokens)
     packed = any(isinstance(m, QuantLinear) and fused.serves(m) for m in lm.model.modules())
@@ -64,7 +63,7 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     read = weight_bytes_per_token(lm.model)
     return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
             "same_tokens_as_torch_path": same_text,
-            "rss_after_load_mib": rss_loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_load_mib": rss_loaded, "peak_rss_mib": _status_mib("VmHWM"),
             "threads": threads, "weight_bytes_per_token": read["total"], "head_bytes": read["head"]}
 
 
@@ -88,9 +87,11 @@ def _greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple
     return prompt_s, decode_s, tokens
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """This process's resident memory now (``VmRSS``) or at its peak (``VmHWM``: unlike getrusage's
+    maxrss, it starts afresh in a new program, not at the forking parent's peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 

@@ -30,6 +30,10 @@ from potq.paths import home_dir
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("pot_gemv.cpp", "pot_gemv_avx2.cpp", "pot_gemv_avx512.cpp")]
+# at::parallel_for splits rows across threads only in code compiled with OpenMP (PyTorch's own
+# runtime, already loaded, serves it); without the flag it silently runs on one thread.
+OPENMP = "-fopenmp"
+BUILD_FLAGS = f"-O3 {OPENMP}"
 ISAS = {"avx512": ("avx512", "avx2", "scalar"), "avx2": ("avx2", "scalar"), "scalar": ("scalar",), "none": ()}
 
 
@@ -39,7 +43,7 @@ def extension() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     code = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
-    digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(code + torch.__version__.encode() + BUILD_FLAGS.encode()).hexdigest()[:16]
     build = home_dir() / "kernels" / digest
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
@@ -47,7 +51,7 @@ def extension() -> ModuleType | None:
               file=sys.stderr, flush=True)
     try:
         return load(name=f"potq_pot_gemv_{digest}", sources=[str(p) for p in SOURCES], build_directory=str(build),
-                    extra_cflags=["-O3"], extra_include_paths=[str(CSRC)], verbose=False)
+                    extra_cflags=["-O3", OPENMP], extra_ldflags=[OPENMP], extra_include_paths=[str(CSRC)], verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: the PyTorch path still works
         warnings.warn(f"potq: the fused PoT kernel could not be built ({str(exc).splitlines()[0][:120]}); "
                       "using the PyTorch fallback", stacklevel=2)
