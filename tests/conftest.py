@@ -42,3 +42,17 @@ def char_model(char_trained) -> potq.LoadedModel:
     """A fresh copy of the trained char model each test may quantize in place."""
     lm, _ = char_trained
     return potq.LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.source)
+
+
+@pytest.fixture
+def fused_kernel() -> str:
+    """The fused kernel's instruction set. Skips where no C++ compiler exists; where one does, a
+    kernel that fails to build fails the test instead of hiding behind the PyTorch fallback."""
+    import shutil
+
+    from potq.kernels.fused import best_isa
+
+    if best_isa() == "none":
+        assert shutil.which("c++") is None, "a C++ compiler is here but the fused kernel did not build"
+        pytest.skip("no C++ compiler: the fused kernel is not built here")
+    return best_isa()

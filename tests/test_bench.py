@@ -3,11 +3,9 @@ subprocess measurement (the full report on SmolLM2 is a benchmark, not a test)."
 
 import re
 
-import pytest
 
 from potq.bench import decode, gemv
 from potq.cli import main
-from potq.kernels.fused import best_isa
 
 
 def test_quick_prints_the_speedup_last(capsys):
@@ -16,9 +14,7 @@ def test_quick_prints_the_speedup_last(capsys):
     assert re.fullmatch(r"gemv pot3/fp32 speedup: \d+\.\d\d×", last), last
 
 
-def test_decoding_runs_each_variant_in_its_own_process(tmp_path):
-    if best_isa() == "none":
-        pytest.skip("no C++ compiler: the fused kernel is not built here")
+def test_decoding_runs_each_variant_in_its_own_process(tmp_path, fused_kernel):
     results = decode.run("stories260k", prompt_tokens=8, new_tokens=4, threads=1, variants=["float32", "pot3"],
                          cache=tmp_path)
     assert set(results) == {"float32", "pot3"}

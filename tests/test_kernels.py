@@ -48,28 +48,22 @@ def test_uniform_baseline_and_bad_input():
         pot_dequantize(qw.codes, qw.scale, get_format("pot", 3), 32, torch.float64)
 
 
-def _needs_kernel():
-    from potq.kernels.fused import best_isa
-
-    if best_isa() == "none":
-        pytest.skip("no C++ compiler: the fused kernel is not built here")
-
-
 @pytest.mark.parametrize("name", ["pot", "pot-zero"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])
 @pytest.mark.parametrize("group, in_features", [(128, 576), (32, 100), (-1, 96), (64, 1536), (16, 40), (12, 60)])
-def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features):
+def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features, fused_kernel):
     from potq.kernels.fused import ISAS, best_isa, packed_dequantize, pot_gemv, reference_gemv
     from potq.nn import QuantLinear
 
-    _needs_kernel()
     torch.manual_seed(bits)
     layer = QuantLinear.from_quantized(quantize_weight(torch.randn(37, in_features), get_format(name, bits), group),
                                        torch.randn(37))
     layer.scales[0, 0] = 0.0  # a zero scale and an fp16-subnormal one take the exact table path
     layer.scales[1, -1] = 3e-7
-    for isa in ISAS[best_isa()]:  # the kernel's own exponent add is bit-exact
+    for isa in ISAS[best_isa()]:  # the kernel's own exponent add is bit-exact, into a new or a given tensor
         assert torch.equal(packed_dequantize(layer, isa), layer.dequantize()), isa
+        out = torch.full((37, in_features), float("nan"))
+        assert packed_dequantize(layer, isa, out) is out and torch.equal(out, layer.dequantize()), isa
     for batch in (1, 3, 11):
         x = torch.randn(batch, in_features)
         reference = reference_gemv(x, layer)
@@ -77,13 +71,12 @@ def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features
             assert torch.allclose(pot_gemv(x, layer, isa), reference, rtol=1e-5, atol=1e-4), isa
 
 
-def test_packed_layers_keep_no_float_weight(stories):
+def test_packed_layers_keep_no_float_weight(stories, fused_kernel):
     """A PoT model runs from its packed codes: decoding steps through the fused GEMV, a prompt
     through a per-call weight, embeddings row by row — and none of it leaves a float copy."""
     from potq.kernels import fused
     from potq.nn import QuantEmbedding, QuantLinear
 
-    _needs_kernel()
     potq.quantize_(stories, potq.QuantConfig("pot", 3, 32), method="rtn", embeddings=True, progress=False)
     packed = [m for m in stories.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     ids = torch.tensor([stories.tokenizer.encode("Once upon a time")])
@@ -97,15 +90,14 @@ def test_packed_layers_keep_no_float_weight(stories):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_benchmark_harness_computes_both_formulas_exactly(dtype):
+def test_benchmark_harness_computes_both_formulas_exactly(dtype, fused_kernel):
     """The dequantization benchmark's C++ harness: PoT exponent add bit-equal to potq's decode,
     uniform equal to (q − z)·s in float32 rounded once to the output dtype."""
     from potq.bench.dequant import elementwise
     from potq.kernels.exponent_add import per_weight
-    from potq.kernels.fused import best_isa
 
-    if best_isa() not in ("avx2", "avx512"):
-        pytest.skip("the harness needs the kernel built for AVX2 or AVX-512")
+    if fused_kernel not in ("avx2", "avx512"):
+        pytest.skip("the harness needs a CPU with AVX2 or AVX-512")
     w = torch.randn(64, 200)
     for name in ("pot", "pot-zero"):
         for bits in (2, 3, 4, 6):

@@ -134,12 +134,12 @@ def served_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: AN
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def packed_dequantize(layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
+def packed_dequantize(layer, isa: str | None = None, out: Tensor | None = None) -> Tensor:  # noqa: ANN001
     """The float32 weight of a packed PoT layer, made by the kernel's exponent add (falls back
-    to the layer's own PyTorch decode where the kernel does not serve it)."""
+    to the layer's own PyTorch decode where the kernel does not serve it); into ``out`` if given."""
     if not serves(layer):
-        return layer.dequantize()
-    return extension().pot_dequantize(layer.codes, layer.scales, layer.in_features, *_grid(layer), _isa(isa))
+        return layer.dequantize() if out is None else out.copy_(layer.dequantize())
+    return extension().pot_dequantize(layer.codes, layer.scales, layer.in_features, *_grid(layer), _isa(isa), out)
 
 
 def reference_gemv(x: Tensor, layer) -> Tensor:  # noqa: ANN001

@@ -73,11 +73,21 @@ torch::Tensor pot_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale
   return y;
 }
 
+// A destination for `rows × cols` of `dtype`: `out` when given (a benchmark reuses it, so that it
+// times the dequantization rather than the operating system handing out fresh pages), else new.
+torch::Tensor destination(const c10::optional<torch::Tensor>& out, int64_t rows, int64_t cols, torch::ScalarType dtype) {
+  if (!out) return torch::empty({rows, cols}, torch::dtype(dtype));
+  TORCH_CHECK(out->dtype() == dtype && out->is_contiguous() && out->size(0) == rows && out->size(1) == cols,
+              "out must be a contiguous ", rows, "x", cols, " tensor of the output dtype");
+  return *out;
+}
+
 torch::Tensor pot_dequantize(torch::Tensor codes, torch::Tensor scales, int64_t in_features, int64_t bits,
-                             int64_t group, int64_t top, bool with_zero, std::string isa) {
+                             int64_t group, int64_t top, bool with_zero, std::string isa,
+                             c10::optional<torch::Tensor> out) {
   const Args A = packed_layer(codes, scales, in_features, bits, group, top, with_zero);
   auto rows = bits > 4 || isa == "scalar" ? dequantize_scalar : isa == "avx512" ? dequantize_avx512 : dequantize_avx2;
-  auto w = torch::empty({A.out_features, in_features}, torch::dtype(torch::kFloat32));
+  auto w = destination(out, A.out_features, in_features, torch::kFloat32);
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, A.out_features, 64, [&](int64_t r0, int64_t r1) { rows(A, wp, r0, r1); });
   return w;
@@ -87,17 +97,17 @@ torch::Tensor pot_dequantize(torch::Tensor codes, torch::Tensor scales, int64_t 
 // exponent add (zeros undefined) or uniform (q − z)·s, on rows split across threads.
 torch::Tensor elementwise_dequantize(torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                                      bool pot, int64_t bits, int64_t group, int64_t top, bool with_zero,
-                                     torch::ScalarType dtype, std::string isa) {
+                                     torch::ScalarType dtype, std::string isa, c10::optional<torch::Tensor> out) {
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous(), "codes: contiguous uint8 [rows, n]");
   TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == codes.size(0), "scales: fp16 [rows, groups]");
   TORCH_CHECK(pot || (zeros && zeros->dtype() == torch::kUInt8 && zeros->sizes() == scales.sizes() && zeros->is_contiguous()),
               "uniform needs uint8 zeros shaped like the scales");
   TORCH_CHECK(isa == "avx512" || isa == "avx2", "the harness needs AVX2 or AVX-512");
-  const int out = dtype == torch::kFloat32 ? 0 : dtype == torch::kFloat16 ? 1 : dtype == torch::kBFloat16 ? 2 : -1;
-  TORCH_CHECK(out >= 0, "dtype must be float32, float16 or bfloat16");
+  const int kind = dtype == torch::kFloat32 ? 0 : dtype == torch::kFloat16 ? 1 : dtype == torch::kBFloat16 ? 2 : -1;
+  TORCH_CHECK(kind >= 0, "dtype must be float32, float16 or bfloat16");
   const int64_t rows = codes.size(0), n = codes.size(1), groups = scales.size(1);
   TORCH_CHECK(groups * group >= n, "too few scales");
-  auto w = torch::empty({rows, n}, torch::dtype(dtype));
+  auto w = destination(out, rows, n, dtype);
   const Layout L{bits, group, top, n, n, with_zero};
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
@@ -106,7 +116,7 @@ torch::Tensor elementwise_dequantize(torch::Tensor codes, torch::Tensor scales, 
   const int64_t esize = w.element_size();
   auto fn = isa == "avx512" ? elementwise_avx512 : elementwise_avx2;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    fn(pot ? 0 : 1, out, cp + r0 * n, sp + r0 * groups, zp ? zp + r0 * groups : nullptr, wp + r0 * n * esize,
+    fn(pot ? 0 : 1, kind, cp + r0 * n, sp + r0 * groups, zp ? zp + r0 * groups : nullptr, wp + r0 * n * esize,
        r1 - r0, n, group, groups, L);
   });
   return w;
@@ -114,7 +124,11 @@ torch::Tensor elementwise_dequantize(torch::Tensor codes, torch::Tensor scales, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pot_gemv", &pot_gemv, "fused PoT GEMV on packed codes");
-  m.def("elementwise_dequantize", &elementwise_dequantize, "the dequantization benchmark's PoT / uniform harness");
-  m.def("pot_dequantize", &pot_dequantize, "float32 weights of packed PoT codes by exponent add");
+  m.def("elementwise_dequantize", &elementwise_dequantize, "the dequantization benchmark's PoT / uniform harness",
+        py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("pot"), py::arg("bits"), py::arg("group"),
+        py::arg("top"), py::arg("with_zero"), py::arg("dtype"), py::arg("isa"), py::arg("out") = py::none());
+  m.def("pot_dequantize", &pot_dequantize, "float32 weights of packed PoT codes by exponent add",
+        py::arg("codes"), py::arg("scales"), py::arg("in_features"), py::arg("bits"), py::arg("group"), py::arg("top"),
+        py::arg("with_zero"), py::arg("isa"), py::arg("out") = py::none());
   m.def("best_isa", &best_isa, "the widest vector ISA this CPU runs");
 }
