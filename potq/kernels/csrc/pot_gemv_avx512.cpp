@@ -61,14 +61,6 @@ struct Isa {
 
 #include "pot_gemv_rows.h"
 #include "dequant_elementwise.h"
+#include "pot_gemv_entry.h"
 
-void rows_avx512(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1) {
-  rows_for(A, nb, x, y, r0, r1);
-}
-
-void dequantize_avx512(const Args& A, float* w, int64_t r0, int64_t r1) { dequantize_for(A, w, r0, r1); }
-
-void elementwise_avx512(int kind, int out, const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros,
-                       void* dst, int64_t rows, int64_t n, int64_t group, int64_t groups, const Layout& L) {
-  elementwise_for(kind, out, codes, scales, zeros, dst, rows, n, group, groups, L);
-}
+POTQ_ENTRY_POINTS(avx512)
