@@ -4,7 +4,7 @@ subprocess measurement (the full report on SmolLM2 is a benchmark, not a test)."
 import re
 
 
-from potq.bench import decode, gemv
+from potq.bench import decode, dequant, gemv
 from potq.cli import main
 
 
@@ -31,3 +31,10 @@ def test_linear_shapes_are_the_models(stories_float):
     shapes = gemv.linear_shapes(stories_float.model)
     assert list(shapes)[0] == max(shapes, key=lambda s: s[0] * s[1])
     assert sum(len(names) for names in shapes.values()) == 5 * 7 + 1  # 5 blocks x 7 linears + the head
+
+
+def test_dequantization_table_runs(fused_kernel):
+    rows = dequant.run(rows=32, cols=256, seconds=0.01)
+    assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16"}
+    assert all(r["pot_gelem_s"] > 0 for r in rows)
+    assert "| PoT exponent add (Gelem/s) |" in "\n".join(dequant.markdown(rows, "32×256"))

@@ -43,14 +43,14 @@ def run(rows: int = 4096, cols: int = 4096, bits: int = 3, group: int = 128, sec
     n = rows * cols
     out = []
     for name, dtype in DTYPES.items():
-        out = torch.empty(rows, cols, dtype=dtype)  # one output buffer, so pages are not faulted in per call
-        t_pot = per_call(lambda: elementwise(pot, dtype, out), seconds)
-        t_uni = per_call(lambda: elementwise(uni, dtype, out), seconds)
+        buffer = torch.empty(rows, cols, dtype=dtype)  # one output buffer: pages are not faulted in per call
+        t_pot = per_call(lambda: elementwise(pot, dtype, buffer), seconds)
+        t_uni = per_call(lambda: elementwise(uni, dtype, buffer), seconds)
         out.append({"path": "elementwise, unpacked codes", "dtype": name, "pot_gelem_s": n / t_pot / 1e9,
                     "uniform_gelem_s": n / t_uni / 1e9, "ratio": t_uni / t_pot})
     layer = QuantLinear.from_quantized(pot)
-    out = torch.empty(rows, cols)
-    t = per_call(lambda: fused.packed_dequantize(layer, out=out), seconds)
+    buffer = torch.empty(rows, cols)
+    t = per_call(lambda: fused.packed_dequantize(layer, out=buffer), seconds)
     out.append({"path": "fused kernel's table (packed codes)", "dtype": "fp32", "pot_gelem_s": n / t / 1e9,
                 "uniform_gelem_s": None, "ratio": None})
     return out
