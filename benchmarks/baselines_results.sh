@@ -11,13 +11,18 @@ UNIFORM=(float)
 for bits in 4 3 2; do
   for method in rtn gptq awq omniquant; do UNIFORM+=("uniform:$bits:$method"); done
 done
+# the peer (issue 5): llama.cpp's own quantizer on the same GGUF, evaluated by potq (needs potq[peer])
+PEER=(llama.cpp:Q4_0 llama.cpp:Q3_K_M llama.cpp:Q2_K)
 POT=(float)
 for bits in 3 2; do
   for method in rtn awq gptq omniquant twostep; do POT+=("pot:$bits:$method"); done
 done
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
-  "$PY" "${TABLE[@]}" --rows "${UNIFORM[@]}" "${POT[@]:1}" --out "out/progress-baselines-$TAG"
+  if "$PY" -c "import llama_cpp" 2>/dev/null; then
+    "$PY" "${TABLE[@]}" --rows "${PEER[@]}" --out "out/progress-peer-$TAG"
+  fi
+  "$PY" "${TABLE[@]}" --rows "${POT[@]}" "${UNIFORM[@]:1}" --out "out/progress-baselines-$TAG"
 fi
-"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" --out "docs/results/baselines-uniform-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
 "$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" --out "docs/results/baselines-pot-$TAG"

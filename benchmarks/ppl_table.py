@@ -6,7 +6,9 @@ disk and evaluated with the same windows. Writes a Markdown table and the raw JS
 
 A row is ``float`` or ``FORMAT:BITS[:METHOD[:GROUP]][,key=value...]``: method default rtn, group
 size default ``--group-size``, and ``key=value`` settings passed to the method (e.g.
-``pot:3:twostep:64,grad=ste``).
+``pot:3:twostep:64,grad=ste``). ``llama.cpp:KIND`` (``Q4_0``, ``Q3_K_M``, ``Q2_K``) is the peer:
+the model's GGUF requantized by llama.cpp's own quantizer (the optional ``potq[peer]`` extra),
+loaded by potq's GGUF loader and evaluated by the same code on the same windows.
 
 Every measurement goes to a store (``--store``, default ``docs/results/MODEL-runs.json``) keyed by
 row; a table (``--out``) is a view of some rows. Rows already in the store are not measured
@@ -34,6 +36,9 @@ from potq.info import summary
 from potq.storage import read_manifest
 
 
+PEER = "llama.cpp:"
+
+
 def parse_row(spec: str, default_group: int) -> dict:
     """``pot:3:twostep:64,grad=ste`` -> format, bits, method, group size, settings."""
     head, *pairs = spec.split(",")
@@ -48,7 +53,7 @@ def parse_row(spec: str, default_group: int) -> dict:
 
 def canonical(spec: str, default_group: int) -> str:
     """One name per measurement: ``uniform:4:rtn`` and ``uniform:4:rtn:128`` are ``uniform:4``."""
-    if spec == "float":
+    if spec == "float" or spec.startswith(PEER):
         return spec
     row = parse_row(spec, default_group)
     name = f"{row['format']}:{row['bits']}"
@@ -84,6 +89,28 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
     return potq.load(folder), record
 
 
+def peer_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cached: dict) -> tuple:
+    """The row's GGUF, requantized by llama.cpp from the model's own GGUF (kept in ``--work``),
+    loaded by potq."""
+    from potq.bench import peer
+
+    source = Path(float_lm.source["path"])
+    if source.suffix != ".gguf" or not peer.available():
+        raise SystemExit(f"{spec}: needs a GGUF model and llama-cpp-python (pip install -e .[peer])")
+    kind, folder = spec[len(PEER):], Path(args.work) / args.model
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh = args.force or "quantize_seconds" not in cached
+    if fresh:  # timed from scratch
+        (folder / f"{source.stem.split('.')[0]}.{kind}.gguf").unlink(missing_ok=True)
+    start = time.perf_counter()
+    path = peer.requantized(source, kind, folder)
+    seconds = time.perf_counter() - start if fresh else cached["quantize_seconds"]
+    record = {"label": f"llama.cpp {kind} (requantized from {source.name})", "group_size": None, "method": spec,
+              "bits_per_weight": peer.block_bits_per_weight(path), "file_bytes": path.stat().st_size,
+              "quantize_seconds": seconds}
+    return potq.load_model(str(path)), record
+
+
 def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cached: dict) -> dict:
     todo = [d for d in args.dataset if args.force or not _same_windows(cached.get(d), args)]
     if spec == "float":
@@ -91,6 +118,8 @@ def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cac
                                 "quantize_seconds": 0.0, "group_size": None, "method": None}
     elif not todo and "quantize_seconds" in cached:
         return cached
+    elif spec.startswith(PEER):
+        lm, result = peer_model(spec, float_lm, args, cached)
     else:
         lm, result = quantized_model(spec, float_lm, args, cached)
     result = {**cached, **result, "row": spec}

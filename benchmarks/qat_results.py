@@ -130,7 +130,7 @@ def write_markdown() -> None:
                 continue
             row, bits = key.split(":")
             base = runs.get(f"rtn:{bits}")
-            gain = f"{100 * (base['ppl'] - r['ppl']) / base['ppl']:+.1f} %" if row == "qat" and base else ""
+            gain = f"{100 * (base['ppl'] - r['ppl']) / base['ppl']:+.2f} %" if row == "qat" and base else ""
             saved = 100 * (1 - r["quantized_bytes"] / (4 * r["quantized_weights"]))
             file_saved = 100 * (1 - r["file_bytes"] / f["bytes"])
             t = r.get("training")

@@ -27,20 +27,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
-    """The format flags, and (``method``) the method choice with every method's settings."""
-    from potq.methods import METHODS
-
-    p.add_argument("--format", default="pot", choices=sorted(FORMATS),
+def _add_format_args(p: argparse.ArgumentParser, fmt: str = "pot", bits: int = 4, group_size: int = 128,
+                     int_format: bool = False) -> None:
+    """The weight-format flags, with a command's own defaults (``int_format``: PT2E's integers too)."""
+    p.add_argument("--format", default=fmt, choices=[*sorted(FORMATS), *(["int"] if int_format else [])],
                    help="weight grid: pot (zero-excluded, the thesis'), pot-zero, pot-seed (the 'PoT weights in "
-                        "LLMs' definition, exponents [-E, E] and epsilon), uniform (asymmetric), uniform-sym")
-    p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="input elements per scale (default 128; -1 per channel, 0 per tensor)")
+                        "LLMs' definition, exponents [-E, E] and epsilon), uniform (asymmetric), uniform-sym"
+                        + ("; int = PT2E's own symmetric per-channel integers (2-32 bits)" if int_format else "")
+                        + f" (default {fmt})")
+    p.add_argument("--bits", type=int, default=bits, help=f"bits per weight code (default {bits})")
+    p.add_argument("--group-size", type=int, default=group_size,
+                   help=f"input elements per scale (default {group_size}; -1 per channel, 0 per tensor)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="also quantize the embedding tables (token, position, a tied output head), round-to-nearest")
     p.add_argument("--epsilon", type=float, default=None,
                    help="pot-seed only: the epsilon in log2(|w|/s + epsilon) (default 1e-8)")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
+    """The format flags, and (``method``) the method choice with every method's settings."""
+    from potq.methods import METHODS
+
+    _add_format_args(p)
     if not method:
         return
     p.add_argument("--method", default="rtn", choices=sorted(METHODS),
@@ -133,13 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pt2e", help="quantize through PyTorch 2 export (PT2E): export, prepare, calibrate, "
                                      "convert; print the quantized graph and the loss")
     p.add_argument("model", help=model_help)
-    p.add_argument("--format", default="pot-seed", choices=[*sorted(FORMATS), "int"],
-                   help="weight format: a potq format, or int = PT2E's own symmetric per-channel integers "
-                        "(2-32 bits, the seed's 'normal quantization'); default pot-seed")
-    p.add_argument("--bits", type=int, default=5, help="stored bits (default 5 = the seed's 4-bit PoT [-7, 7])")
-    p.add_argument("--group-size", type=int, default=-1, help="potq formats: default -1 (per channel, as PT2E)")
-    p.add_argument("--epsilon", type=float, default=None, help="pot-seed: epsilon in log2(|w|/s + epsilon)")
-    p.add_argument("--quantize-embeddings", action="store_true", help="also the embedding tables (and a tied head)")
+    # 5 stored bits = the seed's 4-bit PoT [-7, 7]; per channel, as PT2E
+    _add_format_args(p, fmt="pot-seed", bits=5, group_size=-1, int_format=True)
     p.add_argument("--activations", action="store_true",
                    help="also quantize linear inputs to int8 (affine per tensor, calibrated min/max)")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches for activations (default 8)")

@@ -89,6 +89,42 @@ def test_packed_layers_keep_no_float_weight(stories, fused_kernel):
         assert torch.allclose(stories.model(ids[:, -1:]).logits, step_logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 100), (2, 7)])
+def test_kernel_rms_norm_equals_torch(shape, fused_kernel):
+    import torch.nn.functional as F
+
+    from potq.kernels import fused
+
+    x, weight = torch.randn(shape) * 3, torch.randn(shape[-1])
+    expected = F.rms_norm(x, (shape[-1],), weight, 1e-5)
+    assert torch.allclose(fused.rms_norm()(x, weight, 1e-5), expected, rtol=1e-5, atol=1e-6)
+    with fused.enabled(False):
+        assert torch.equal(fused.rms_norm()(x, weight, 1e-5), expected)
+
+
+def test_reused_prompt_weight_is_right_in_every_grad_mode(stories, fused_kernel):
+    """A prompt's per-call weight goes into a reused buffer: each layer still gets its own weight,
+    under inference mode, under no_grad and with gradients (where autograd keeps a fresh one)."""
+    from potq.kernels import fused
+
+    potq.quantize_(stories, potq.QuantConfig("pot", 3, 32), method="rtn", progress=False)
+    ids = torch.tensor([stories.tokenizer.encode("Once upon a time there was a little girl named Lily")])
+    with torch.no_grad(), fused.enabled(False):
+        reference = stories.model(ids).logits
+    with torch.inference_mode():
+        assert torch.allclose(stories.model(ids).logits, reference, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(stories.model(ids).logits, reference, atol=1e-4)
+    embeds = stories.model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = stories.model(inputs_embeds=embeds).logits
+    assert torch.allclose(logits, reference, atol=1e-4)
+    logits.logsumexp(-1).sum().backward()
+    with fused.enabled(False):
+        embeds_ref = embeds.detach().clone().requires_grad_()
+        stories.model(inputs_embeds=embeds_ref).logits.logsumexp(-1).sum().backward()
+    assert torch.allclose(embeds.grad, embeds_ref.grad, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_benchmark_harness_computes_both_formulas_exactly(dtype, fused_kernel):
     """The dequantization benchmark's C++ harness: PoT exponent add bit-equal to potq's decode,

@@ -55,6 +55,7 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     rss_loaded = _status_mib("VmRSS")
     ids = lm.tokenizer.encode(prompt_text(prompt_tokens))[:prompt_tokens]
     prompt_s, decode_s, tokens = _greedy(lm.model, ids, new_tokens)
+    peak = _status_mib("VmHWM")  # before the check below, whose PyTorch path decodes float weights
     packed = any(isinstance(m, QuantLinear) and fused.serves(m) for m in lm.model.modules())
     same_text = None
     if packed:  # the same greedy tokens from the pure-PyTorch path
@@ -63,7 +64,7 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     read = weight_bytes_per_token(lm.model)
     return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
             "same_tokens_as_torch_path": same_text,
-            "rss_after_load_mib": rss_loaded, "peak_rss_mib": _status_mib("VmHWM"),
+            "rss_after_load_mib": rss_loaded, "peak_rss_mib": peak,
             "threads": threads, "weight_bytes_per_token": read["total"], "head_bytes": read["head"]}
 
 

@@ -27,11 +27,12 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def requantized(source: Path, kind: str) -> Path:
-    """``source`` requantized to ``kind`` by llama.cpp (made once)."""
+def requantized(source: Path, kind: str, folder: Path | None = None) -> Path:
+    """``source`` requantized to ``kind`` by llama.cpp, made once in ``folder`` (default
+    ``$POTQ_HOME/bench``)."""
     import llama_cpp
 
-    out = home_dir() / "bench" / f"{source.stem.split('.')[0]}.{kind}.gguf"
+    out = (folder or home_dir() / "bench") / f"{source.stem.split('.')[0]}.{kind}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         params = llama_cpp.llama_model_quantize_default_params()
@@ -44,6 +45,16 @@ def requantized(source: Path, kind: str) -> Path:
             raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
         tmp.rename(out)
     return out
+
+
+def block_bits_per_weight(path: Path) -> float:
+    """Stored bits per weight of a GGUF's transformer-block matrices (``blk.*``, 2-D), scales
+    included — the quantity potq's tables report for its quantized linears. (llama.cpp also
+    quantizes the token embedding and output head, which this leaves out, as potq's rows keep them float.)"""
+    from gguf import GGUFReader
+
+    tensors = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
 
 
 @contextmanager

@@ -74,6 +74,14 @@ class Format(ABC):
     def __repr__(self) -> str:
         return f"{self.name}{self.bits}"
 
+    def __eq__(self, other: object) -> bool:
+        """The same grid: the same kind with the same settings (a format read back from a file
+        equals the one the layer was quantized with)."""
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
     # --- what each format defines -------------------------------------------------------
     @abstractmethod
     def init_qparams(self, wg: Tensor, clip: Tensor | float = 1.0,

@@ -10,10 +10,11 @@ is also what the tests compare the kernel against.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 import os
 import sys
+import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -134,12 +135,52 @@ def served_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: AN
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def bound_gemv(layer) -> Callable[[Tensor], Tensor] | None:  # noqa: ANN001
+    """``layer``'s fused GEMV with everything but the input bound once, or None where the kernel
+    does not serve the layer: for a caller that calls it every token with a contiguous float32
+    ``[rows, in]`` input (potq's LLaMA decoder), skipping all per-call checks."""
+    if not serves(layer):
+        return None
+    ext, args, bias = extension(), (layer.codes, layer.scales, *_grid(layer), best_isa()), layer.bias
+
+    def gemv(x: Tensor) -> Tensor:
+        y = ext.pot_gemv(x, *args)
+        return y if bias is None else y.add_(bias)
+
+    return gemv
+
+
+def rms_norm(kernel: bool = True) -> Callable[[Tensor, Tensor, float], Tensor]:
+    """``norm(x, weight, eps)``: with ``kernel`` (the caller's inputs are contiguous float32 CPU
+    tensors) one extension call where the kernel is built and enabled — a decoding step runs two a
+    block, and PyTorch's composite takes eight ops — else :func:`torch.nn.functional.rms_norm`."""
+    ext = extension() if kernel and _enabled else None
+    if ext is not None:
+        return ext.rms_norm
+    return lambda x, weight, eps: F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def packed_dequantize(layer, isa: str | None = None, out: Tensor | None = None) -> Tensor:  # noqa: ANN001
     """The float32 weight of a packed PoT layer, made by the kernel's exponent add (falls back
     to the layer's own PyTorch decode where the kernel does not serve it); into ``out`` if given."""
     if not serves(layer):
         return layer.dequantize() if out is None else out.copy_(layer.dequantize())
     return extension().pot_dequantize(layer.codes, layer.scales, layer.in_features, *_grid(layer), _isa(isa), out)
+
+
+_scratch = threading.local()
+
+
+def scratch_dequantize(layer) -> Tensor:  # noqa: ANN001
+    """:func:`packed_dequantize` into a buffer this thread reuses call after call, valid until its
+    next call: a prompt or an evaluation window decodes every layer's weight once per forward,
+    and fresh megabytes each time would cost a page fault per 4 KiB on first touch. Only for a
+    weight nothing keeps (no autograd graph records it)."""
+    n = layer.out_features * layer.in_features
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < n:
+        buffer = _scratch.buffer = torch.empty(n)
+    return packed_dequantize(layer, out=buffer[:n].view(layer.out_features, layer.in_features))
 
 
 def reference_gemv(x: Tensor, layer) -> Tensor:  # noqa: ANN001

@@ -119,6 +119,12 @@ def search_scales(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor =
     return init_qparams(w, fmt, group_size, clip=best), best
 
 
+def check_objective(objective: str) -> None:
+    """A one-line error for an objective Step 1 does not know (before any work is done)."""
+    if objective not in OBJECTIVES:
+        raise PotqError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+
+
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, objective: str = "mse",
              calibration: Tensor | None = None, batch_size: int = 8,
              progress: bool = True) -> dict[str, QuantizedWeight]:
@@ -129,8 +135,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     by block with the earlier blocks already quantized (GPTQ's diagonal): errors on columns that
     see large activations cost more output error.
     """
-    if objective not in OBJECTIVES:
-        raise PotqError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    check_objective(objective)
     fmt = config.make_format()
     if objective == "mse":
         bar = tqdm(layers.items(), desc=f"grid {fmt!r}", unit="layer", disable=not progress)

@@ -22,10 +22,9 @@ from torch import Tensor, nn
 from potq.config import QuantConfig
 from potq.engine.blocks import BlockData, block_linears, commit, input_moments, run_blockwise
 from potq.engine.trainer import record_block, train_block
-from potq.errors import PotqError
 from potq.formats import Format, QParams
 from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
-from potq.methods.grid import OBJECTIVES, search_scales
+from potq.methods.grid import check_objective, search_scales
 
 GRADS = ("ste", "detach")
 
@@ -64,8 +63,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     """
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}")
-    if objective not in OBJECTIVES:
-        raise PotqError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    check_objective(objective)
     fmt = config.make_format()
     epochs = default_epochs(config.bits) if epochs is None else epochs
     for p in model.parameters():

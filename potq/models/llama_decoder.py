@@ -3,9 +3,11 @@
 Decoding one token of a small model on a CPU is dominated not by arithmetic but by the per-token
 cost of the framework: transformers' LLaMA forward builds masks, position embeddings and cache
 objects and runs about fifty small tensor ops per block. :class:`LlamaDecoder` runs the same
-blocks — the model's own linear layers (float ``nn.Linear`` or potq's packed ``QuantLinear``),
-norm weights and rotary tables — with a preallocated KV cache and about twenty ops per block,
-and computes the output head only for the last position. It is what ``potq generate`` and the
+blocks — the model's own weights (float ``nn.Linear`` or potq's packed ``QuantLinear``), norm
+weights and rotary tables — with a preallocated KV cache and about fifteen ops per block: q/k/v
+and gate/up each computed as one stacked matrix (:mod:`potq.nn.stacked`), rotary embedding on
+q and k together, batch-1 projections straight into the fused kernel; the output head only for
+the last position. It is what ``potq generate`` and the
 decoding benchmark use for LLaMA models (the same path for the float and the quantized model);
 everything else goes through transformers' forward with its ``DynamicCache``. Its logits equal
 transformers' to float rounding (tested).
@@ -17,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from potq.kernels import fused
+from potq.nn.packed import FUSED_MAX_ROWS, QuantLinear
+from potq.nn.stacked import stack_rows
+
 
 def supports(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers LLaMA causal LM this decoder reproduces."""
@@ -26,21 +32,29 @@ def supports(model: nn.Module) -> bool:
 
 
 class LlamaDecoder:
-    """Feed tokens, get the next-token logits; keeps its own KV cache of ``max_len`` positions."""
+    """Feed tokens, get the next-token logits; keeps its own KV cache of ``max_len`` positions.
+
+    Building it stacks the model's q/k/v and gate/up weights in place (the layers become views
+    of the stacked matrices: same values, same state dict, no extra memory).
+    """
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
         config, inner = model.config, model.model
         self.model, self.max_len, self.length = model, max_len, 0
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.eps, self.hidden = config.rms_norm_eps, config.hidden_size
-        device = inner.norm.weight.device
-        dtype = inner.norm.weight.dtype
+        self.eps = config.rms_norm_eps
+        device, dtype = inner.norm.weight.device, inner.norm.weight.dtype
         with torch.no_grad():
             cos, sin = inner.rotary_emb(torch.zeros(1, device=device, dtype=dtype),
                                         torch.arange(max_len, device=device)[None])
-        self.cos, self.sin = cos[:, None], sin[:, None]  # [1, 1, max_len, head_dim]
-        shape = (len(inner.layers), 1, self.kv_heads, max_len, self.head_dim)
+            half = self.head_dim // 2  # rotate_half(x)·sin = halves-swapped(x)·(sin, first half negated)
+            signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        self.cos, self.sin = cos[0, :, None], signed_sin[0, :, None]  # [max_len, 1, head_dim]
+        kernel = dtype == torch.float32 and device.type == "cpu"  # what the extension's ops take
+        self.blocks = [_Block(layer, bind_kernel=kernel) for layer in inner.layers]
+        self.norm = fused.rms_norm(kernel)
+        shape = (len(inner.layers), self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -53,27 +67,59 @@ class LlamaDecoder:
                 logits = self(ids[:, t:t + 1])
             return logits
         inner, T, start = self.model.model, ids.shape[1], self.length
-        end = start + T
-        cos, sin = self.cos[:, :, start:end], self.sin[:, :, start:end]
+        end, H, KV, D = start + T, self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[start:end], self.sin[start:end]
         h = inner.embed_tokens(ids)
-        for i, layer in enumerate(inner.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = F.rms_norm(h, (self.hidden,), layer.input_layernorm.weight, self.eps)
-            q = attn.q_proj(x).view(1, T, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            self.keys[i, :, :, start:end] = k * cos + _rotate_half(k) * sin
-            self.values[i, :, :, start:end] = attn.v_proj(x).view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q * cos + _rotate_half(q) * sin, self.keys[i, :, :, :end],
-                                               self.values[i, :, :, :end], is_causal=T > 1, scale=attn.scaling,
-                                               enable_gqa=self.heads != self.kv_heads)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, T, self.heads * self.head_dim))
-            x = F.rms_norm(h, (self.hidden,), layer.post_attention_layernorm.weight, self.eps)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        for i, block in enumerate(self.blocks):
+            x = self.norm(h, block.attn_norm, self.eps)
+            qkv = block.qkv(x).view(T, H + 2 * KV, D)
+            qk = qkv[:, :H + KV]
+            qk = qk * cos + qk.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2) * sin
+            self.keys[i, :, start:end] = qk[:, H:].transpose(0, 1)
+            self.values[i, :, start:end] = qkv[:, H + KV:].transpose(0, 1)
+            keys, values = self.keys[i, :, :end], self.values[i, :, :end]
+            if T == 1:  # each kv head's G = H / KV query heads as one small batch: no mask, no copies
+                scores = torch.bmm(qk[0, :H].view(KV, H // KV, D), keys.transpose(1, 2)).mul_(block.scaling)
+                o = torch.bmm(torch.softmax(scores, dim=-1), values).view(1, 1, H * D)
+            else:
+                o = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1), keys, values, is_causal=True,
+                                                   scale=block.scaling, enable_gqa=H != KV)
+                o = o.transpose(0, 1).reshape(1, T, H * D)
+            h = h + block.o(o)
+            x = self.norm(h, block.mlp_norm, self.eps)
+            gate, up = block.gate_up(x).chunk(2, dim=-1)
+            h = h + block.down(block.act(gate) * up)
         self.length = end
-        last = F.rms_norm(h[:, -1:], (self.hidden,), inner.norm.weight, self.eps)
+        last = self.norm(h[:, -1:].contiguous(), inner.norm.weight, self.eps)
         return self.model.lm_head(last)[0, -1]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class _Block:
+    """One decoder layer's weights as :class:`LlamaDecoder` calls them."""
+
+    def __init__(self, layer: nn.Module, bind_kernel: bool) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn_norm, self.mlp_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.scaling, self.act = attn.scaling, mlp.act_fn
+        self.qkv = _Projection([attn.q_proj, attn.k_proj, attn.v_proj], bind_kernel)
+        self.o = _Projection([attn.o_proj], bind_kernel)
+        self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj], bind_kernel)
+        self.down = _Projection([mlp.down_proj], bind_kernel)
+
+
+class _Projection:
+    """``cat([layer(x) for layer in layers], -1)``: by one stacked layer where the layers allow
+    (:func:`potq.nn.stacked.stack_rows`), and for a few rows of a float32 input to a layer the
+    fused kernel serves, straight into the kernel — a decoding step makes about a hundred of
+    these calls, so the per-call Python of a module call is worth skipping."""
+
+    def __init__(self, layers: list[nn.Module], bind_kernel: bool) -> None:
+        stacked = layers[0] if len(layers) == 1 else stack_rows(layers)
+        self.layers = layers if stacked is None else [stacked]
+        self.gemv = fused.bound_gemv(stacked) if bind_kernel and isinstance(stacked, QuantLinear) else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.gemv is not None and x.shape[1] <= FUSED_MAX_ROWS:
+            return self.gemv(x.view(x.shape[1], -1)).unsqueeze(0)
+        outputs = [layer(x) for layer in self.layers]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)

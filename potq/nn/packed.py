@@ -101,7 +101,8 @@ class QuantLinear(PackedWeight):
     A PoT layer the fused kernel serves (:mod:`potq.kernels.fused`: 2–4 bits, CPU) keeps no float
     weight at all: a few rows of activations (decoding) go through the fused GEMV on the packed
     codes, larger batches (a prompt, perplexity windows) through a float weight the kernel's
-    exponent add makes for that call only. Other formats decode once and keep the float weight.
+    exponent add makes for that call only (into a reused buffer unless autograd needs it).
+    Other formats decode once and keep the float weight.
     """
 
     kind = "linear"
@@ -122,9 +123,12 @@ class QuantLinear(PackedWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         if fused.serves(self):
-            if x.numel() <= FUSED_MAX_ROWS * self.in_features and not x.requires_grad:
+            if x.requires_grad:  # autograd keeps the weight for the backward pass: a fresh one
+                w = fused.packed_dequantize(self)
+            elif x.numel() <= FUSED_MAX_ROWS * self.in_features:
                 return fused.served_gemv(x, self)
-            w = fused.packed_dequantize(self)
+            else:
+                w = fused.scratch_dequantize(self)
         else:
             w = self.weight_for_forward()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

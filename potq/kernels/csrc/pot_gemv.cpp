@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "decoder_ops.h"
 #include "pot_gemv_layout.h"
 #include "pot_gemv_scalar.h"
 
@@ -130,5 +131,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pot_dequantize", &pot_dequantize, "float32 weights of packed PoT codes by exponent add",
         py::arg("codes"), py::arg("scales"), py::arg("in_features"), py::arg("bits"), py::arg("group"), py::arg("top"),
         py::arg("with_zero"), py::arg("isa"), py::arg("out") = py::none());
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32, in one call");
   m.def("best_isa", &best_isa, "the widest vector ISA this CPU runs");
 }
