@@ -222,7 +222,7 @@ def test_calibration_batch_needs_long_enough_documents(lm) -> None:
 
 def test_lean_llama_decoder_matches_transformers(stories_float):
     """potq's LLaMA decoder (used by generate) gives transformers' logits, prompt then one token a
-    step, for the float model and a packed PoT one (fused kernel)."""
+    step, for the float model and a packed PoT one — embeddings too, ragged groups — (fused kernel)."""
     import copy
 
     import potq
@@ -232,7 +232,7 @@ def test_lean_llama_decoder_matches_transformers(stories_float):
     for quantized in (False, True):
         model = copy.deepcopy(stories_float.model)
         if quantized:
-            potq.quantize_(model, potq.QuantConfig("pot", 3, 32), method="rtn", progress=False)
+            potq.quantize_(model, potq.QuantConfig("pot", 3, 48), method="rtn", embeddings=True, progress=False)
         assert supports(model)
         with torch.inference_mode():
             reference = model(ids).logits[0, 4:]

@@ -151,8 +151,7 @@ def bound_gemv(layer) -> Callable[[Tensor], Tensor] | None:  # noqa: ANN001
 
 
 def rms_norm(kernel: bool = True) -> Callable[[Tensor, Tensor, float], Tensor]:
-    """``norm(x, weight, eps)``: with ``kernel`` (the caller's inputs are contiguous float32 CPU
-    tensors) one extension call where the kernel is built and enabled — a decoding step runs two a
+    """``norm(x, weight, eps)``: with ``kernel`` (the caller's inputs are float32 CPU tensors) one extension call where the kernel is built and enabled — a decoding step runs two a
     block, and PyTorch's composite takes eight ops — else :func:`torch.nn.functional.rms_norm`."""
     ext = extension() if kernel and _enabled else None
     if ext is not None:

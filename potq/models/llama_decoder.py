@@ -90,7 +90,7 @@ class LlamaDecoder:
             gate, up = block.gate_up(x).chunk(2, dim=-1)
             h = h + block.down(block.act(gate) * up)
         self.length = end
-        last = self.norm(h[:, -1:].contiguous(), inner.norm.weight, self.eps)
+        last = self.norm(h[:, -1:], inner.norm.weight, self.eps)
         return self.model.lm_head(last)[0, -1]
 
 

@@ -8,7 +8,8 @@
 
 // y = x / sqrt(mean(x²) + eps) · weight over the last dimension, float32, as torch's rms_norm.
 inline torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
+  TORCH_CHECK(x.dtype() == torch::kFloat32, "x must be float32");
+  x = x.contiguous();
   TORCH_CHECK(weight.dtype() == torch::kFloat32 && weight.is_contiguous() && weight.numel() == x.size(-1),
               "weight must be contiguous float32 of x's last dimension");
   auto y = torch::empty_like(x);
