@@ -151,15 +151,13 @@ def test_gpt2_folder_quantizes_saves_and_loads(stories_float, tmp_path):
     assert torch.equal(logits(loaded), logits(lm))
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_stacked_projections_share_storage_and_still_save(stories, tmp_path, quantized):
+def test_stacked_projections_share_storage_and_still_save(stories, tmp_path):
     """Stacking q/k/v (what potq's decoder does) computes their outputs side by side, leaves the
     layers as views of the stacked matrix — nothing held twice — and the model saves and loads
     with the same logits."""
     from potq.nn.stacked import stack_rows
 
-    if quantized:
-        potq.quantize_(stories.model, potq.QuantConfig("pot", 3, 32), method="rtn", progress=False)
+    potq.quantize_(stories.model, potq.QuantConfig("pot", 3, 32), method="rtn", progress=False)
     attn = stories.model.model.layers[0].self_attn
     layers = [attn.q_proj, attn.k_proj, attn.v_proj]
     x = torch.randn(3, attn.q_proj.in_features)
@@ -169,18 +167,16 @@ def test_stacked_projections_share_storage_and_still_save(stories, tmp_path, qua
         stacked = stack_rows(layers)
         assert torch.allclose(stacked(x), torch.cat(separate, dim=-1), atol=1e-6)
         assert all(torch.equal(layer(x), y) for layer, y in zip(layers, separate))
-    owner = stacked.codes if quantized else stacked.weight
     for layer in layers:
-        mine = layer.codes if quantized else layer.weight
-        assert mine.untyped_storage().data_ptr() == owner.untyped_storage().data_ptr()
+        assert layer.codes.untyped_storage().data_ptr() == stacked.codes.untyped_storage().data_ptr()
     assert torch.equal(logits(potq.load(potq.save(stories, tmp_path / "m"))), before)
 
 
 def test_layers_that_differ_are_not_stacked(stories):
     from potq.nn.stacked import stack_rows
 
-    attn = stories.model.model.layers[0].self_attn
+    attn, mlp = stories.model.model.layers[0].self_attn, stories.model.model.layers[0].mlp
+    assert stack_rows([attn.q_proj, attn.k_proj]) is None  # float layers are left alone
     potq.quantize_(stories.model, potq.QuantConfig("pot", 3, 32), method="rtn", progress=False)
     assert stack_rows([attn.q_proj, stories.model.lm_head]) is None  # packed next to float
-    mlp = stories.model.model.layers[0].mlp
     assert stack_rows([mlp.gate_proj, mlp.down_proj]) is None  # different input widths

@@ -151,8 +151,9 @@ def _reading(report: dict) -> list[str]:
         f"those are the output head, which weights-only quantization leaves in float32 (it is the embedding "
         f"table when tied); `pot3 + embeddings` packs it too, at a cost in perplexity (see the seed table). "
         f"The 'of bound' column shows how far each run is from reading its weights at full memory "
-        f"bandwidth: the rest of a step is attention, norms and the fixed cost of each of the "
-        f"{report['linear_layers']} linear calls.")
+        f"bandwidth: the rest of a step is attention, norms and the fixed cost of each call (potq's decoder "
+        f"stacks q/k/v and gate/up, so the model's {report['linear_layers']} linear layers take four "
+        f"kernel calls a block).")
     if "peer" in report:
         q4 = report["peer"]["Q4_0"]
         lines.append(

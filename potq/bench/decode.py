@@ -98,26 +98,37 @@ def _status_mib(field: str) -> float:
 
 
 def run(model: str, prompt_tokens: int = 64, new_tokens: int = 128, threads: int = 2,
-        variants: list[str] | None = None, cache: Path | None = None) -> dict[str, dict]:
-    """Every variant in its own process; the results by variant name. Packed folders are kept in
-    ``cache`` (default ``$POTQ_HOME/bench``) for the next run."""
+        variants: list[str] | None = None, cache: Path | None = None, rounds: int = 3) -> dict[str, dict]:
+    """Every variant in its own process, ``rounds`` times in turn; per variant the run with the
+    median tokens/s (with every round's tokens/s under ``rounds_tokens_per_s``). A shared machine's
+    speed drifts from minute to minute: alternating the variants and taking the median keeps one
+    slow minute from deciding a ratio. Packed folders are kept in ``cache`` (default
+    ``$POTQ_HOME/bench``) for the next run."""
+    names = variants or list(VARIANTS)
+    folders = {name: variant_folder(model, name, cache or home_dir() / "bench") for name in names}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            out = subprocess.run([sys.executable, "-m", "potq.bench.decode", folders[name], "--prompt-tokens",
+                                  str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads)],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise potq.PotqError(f"the decoding benchmark of {name} failed: {out.stderr.strip().splitlines()[-1]}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
-    for variant in variants or list(VARIANTS):
-        folder = variant_folder(model, variant, cache or home_dir() / "bench")
-        out = subprocess.run([sys.executable, "-m", "potq.bench.decode", folder, "--prompt-tokens", str(prompt_tokens),
-                              "--new-tokens", str(new_tokens), "--threads", str(threads)],
-                             capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise potq.PotqError(f"the decoding benchmark of {variant} failed: {out.stderr.strip().splitlines()[-1]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, measured in runs.items():
+        ranked = sorted(measured, key=lambda r: r["tokens_per_s"])
+        results[name] = {**ranked[len(ranked) // 2], "rounds_tokens_per_s": [r["tokens_per_s"] for r in measured]}
     return results
 
 
 def markdown(results: dict[str, dict], prompt_tokens: int, new_tokens: int, read_gb_s: float) -> list[str]:
     """The decoding table, with the bandwidth bound (benchmark 5) beside each measured speed."""
     base = results.get("float32", {}).get("tokens_per_s")
+    first = next(iter(results.values()))
     lines = [f"Prompt {prompt_tokens} tokens, {new_tokens} greedy tokens with the KV cache, batch 1, "
-             f"{next(iter(results.values()))['threads']} threads; each variant in a fresh process. Bound = "
+             f"{first['threads']} threads; each variant in a fresh process, the variants in turn "
+             f"{len(first.get('rounds_tokens_per_s', [0]))} times, the median run shown. Bound = "
              f"measured read bandwidth {read_gb_s:.1f} GB/s ÷ weight bytes read per token.", "",
              "| model | decoding tok/s | vs float32 | weights read per token (MB) | bound (tok/s) | of bound "
              "| prompt (ms) | RSS after load (MiB) | peak RSS (MiB) | greedy tokens = PyTorch path |",

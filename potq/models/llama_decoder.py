@@ -4,8 +4,8 @@ Decoding one token of a small model on a CPU is dominated not by arithmetic but 
 cost of the framework: transformers' LLaMA forward builds masks, position embeddings and cache
 objects and runs about fifty small tensor ops per block. :class:`LlamaDecoder` runs the same
 blocks — the model's own weights (float ``nn.Linear`` or potq's packed ``QuantLinear``), norm
-weights and rotary tables — with a preallocated KV cache and about fifteen ops per block: q/k/v
-and gate/up each computed as one stacked matrix (:mod:`potq.nn.stacked`), rotary embedding on
+weights and rotary tables — with a preallocated KV cache and about fifteen ops per block: packed
+q/k/v and gate/up each computed as one stacked matrix (:mod:`potq.nn.stacked`), rotary embedding on
 q and k together, batch-1 projections straight into the fused kernel; the output head only for
 the last position. It is what ``potq generate`` and the
 decoding benchmark use for LLaMA models (the same path for the float and the quantized model);
@@ -34,8 +34,8 @@ def supports(model: nn.Module) -> bool:
 class LlamaDecoder:
     """Feed tokens, get the next-token logits; keeps its own KV cache of ``max_len`` positions.
 
-    Building it stacks the model's q/k/v and gate/up weights in place (the layers become views
-    of the stacked matrices: same values, same state dict, no extra memory).
+    Building it stacks a packed model's q/k/v and gate/up weights in place (the layers become
+    views of the stacked matrices: same values, same state dict, no extra memory).
     """
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
