@@ -153,6 +153,12 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
                      f"{r['quantize_seconds']:.1f}{shared} |")
     if any(r.get("shared_machine") for r in results):
         lines += ["", "\\* quantized while other jobs shared the two cores: that time is not representative."]
+    if any(r["row"].startswith(PEER) for r in results):
+        lines += ["", "llama.cpp rows: the model's shipped GGUF requantized by llama.cpp's own quantizer (so rounded "
+                      "twice: Q4_1, then the row's type) and evaluated by potq on the same windows. Bits/weight count "
+                      "the transformer blocks' matrices, as for potq's rows; unlike potq's rows, llama.cpp also "
+                      "quantizes the token embedding and head (hence the smaller file), and its k-quants fall back "
+                      "to wider types on rows that are not a multiple of 256 wide (SmolLM2's 576)."]
     windows = ", ".join(f"{d} {r[d]['windows']} of {r[d]['total_windows']}" for d in datasets
                         for r in results[:1] if d in r)
     return "\n".join([

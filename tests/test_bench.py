@@ -40,3 +40,13 @@ def test_dequantization_table_runs(fused_kernel):
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16"}
     assert all(r["pot_gelem_s"] > 0 for r in rows)
     assert "| PoT exponent add (Gelem/s) |" in "\n".join(dequant.markdown(rows, "32×256"))
+
+
+def test_gguf_bits_per_weight_counts_block_matrices():
+    """The peer rows' bits/weight: stored bytes of a GGUF's block matrices, block scales included
+    (Q4_1: 16 bytes of codes + fp16 scale + fp16 min per 32 weights = 5 bits)."""
+    from potq.bench.peer import block_bits_per_weight
+    from potq.models.registry import resolve
+
+    assert block_bits_per_weight(resolve("stories260k")[1]) == 32.0
+    assert block_bits_per_weight(resolve("smollm2-135m")[1]) == 5.0
