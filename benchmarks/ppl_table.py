@@ -101,7 +101,7 @@ def peer_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, 
     folder.mkdir(parents=True, exist_ok=True)
     fresh = args.force or "quantize_seconds" not in cached
     if fresh:  # timed from scratch
-        (folder / f"{source.stem.split('.')[0]}.{kind}.gguf").unlink(missing_ok=True)
+        peer.requantized_path(source, kind, folder).unlink(missing_ok=True)
     start = time.perf_counter()
     path = peer.requantized(source, kind, folder)
     seconds = time.perf_counter() - start if fresh else cached["quantize_seconds"]

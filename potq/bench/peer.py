@@ -27,12 +27,17 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def requantized(source: Path, kind: str, folder: Path | None = None) -> Path:
-    """``source`` requantized to ``kind`` by llama.cpp, made once in ``folder`` (default
+def requantized_path(source: Path, kind: str, folder: Path | None = None) -> Path:
+    """Where :func:`requantized` keeps ``source`` requantized to ``kind`` (default folder
     ``$POTQ_HOME/bench``)."""
+    return (folder or home_dir() / "bench") / f"{source.stem.split('.')[0]}.{kind}.gguf"
+
+
+def requantized(source: Path, kind: str, folder: Path | None = None) -> Path:
+    """``source`` requantized to ``kind`` by llama.cpp, made once (:func:`requantized_path`)."""
     import llama_cpp
 
-    out = (folder or home_dir() / "bench") / f"{source.stem.split('.')[0]}.{kind}.gguf"
+    out = requantized_path(source, kind, folder)
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         params = llama_cpp.llama_model_quantize_default_params()
@@ -50,7 +55,8 @@ def requantized(source: Path, kind: str, folder: Path | None = None) -> Path:
 def block_bits_per_weight(path: Path) -> float:
     """Stored bits per weight of a GGUF's transformer-block matrices (``blk.*``, 2-D), scales
     included — the quantity potq's tables report for its quantized linears. (llama.cpp also
-    quantizes the token embedding and output head, which this leaves out, as potq's rows keep them float.)"""
+    quantizes the token embedding and output head, which this leaves out, as potq's rows keep
+    them float.)"""
     from gguf import GGUFReader
 
     tensors = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]

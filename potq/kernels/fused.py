@@ -137,7 +137,7 @@ def served_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: AN
 
 def bound_gemv(layer) -> Callable[[Tensor], Tensor] | None:  # noqa: ANN001
     """``layer``'s fused GEMV with everything but the input bound once, or None where the kernel
-    does not serve the layer: for a caller that calls it every token with a contiguous float32
+    does not serve the layer: for a caller that calls it every token with a float32
     ``[rows, in]`` input (potq's LLaMA decoder), skipping all per-call checks."""
     if not serves(layer):
         return None
@@ -151,8 +151,9 @@ def bound_gemv(layer) -> Callable[[Tensor], Tensor] | None:  # noqa: ANN001
 
 
 def rms_norm(kernel: bool = True) -> Callable[[Tensor, Tensor, float], Tensor]:
-    """``norm(x, weight, eps)``: with ``kernel`` (the caller's inputs are float32 CPU tensors) one extension call where the kernel is built and enabled — a decoding step runs two a
-    block, and PyTorch's composite takes eight ops — else :func:`torch.nn.functional.rms_norm`."""
+    """``norm(x, weight, eps)``: with ``kernel`` (the caller's inputs are float32 CPU tensors) one
+    extension call where the kernel is built and enabled — a decoding step runs two a block, and
+    PyTorch's composite takes eight ops — else :func:`torch.nn.functional.rms_norm`."""
     ext = extension() if kernel and _enabled else None
     if ext is not None:
         return ext.rms_norm

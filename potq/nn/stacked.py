@@ -2,8 +2,9 @@
 
 Decoding one token calls every linear once; at batch 1 each call of the fused PoT kernel costs
 a fixed overhead (Python, a thread fork-join) on top of its arithmetic, and small matrices (a
-576→192 key projection) do not fill the cores. Stacking the rows of layers that share their input into one matrix turns
-seven calls a block into four and gives each call more rows to split across threads.
+576→192 key projection) do not fill the cores. Stacking the rows of layers that share their
+input into one matrix turns seven calls a block into four and gives each call more rows to split
+across threads.
 
 The stacked layer owns the storage; the original layers are re-pointed at row slices of it, so
 the model keeps its structure, its state dict (safetensors writes each slice's own bytes) and
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from potq.nn.packed import QuantLinear
+
 
 def stack_rows(layers: list[nn.Module]) -> QuantLinear | None:
     """One packed layer computing ``cat([layer(x) for layer in layers], -1)``, or None where the
