@@ -1,10 +1,17 @@
 """Shared fixtures: the real tiny model (stories260K, 260K parameters) loaded once per session."""
 
 import copy
+import os
 
 import pytest
+import torch
 
 import potq
+
+# Without a GPU the Triton kernel's tests run it in Triton's interpreter, which has to be switched
+# on before Triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,58 @@ def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features
             assert torch.allclose(pot_gemv(x, layer, isa), reference, rtol=1e-5, atol=1e-4), isa
 
 
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where the Triton kernel runs: the GPU, or the CPU in Triton's interpreter (conftest.py sets
+    TRITON_INTERPRET=1 where there is no GPU). Skips where Triton is not installed."""
+    from potq.kernels import triton_gemv
+
+    if triton_gemv.triton is None:
+        pytest.skip("Triton is not installed (pip install 'potq[gpu]')")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("name", ["pot", "pot-zero"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group, in_features", [(128, 576), (12, 60)])
+def test_triton_gemv_equals_dequantize_then_matmul(name, bits, group, in_features, triton_device):
+    """The GPU kernel's exponent add is exact (one-hot inputs read the weight back bit for bit,
+    zero and subnormal scales included) and its GEMV matches dequantize-then-matmul."""
+    from potq.kernels import triton_gemv
+    from potq.kernels.fused import reference_gemv
+    from potq.nn import QuantLinear
+
+    torch.manual_seed(bits)
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(37, in_features), get_format(name, bits), group),
+                                       torch.randn(37))
+    layer.scales[0, 0] = 0.0
+    layer.scales[1, -1] = 3e-7
+    layer.bias.zero_()
+    weight = layer.dequantize()
+    layer = layer.to(triton_device)
+    columns = torch.cat([torch.randperm(in_features - 1)[:5], torch.tensor([0, in_features - 1])])
+    one_hot = torch.eye(in_features, device=triton_device)[columns]  # the interpreter is slow: 7 columns
+    assert torch.equal(triton_gemv.pot_gemv(one_hot, layer).T.cpu(), weight[:, columns])
+    layer.bias.normal_()
+    x = torch.randn(3, in_features, device=triton_device)
+    assert torch.allclose(triton_gemv.pot_gemv(x, layer), reference_gemv(x, layer), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_model_on_gpu_decodes_through_triton(stories, triton_device):
+    """On a GPU a PoT model's decoding steps go through the Triton GEMV, with the same logits."""
+    from potq.kernels import triton_gemv
+
+    potq.quantize_(stories, potq.QuantConfig("pot", 3, 32), method="rtn", progress=False)
+    ids = torch.tensor([stories.tokenizer.encode("Once upon a time")])
+    with torch.inference_mode():
+        reference = stories.model(ids[:, -1:]).logits
+        model = stories.model.to(triton_device)
+        layer = next(m for m in model.modules() if isinstance(m, potq.nn.QuantLinear))
+        assert triton_gemv.serves(layer)
+        assert torch.allclose(model(ids[:, -1:].to(triton_device)).logits.cpu(), reference, atol=1e-4)
+
+
 def test_packed_layers_keep_no_float_weight(stories, fused_kernel):
     """A PoT model runs from its packed codes: decoding steps through the fused GEMV, a prompt
     through a per-call weight, embeddings row by row — and none of it leaves a float copy."""

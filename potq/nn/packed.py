@@ -16,7 +16,7 @@ from potq.formats import Format, QParams
 from potq.formats.grouping import num_groups
 from potq.formats.packing import packed_row_bytes, unpack_bits
 from potq.formats.weights import QuantizedWeight, dequantize
-from potq.kernels import fused
+from potq.kernels import fused, triton_gemv
 
 
 class PackedWeight(nn.Module):
@@ -102,6 +102,8 @@ class QuantLinear(PackedWeight):
     weight at all: a few rows of activations (decoding) go through the fused GEMV on the packed
     codes, larger batches (a prompt, perplexity windows) through a float weight the kernel's
     exponent add makes for that call only (into a reused buffer unless autograd needs it).
+    On a CUDA device with Triton, a PoT layer's decoding rows go through the Triton GEMV
+    (:mod:`potq.kernels.triton_gemv`) and larger batches through a per-call weight, likewise.
     Other formats decode once and keep the float weight.
     """
 
@@ -129,6 +131,10 @@ class QuantLinear(PackedWeight):
                 return fused.served_gemv(x, self)
             else:
                 w = fused.scratch_dequantize(self)
+        elif triton_gemv.serves(self):
+            if not x.requires_grad and x.numel() <= FUSED_MAX_ROWS * self.in_features:
+                return triton_gemv.pot_gemv(x, self)
+            w = self.dequantize()  # for this call only: no float weight at rest on the GPU either
         else:
             w = self.weight_for_forward()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
