@@ -222,20 +222,23 @@ def test_calibration_batch_needs_long_enough_documents(lm) -> None:
 
 def test_lean_llama_decoder_matches_transformers(stories_float):
     """potq's LLaMA decoder (used by generate) gives transformers' logits, prompt then one token a
-    step, for the float model and a packed PoT one — embeddings too, ragged groups — (fused kernel)."""
+    step, for the float model and a packed PoT one — embeddings too, ragged groups — with the
+    extension's kernels and decoding-step ops, and with PyTorch's ops only."""
     import copy
 
     import potq
+    from potq.kernels import fused
     from potq.models.llama_decoder import LlamaDecoder, supports
 
     ids = torch.tensor([stories_float.tokenizer.encode("Once upon a time there was a little")])
-    for quantized in (False, True):
+    for quantized, kernel in ((False, True), (True, True), (False, False), (True, False)):
         model = copy.deepcopy(stories_float.model)
         if quantized:
             potq.quantize_(model, potq.QuantConfig("pot", 3, 48), method="rtn", embeddings=True, progress=False)
         assert supports(model)
-        with torch.inference_mode():
+        with torch.inference_mode(), fused.enabled(kernel):
             reference = model(ids).logits[0, 4:]
             decoder = LlamaDecoder(model, ids.shape[1])
+            assert (decoder.attend_step is not None) == (kernel and fused.extension() is not None)
             got = torch.stack([decoder(ids[:, :5])] + [decoder(ids[:, t:t + 1]) for t in range(5, ids.shape[1])])
-        assert torch.allclose(got, reference, atol=1e-4), (quantized, (got - reference).abs().max())
+        assert torch.allclose(got, reference, atol=1e-4), (quantized, kernel, (got - reference).abs().max())

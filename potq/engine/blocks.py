@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 from tqdm import tqdm
 
 from potq.errors import PotqError
@@ -63,9 +65,24 @@ def capture_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> BlockData:
     return BlockData(inputs, kwargs)
 
 
-def block_forward(block: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    out = block(x, **kwargs)
+def block_forward(block: nn.Module, x: Tensor, kwargs: dict[str, Any],
+                  weights: dict[str, Tensor] | None = None) -> Tensor:
+    """The block's hidden-state output on ``x``; with ``weights`` (linear name -> weight) run with
+    those weights instead of its own, through ``functional_call`` (the module is not modified)."""
+    if weights is None:
+        out = block(x, **kwargs)
+    else:
+        out = functional_call(block, {f"{n}.weight": w for n, w in weights.items()}, (x,), kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def output_error(block: nn.Module, data: BlockData, targets: list[Tensor], weights: dict[str, Tensor]) -> float:
+    """Mean squared error of the block's output with ``weights`` against ``targets``, averaged over
+    the calibration batches: the block loss every method reports and searches on."""
+    with torch.no_grad():
+        errors = [F.mse_loss(block_forward(block, x, data.kwargs, weights), y).item()
+                  for x, y in zip(data.inputs, targets)]
+    return sum(errors) / len(errors)
 
 
 def outputs(block: nn.Module, data: BlockData) -> list[Tensor]:

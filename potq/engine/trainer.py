@@ -4,7 +4,7 @@ block's float output (two-step Step 2, OmniQuant's learnable weight clipping).
 A method says how its trainable tensors turn into each linear's :class:`QParams`; the trainer
 fake-quantizes the block's frozen float weights with them (codes recomputed every step, the
 rounding's gradient chosen by ``grad``), runs the block with those weights through
-``functional_call`` (the module itself is never modified), and minimises the mean squared error
+``functional_call`` (:func:`~potq.engine.blocks.block_forward`; the module itself is never modified), and minimises the mean squared error
 to the targets plus the method's penalty. It returns the parameters of the epoch with the
 lowest block loss — the start included: rounding makes the loss jump as codes flip, so a later
 epoch can be worse than an earlier one.
@@ -18,10 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from tqdm import tqdm
 
-from potq.engine.blocks import BlockData
+from potq.engine.blocks import BlockData, block_forward, output_error
 from potq.formats import Format, QParams
 from potq.formats.weights import fake_quantize
 
@@ -41,22 +40,19 @@ def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: F
     def current() -> dict[str, QParams]:
         return {n: qparams_of(n, weights[n]) for n in names}
 
-    def block_loss(x: Tensor, y: Tensor, qps: dict[str, QParams], g: str) -> Tensor:
-        params = {f"{n}.weight": fake_quantize(weights[n], fmt, group_size, qps[n], g) for n in names}
-        out = functional_call(block, params, (x,), data.kwargs)
-        return F.mse_loss(out[0] if isinstance(out, tuple) else out, y)
+    def quantized(qps: dict[str, QParams], g: str) -> dict[str, Tensor]:
+        return {n: fake_quantize(weights[n], fmt, group_size, qps[n], g) for n in names}
 
     def evaluate() -> tuple[float, dict[str, QParams]]:
         with torch.no_grad():
             qps = current()
-            loss = sum(block_loss(x, y, qps, "none").item() for x, y in zip(data.inputs, targets))
-        return loss / len(targets), qps
+            return output_error(block, data, targets, quantized(qps, "none")), qps
 
     loss, qps = evaluate()
     history, best = [loss], (loss, qps)
     for _ in range(epochs):
         for x, y in zip(data.inputs, targets):
-            loss_t = block_loss(x, y, current(), grad)
+            loss_t = F.mse_loss(block_forward(block, x, data.kwargs, quantized(current(), grad)), y)
             if penalty is not None:
                 loss_t = loss_t + penalty()
             optimizer.zero_grad(set_to_none=True)

@@ -150,13 +150,20 @@ def bound_gemv(layer) -> Callable[[Tensor], Tensor] | None:  # noqa: ANN001
     return gemv
 
 
+def decoder_ops(kernel: bool = True) -> ModuleType | None:
+    """The extension, for its decoding-step ops (``rms_norm``, ``attend_step``, ``silu_mul`` in
+    ``csrc/decoder_ops.h``), where it is built and enabled and ``kernel`` says the caller's inputs
+    are float32 CPU tensors; else None, and the caller uses PyTorch's ops."""
+    return extension() if kernel and _enabled else None
+
+
 def rms_norm(kernel: bool = True) -> Callable[[Tensor, Tensor, float], Tensor]:
-    """``norm(x, weight, eps)``: with ``kernel`` (the caller's inputs are float32 CPU tensors) one
-    extension call where the kernel is built and enabled — a decoding step runs two a block, and
-    PyTorch's composite takes eight ops — else :func:`torch.nn.functional.rms_norm`."""
-    ext = extension() if kernel and _enabled else None
-    if ext is not None:
-        return ext.rms_norm
+    """``norm(x, weight, eps)``: one extension call where :func:`decoder_ops` allows — a decoding
+    step runs two a block, and PyTorch's composite takes eight ops — else
+    :func:`torch.nn.functional.rms_norm`."""
+    ops = decoder_ops(kernel)
+    if ops is not None:
+        return ops.rms_norm
     return lambda x, weight, eps: F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 

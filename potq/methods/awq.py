@@ -16,13 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from tqdm import tqdm
 
 from potq.config import QuantConfig
-from potq.engine.blocks import BlockData, block_linears, commit, each_input, input_statistic, run_blockwise
+from potq.engine.blocks import (BlockData, block_linears, commit, each_input, input_statistic, output_error,
+                                run_blockwise)
 from potq.errors import PotqError
 from potq.formats import Format
 from potq.formats.grouping import to_groups
@@ -61,15 +60,6 @@ def _fold(previous: nn.Module, block: nn.Module, names: list[str], s: Tensor) ->
             block.get_submodule(name).weight.mul_(s)
 
 
-def _block_error(block: nn.Module, data: BlockData, targets: list[Tensor], weights: dict[str, Tensor]) -> float:
-    with torch.no_grad():
-        total = 0.0
-        for x, y in zip(data.inputs, targets):
-            out = functional_call(block, {f"{n}.weight": w for n, w in weights.items()}, (x,), data.kwargs)
-            total += F.mse_loss(out[0] if isinstance(out, tuple) else out, y).item()
-    return total / len(targets)
-
-
 def search_scale(block: nn.Module, data: BlockData, targets: list[Tensor], names: list[str], mean_abs: Tensor,
                  fmt: Format, group_size: int) -> tuple[Tensor, float, list[float]]:
     """The best ``s = mean|x|^α`` for one group of linears: ``(s, α, error per α)``."""
@@ -81,7 +71,7 @@ def search_scale(block: nn.Module, data: BlockData, targets: list[Tensor], names
         trial = {n: fake_quantize(w * s, fmt, group_size, init_qparams(w * s, fmt, group_size)) / s
                  for n, w in originals.items()}
         scales.append(s)
-        errors.append(_block_error(block, data, targets, trial))
+        errors.append(output_error(block, data, targets, trial))
     best = int(torch.tensor(errors).argmin())
     return scales[best], float(ALPHAS[best]), errors
 

@@ -54,6 +54,9 @@ class LlamaDecoder:
         kernel = dtype == torch.float32 and device.type == "cpu"  # what the extension's ops take
         self.blocks = [_Block(layer, bind_kernel=kernel) for layer in inner.layers]
         self.norm = fused.rms_norm(kernel)
+        ops = fused.decoder_ops(kernel)  # one token's attention, and silu(gate)·up, as one call each
+        self.attend_step = None if ops is None else ops.attend_step
+        self.silu_mul = None if ops is None or config.hidden_act != "silu" else ops.silu_mul
         shape = (len(inner.layers), self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -68,30 +71,45 @@ class LlamaDecoder:
             return logits
         inner, T, start = self.model.model, ids.shape[1], self.length
         end, H, KV, D = start + T, self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[start:end], self.sin[start:end]
+        cos, sin = self.cos[start:end], self.sin[start:end]  # [T, 1, D]
         h = inner.embed_tokens(ids)
         for i, block in enumerate(self.blocks):
             x = self.norm(h, block.attn_norm, self.eps)
-            qkv = block.qkv(x).view(T, H + 2 * KV, D)
-            qk = qkv[:, :H + KV]
-            qk = qk * cos + qk.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2) * sin
-            self.keys[i, :, start:end] = qk[:, H:].transpose(0, 1)
-            self.values[i, :, start:end] = qkv[:, H + KV:].transpose(0, 1)
-            keys, values = self.keys[i, :, :end], self.values[i, :, :end]
-            if T == 1:  # each kv head's G = H / KV query heads as one small batch: no mask, no copies
-                scores = torch.bmm(qk[0, :H].view(KV, H // KV, D), keys.transpose(1, 2)).mul_(block.scaling)
-                o = torch.bmm(torch.softmax(scores, dim=-1), values).view(1, 1, H * D)
+            qkv = block.qkv(x)
+            if T == 1 and self.attend_step is not None:
+                o = self.attend_step(qkv.view(H + 2 * KV, D), cos[0, 0], sin[0, 0], self.keys[i], self.values[i],
+                                     start, block.scaling, H).view(1, 1, H * D)
             else:
-                o = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1), keys, values, is_causal=True,
-                                                   scale=block.scaling, enable_gqa=H != KV)
-                o = o.transpose(0, 1).reshape(1, T, H * D)
+                o = self._attend(i, qkv.view(T, H + 2 * KV, D), cos, sin, start, block.scaling)
             h = h + block.o(o)
             x = self.norm(h, block.mlp_norm, self.eps)
-            gate, up = block.gate_up(x).chunk(2, dim=-1)
-            h = h + block.down(block.act(gate) * up)
+            gate_up = block.gate_up(x)
+            if self.silu_mul is not None:
+                hidden = self.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                hidden = block.act(gate) * up
+            h = h + block.down(hidden)
         self.length = end
         last = self.norm(h[:, -1:], inner.norm.weight, self.eps)
         return self.model.lm_head(last)[0, -1]
+
+    def _attend(self, i: int, qkv: Tensor, cos: Tensor, sin: Tensor, start: int, scaling: float) -> Tensor:
+        """Block ``i``'s attention output ``[1, T, H·D]`` for ``qkv`` ``[T, H + 2KV, D]`` of the
+        positions from ``start``, in PyTorch ops (what the extension's ``attend_step`` does for
+        one token); writes the keys and values into the cache."""
+        T, H, KV, D, end = qkv.shape[0], self.heads, self.kv_heads, self.head_dim, start + qkv.shape[0]
+        qk = qkv[:, :H + KV]
+        qk = qk * cos + qk.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2) * sin
+        self.keys[i, :, start:end] = qk[:, H:].transpose(0, 1)
+        self.values[i, :, start:end] = qkv[:, H + KV:].transpose(0, 1)
+        keys, values = self.keys[i, :, :end], self.values[i, :, :end]
+        if T == 1:  # each kv head's G = H / KV query heads as one small batch: no mask, no copies
+            scores = torch.bmm(qk[0, :H].view(KV, H // KV, D), keys.transpose(1, 2)).mul_(scaling)
+            return torch.bmm(torch.softmax(scores, dim=-1), values).view(1, 1, H * D)
+        o = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1), keys, values, is_causal=True,
+                                           scale=scaling, enable_gqa=H != KV)
+        return o.transpose(0, 1).reshape(1, T, H * D)
 
 
 class _Block:

@@ -132,5 +132,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codes"), py::arg("scales"), py::arg("in_features"), py::arg("bits"), py::arg("group"), py::arg("top"),
         py::arg("with_zero"), py::arg("isa"), py::arg("out") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32, in one call");
+  m.def("attend_step", &attend_step, "one token's rotary embedding, KV-cache write and attention in a block");
+  m.def("silu_mul", &silu_mul, "silu(gate)·up of a stacked [rows, 2·I] gate_up");
   m.def("best_isa", &best_isa, "the widest vector ISA this CPU runs");
 }
