@@ -83,6 +83,7 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
     report["decode"] = decode.run(model, prompt_tokens, new_tokens, threads)
     md += ["## 3. End-to-end decoding, and 5. the bandwidth bound", ""]
     md += decode.markdown(report["decode"], prompt_tokens, new_tokens, report["read_gb_s"]) + [""]
+    md += decode.breakdown_markdown(report["decode"]) + [""]
     _show(md)
 
     md += ["## 4. Peer: llama.cpp on the same CPU", ""]
@@ -154,6 +155,15 @@ def _reading(report: dict) -> list[str]:
         f"bandwidth: the rest of a step is attention, norms and the fixed cost of each call (potq's decoder "
         f"stacks q/k/v and gate/up, so the model's {report['linear_layers']} linear layers take four "
         f"kernel calls a block).")
+    if pot3.get("step_ms") and flt.get("step_ms"):
+        p, f = pot3["step_ms"], flt["step_ms"]
+        lines.append(
+            f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.1f} ms the float32 "
+            f"output head takes {p['output head']:.1f} ms (float32's own: {f['output head']:.1f} ms), the "
+            f"packed projections {p['projections']:.1f} ms (float32's: {f['projections']:.1f} ms), attention "
+            f"{p['attention']:.1f} ms and the rest {p['other']:.1f} ms. Only the projections get faster with "
+            f"fewer weight bits; the head, attention and the rest cost the same in both models and cap the "
+            f"end-to-end ratio.")
     if "peer" in report:
         q4 = report["peer"]["Q4_0"]
         lines.append(

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from potq.bench.bandwidth import weight_bytes_per_token
 from potq.eval.data import eval_text
 from potq.eval.generate import next_tokens
 from potq.kernels import fused
+from potq.models.llama_decoder import LlamaDecoder, supports
 from potq.nn import QuantLinear
 from potq.paths import home_dir
 
@@ -64,8 +66,34 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     read = weight_bytes_per_token(lm.model)
     return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
             "same_tokens_as_torch_path": same_text,
+            "step_ms": step_breakdown(lm.model, ids) if supports(lm.model) else None,
             "rss_after_load_mib": rss_loaded, "peak_rss_mib": peak,
             "threads": threads, "weight_bytes_per_token": read["total"], "head_bytes": read["head"]}
+
+
+def step_breakdown(model: torch.nn.Module, prompt: list[int], steps: int = 32, repeats: int = 5) -> dict[str, float]:
+    """Where a decoding step's time goes, in milliseconds: a whole step (after ``prompt``), then
+    the kinds of call in it timed alone (:meth:`LlamaDecoder.step_parts`); ``other`` is the rest —
+    norms, the activation, residual adds, the embedding lookup, Python. Each figure is the median
+    of ``repeats`` timings of ``steps`` calls."""
+    decoder = LlamaDecoder(model, len(prompt) + steps * repeats + 1)
+
+    def per_call(fn: Callable[[], object]) -> float:
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            timings.append((time.perf_counter() - start) / steps * 1e3)
+        return sorted(timings)[repeats // 2]
+
+    with torch.inference_mode():
+        token = decoder(torch.tensor([prompt])).argmax().view(1, 1)
+        parts = {"step": per_call(lambda: decoder(token))}
+        decoder.length = len(prompt)
+        parts.update({name: per_call(fn) for name, fn in decoder.step_parts().items()})
+    parts["other"] = parts["step"] - sum(v for k, v in parts.items() if k != "step")
+    return parts
 
 
 def prompt_text(tokens: int) -> str:
@@ -140,6 +168,21 @@ def markdown(results: dict[str, dict], prompt_tokens: int, new_tokens: int, read
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {ratio} | {mb:.1f} | {bound:.1f} | "
                      f"{r['tokens_per_s'] / bound:.0%} | {r['prompt_ms']:.0f} | {r['rss_after_load_mib']:.0f} | "
                      f"{r['peak_rss_mib']:.0f} | {_same(r['same_tokens_as_torch_path'])} |")
+    return lines
+
+
+def breakdown_markdown(results: dict[str, dict]) -> list[str]:
+    """The step breakdown table (variants measured with :func:`step_breakdown`)."""
+    rows = {name: r["step_ms"] for name, r in results.items() if r.get("step_ms")}
+    if not rows:
+        return []
+    parts = [k for k in next(iter(rows.values())) if k != "step"]
+    lines = ["Where a decoding step's time goes (ms per token, in the same processes; each kind of call "
+             "timed alone on stand-in inputs, 'other' = the step minus those: norms, activation, residual "
+             "adds, embedding, Python):", "",
+             "| model | step | " + " | ".join(parts) + " |", "|---|" + "---:|" * (len(parts) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['step']:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in parts) + " |")
     return lines
 
 

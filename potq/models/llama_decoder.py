@@ -15,6 +15,8 @@ transformers' to float rounding (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,17 +72,10 @@ class LlamaDecoder:
                 logits = self(ids[:, t:t + 1])
             return logits
         inner, T, start = self.model.model, ids.shape[1], self.length
-        end, H, KV, D = start + T, self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[start:end], self.sin[start:end]  # [T, 1, D]
         h = inner.embed_tokens(ids)
         for i, block in enumerate(self.blocks):
             x = self.norm(h, block.attn_norm, self.eps)
-            qkv = block.qkv(x)
-            if T == 1 and self.attend_step is not None:
-                o = self.attend_step(qkv.view(H + 2 * KV, D), cos[0, 0], sin[0, 0], self.keys[i], self.values[i],
-                                     start, block.scaling, H).view(1, 1, H * D)
-            else:
-                o = self._attend(i, qkv.view(T, H + 2 * KV, D), cos, sin, start, block.scaling)
+            o = self._attention(i, block.qkv(x), start, block.scaling)
             h = h + block.o(o)
             x = self.norm(h, block.mlp_norm, self.eps)
             gate_up = block.gate_up(x)
@@ -90,16 +85,21 @@ class LlamaDecoder:
                 gate, up = gate_up.chunk(2, dim=-1)
                 hidden = block.act(gate) * up
             h = h + block.down(hidden)
-        self.length = end
+        self.length = start + T
         last = self.norm(h[:, -1:], inner.norm.weight, self.eps)
         return self.model.lm_head(last)[0, -1]
 
-    def _attend(self, i: int, qkv: Tensor, cos: Tensor, sin: Tensor, start: int, scaling: float) -> Tensor:
-        """Block ``i``'s attention output ``[1, T, H·D]`` for ``qkv`` ``[T, H + 2KV, D]`` of the
-        positions from ``start``, in PyTorch ops (what the extension's ``attend_step`` does for
-        one token); writes the keys and values into the cache."""
-        T, H, KV, D, end = qkv.shape[0], self.heads, self.kv_heads, self.head_dim, start + qkv.shape[0]
-        qk = qkv[:, :H + KV]
+    def _attention(self, i: int, qkv: Tensor, start: int, scaling: float) -> Tensor:
+        """Block ``i``'s attention output ``[1, T, H·D]`` for its ``qkv`` projection ``[1, T, (H + 2KV)·D]``
+        of the positions from ``start``; writes their keys and values into the cache. One token
+        goes through the extension's ``attend_step`` where it is built, else PyTorch's ops."""
+        T, H, KV, D = qkv.shape[1], self.heads, self.kv_heads, self.head_dim
+        if T == 1 and self.attend_step is not None:
+            o = self.attend_step(qkv.view(H + 2 * KV, D), self.cos[start, 0], self.sin[start, 0], self.keys[i],
+                                 self.values[i], start, scaling, H)
+            return o.view(1, 1, H * D)
+        end, qkv = start + T, qkv.view(T, H + 2 * KV, D)
+        qk, cos, sin = qkv[:, :H + KV], self.cos[start:end], self.sin[start:end]  # cos, sin: [T, 1, D]
         qk = qk * cos + qk.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2) * sin
         self.keys[i, :, start:end] = qk[:, H:].transpose(0, 1)
         self.values[i, :, start:end] = qkv[:, H + KV:].transpose(0, 1)
@@ -110,6 +110,30 @@ class LlamaDecoder:
         o = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1), keys, values, is_causal=True,
                                            scale=scaling, enable_gqa=H != KV)
         return o.transpose(0, 1).reshape(1, T, H * D)
+
+    def step_parts(self) -> dict[str, Callable[[], object]]:
+        """One decoding step's calls of each kind, on stand-in inputs at the next position: the
+        output head, the blocks' projections, their attention. The speed benchmark times each
+        alone to show where a step's time goes. Call between steps with a position to spare (the
+        cache slot it writes is the next step's, which overwrites it)."""
+        config, like = self.model.config, self.cos
+        if self.length >= self.max_len:
+            raise ValueError(f"the decoder holds {self.max_len} positions")
+        hidden = torch.randn(1, 1, config.hidden_size, dtype=like.dtype, device=like.device)
+        attended = torch.randn(1, 1, self.heads * self.head_dim, dtype=like.dtype, device=like.device)
+        inner = torch.randn(1, 1, config.intermediate_size, dtype=like.dtype, device=like.device)
+        qkvs = [block.qkv(hidden) for block in self.blocks]
+
+        def projections() -> None:
+            for block in self.blocks:
+                block.qkv(hidden), block.o(attended), block.gate_up(hidden), block.down(inner)
+
+        def attention() -> None:
+            for i, (block, qkv) in enumerate(zip(self.blocks, qkvs)):
+                self._attention(i, qkv, self.length, block.scaling)
+
+        return {"output head": lambda: self.model.lm_head(hidden), "projections": projections,
+                "attention": attention}
 
 
 class _Block:
