@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import potq
+from potq.bench.timing import LoadWatch
 from potq.eval import perplexity
 from potq.info import summary
 from potq.storage import read_manifest
@@ -73,14 +74,16 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
     """The row's saved folder (made now or found in ``--work``) loaded back, and its record."""
     row = parse_row(spec, args.group_size)
     folder = Path(args.work) / args.model / spec.replace(":", "-").replace(",", "-").replace("=", "")
-    record = {k: cached[k] for k in ("quantize_seconds", "blocks") if k in cached}
+    record = {k: cached[k] for k in ("quantize_seconds", "blocks", "mean_load", "shared_machine") if k in cached}
     if args.force or not (folder / "potq.json").exists() or "quantize_seconds" not in record:
         lm = potq.LoadedModel(copy.deepcopy(float_lm.model), float_lm.tokenizer, float_lm.source)
         start = time.perf_counter()
-        potq.quantize_(lm, potq.QuantConfig(row["format"], row["bits"], row["group_size"]),
-                       method=row["method"], **row["settings"])
+        with LoadWatch() as load:
+            potq.quantize_(lm, potq.QuantConfig(row["format"], row["bits"], row["group_size"]),
+                           method=row["method"], **row["settings"])
         record = {"quantize_seconds": time.perf_counter() - start,
-                  "blocks": getattr(lm.model, "potq_report", {}).get("blocks")}
+                  "blocks": getattr(lm.model, "potq_report", {}).get("blocks"),
+                  "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads())}
         potq.save(lm, folder)
     s = summary(folder)
     record.update(label=label_of(row), group_size=row["group_size"], method=row["method"],
@@ -152,7 +155,8 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
         lines.append(f"| {label} | {r['group_size'] or '–'} | {r['bits_per_weight']:.3f} | {ppls} | {size} | "
                      f"{r['quantize_seconds']:.1f}{shared} |")
     if any(r.get("shared_machine") for r in results):
-        lines += ["", "\\* quantized while other jobs shared the two cores: that time is not representative."]
+        lines += ["", "\\* quantized while other jobs shared the cores (mean load above the job's threads + 1): that "
+                  "time is not representative."]
     if any(r["row"].startswith(PEER) for r in results):
         lines += ["", "llama.cpp rows: the model's shipped GGUF requantized by llama.cpp's own quantizer (so rounded "
                       "twice: Q4_1, then the row's type) and evaluated by potq on the same windows. Bits/weight count "

@@ -55,3 +55,14 @@ def test_gguf_bits_per_weight_counts_block_matrices():
 
     assert block_bits_per_weight(resolve("stories260k")[1]) == 32.0
     assert block_bits_per_weight(resolve("smollm2-135m")[1]) == 5.0
+
+
+def test_load_watch_samples_while_a_job_runs():
+    import time
+
+    from potq.bench.timing import LoadWatch
+
+    with LoadWatch(every=0.01) as load:
+        time.sleep(0.1)
+    assert len(load.samples) >= 3 and load.mean >= 0
+    assert not load.shared(threads=10**6) and load.shared(threads=-2)

@@ -1,8 +1,11 @@
-"""Timing helpers shared by the speed benchmarks: a per-call time robust to noise, cache size."""
+"""Timing helpers shared by the benchmarks: a per-call time robust to noise, cache size, and
+whether the machine was shared while a long job ran."""
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +49,35 @@ def rotating(items: list, fn: Callable[[object], object]) -> Callable[[], object
         return fn(items[state["i"]])
 
     return call
+
+
+class LoadWatch:
+    """The machine's mean 1-minute load average while a long job runs (sampled every ``every``
+    seconds on a background thread): a wall time measured while other work shared the cores is
+    not the job's own, and a result table should say so. ``shared(threads)``: the load stayed
+    more than one above the job's own thread count."""
+
+    def __init__(self, every: float = 15.0) -> None:
+        self.every, self.samples = every, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> "LoadWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    def shared(self, threads: int) -> bool:
+        return self.mean > threads + 1
