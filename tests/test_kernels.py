@@ -196,3 +196,18 @@ def test_benchmark_harness_computes_both_formulas_exactly(dtype, fused_kernel):
     u = quantize_weight(w, get_format("uniform", 3), 32)
     expected = (u.codes.float() - per_weight(u.zero, 32, 200).float()) * per_weight(u.scale, 32, 200).float()
     assert torch.equal(elementwise(u, dtype), expected.to(dtype))
+
+
+@pytest.mark.parametrize("name, bits", [("pot", 3), ("pot-zero", 2), ("pot", 6)])
+def test_embedding_rows_decode_exactly(name, bits, fused_kernel):
+    """A packed embedding's looked-up rows (by the kernel's exponent add, or PyTorch's decode for
+    formats it does not serve) equal the rows of the decoded table, ragged last group included."""
+    from potq.kernels import fused
+    from potq.nn import QuantEmbedding
+
+    torch.manual_seed(0)
+    table = QuantEmbedding.from_quantized(quantize_weight(torch.randn(50, 64), get_format(name, bits), 48))
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    for flag in (True, False):
+        with fused.enabled(flag):
+            assert torch.equal(table(ids), table.dequantize()[ids]), flag

@@ -119,6 +119,10 @@ def _verdicts(report: dict) -> list[str]:
         q4 = report["peer"]["Q4_0"]["tokens_per_s"]
         lines.append(_verdict(dec["pot3"]["tokens_per_s"] / q4 * TARGETS["peer"], 1.0,
                               "pot3 decoding within 1.5× of llama.cpp Q4_0 (pot3 tok/s × 1.5 ÷ Q4_0 tok/s)"))
+        if "pot3 + embeddings" in dec:  # like for like: the Q4_0 file packs the embedding table (= head) too
+            lines.append(_verdict(dec["pot3 + embeddings"]["tokens_per_s"] / q4 * TARGETS["peer"], 1.0,
+                                  "pot3 with the embedding table (= head) packed too, as the Q4_0 file packs it, "
+                                  "within 1.5× of llama.cpp Q4_0"))
     return lines
 
 

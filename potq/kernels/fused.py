@@ -175,6 +175,14 @@ def packed_dequantize(layer, isa: str | None = None, out: Tensor | None = None) 
     return extension().pot_dequantize(layer.codes, layer.scales, layer.in_features, *_grid(layer), _isa(isa), out)
 
 
+def dequantize_rows(layer, rows: Tensor) -> Tensor:  # noqa: ANN001
+    """Rows ``rows`` (a 1-D index tensor) of a packed PoT layer the kernel serves, as float32
+    ``[len(rows), in_features]`` by its exponent add: an embedding lookup, one call instead of the
+    dozen PyTorch ops of unpacking and decoding."""
+    return extension().pot_dequantize(layer.codes[rows], layer.scales[rows], layer.in_features, *_grid(layer),
+                                      best_isa(), None)
+
+
 _scratch = threading.local()
 
 

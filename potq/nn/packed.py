@@ -162,6 +162,8 @@ class QuantEmbedding(PackedWeight):
         if self._weight is not None:
             return F.embedding(ids, self._weight)
         flat = ids.reshape(-1)
+        if fused.serves(self):
+            return fused.dequantize_rows(self, flat).view(*ids.shape, self.in_features)
         zeros = None if self.zeros is None else self.zeros[flat]
         qw = QuantizedWeight(self.fmt, self.group_size, unpack_bits(self.codes[flat], self.fmt.bits, self.in_features),
                              self.scales[flat], zeros)
