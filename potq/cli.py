@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="only the fused 3-bit GEMV vs float32 on the largest linear shape (under a minute)")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp even where it is installed")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: write --out again from the JSON report beside it")
     p.add_argument("--out", type=Path, default=Path("docs/results/speed.md"))
     p.set_defaults(func=cmd_bench)
 
@@ -272,6 +274,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     threads = args.threads or os.cpu_count() or 1
     if args.quick:
         print(bench.quick(args.model, threads))
+    elif args.render:
+        bench.rerender(args.out)
     else:
         bench.run_all(args.model, threads, args.out, with_peer=not args.no_peer)
 

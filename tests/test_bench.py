@@ -66,3 +66,17 @@ def test_load_watch_samples_while_a_job_runs():
         time.sleep(0.1)
     assert len(load.samples) >= 3 and load.mean >= 0
     assert not load.shared(threads=10**6) and load.shared(threads=-2)
+
+
+def test_report_renders_again_from_its_json(tmp_path, capsys):
+    """`potq bench --render` rewrites the Markdown from the JSON report (here the checked-in one)."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parents[1] / "docs/results/speed.json", tmp_path / "speed.json")
+    assert main(["bench", "--render", "--out", str(tmp_path / "speed.md")]) in (0, None)
+    text = (tmp_path / "speed.md").read_text()
+    for heading in ("## 1. Dequantization", "## 2. GEMV", "## 3. End-to-end", "## 4. Peer", "## Targets"):
+        assert heading in text
+    assert main(["bench", "--render", "--out", str(tmp_path / "elsewhere" / "speed.md")]) not in (0, None)
+    assert "run `potq bench` first" in capsys.readouterr().err

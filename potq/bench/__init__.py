@@ -19,9 +19,13 @@ from pathlib import Path
 import torch
 
 from potq.bench import bandwidth, decode, dequant, gemv, peer
+from potq.errors import PotqError
 from potq.kernels import fused
 
 TARGETS = {"dequant": 1.5, "gemv": 4.0, "decode": 2.0, "peer": 1.5}
+NOISE = ("Each ratio below comes from one run, its variants measured in turn on the same machine. The "
+         "absolute speed of this shared virtual machine drifts by tens of percent from hour to hour, so a "
+         "ratio close to its target can land on the other side of it in another run.")
 
 
 def _largest_linear(model: str) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -50,56 +54,80 @@ def _verdict(measured: float, target: float, what: str) -> str:
 
 def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new_tokens: int = 128,
             with_peer: bool = True) -> None:
-    """All five benchmarks, printed as they finish and written to ``out_md`` (+ ``.json``)."""
+    """All five benchmarks into one report, each table printed as it is measured; the report is
+    written to ``out_md`` (Markdown, :func:`render`) and beside it as JSON."""
     from potq.models import load_model
     from potq.models.registry import resolve
 
     torch.set_num_threads(threads)
     report: dict = {"command": "potq " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "model": model,
-                    "threads": threads, "cpu": _cpu_name(), "isa": fused.best_isa(), "torch": torch.__version__}
-    md = ["# Speed: packed PoT on this CPU", "", f"`{report['command']}`", "",
-          f"{report['cpu']}, {threads} threads, fused kernel: {report['isa']}, torch {report['torch']}; "
-          f"model {model}.", ""]
+                    "threads": threads, "cpu": _cpu_name(), "isa": fused.best_isa(), "torch": torch.__version__,
+                    "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
 
     print("1/5 dequantization ...", flush=True)
     report["dequant"] = dequant.run()
-    md += ["## 1. Dequantization throughput", ""] + dequant.markdown(report["dequant"], "4096×4096") + [""]
-    _show(md)
+    _show(render(report))
 
     print("2/5 GEMV on every linear shape ...", flush=True)
     lm = load_model(model)
     shapes = gemv.linear_shapes(lm.model)
     weights = {s: lm.model.get_submodule(n[0]).weight.detach().clone() for s, n in shapes.items()}
     report["linear_layers"] = sum(len(n) for n in shapes.values())
+    report["shape_layers"] = {str(s): n for s, n in shapes.items()}
     del lm
     report["gemv"] = {regime: {str(s): gemv.measure_shape(w, regime) for s, w in weights.items()}
                       for regime in ("hot", "decoding")}
-    md += ["## 2. GEMV latency (batch 1)", "", gemv.__doc__.split("\n\n", 1)[1].strip()]
-    md += gemv.markdown(report["gemv"], {str(s): n for s, n in shapes.items()}) + [""]
-    _show(md)
+    _show(render(report))
 
     print("3/5 + 5/5 end-to-end decoding and the bandwidth bound ...", flush=True)
     report["read_gb_s"] = bandwidth.read_gb_s()
     report["decode"] = decode.run(model, prompt_tokens, new_tokens, threads)
-    md += ["## 3. End-to-end decoding, and 5. the bandwidth bound", ""]
-    md += decode.markdown(report["decode"], prompt_tokens, new_tokens, report["read_gb_s"]) + [""]
-    md += decode.breakdown_markdown(report["decode"]) + [""]
-    _show(md)
+    _show(render(report))
 
-    md += ["## 4. Peer: llama.cpp on the same CPU", ""]
     source = resolve(model)[1]
     if with_peer and peer.available() and source.suffix == ".gguf":
         print("4/5 llama.cpp ...", flush=True)
         report["peer"] = peer.run(source, prompt_tokens, new_tokens, threads)
+    report["complete"] = True
+    _write(out_md, render(report), report)
+
+
+def render(report: dict) -> list[str]:
+    """The Markdown report of what ``report`` holds so far (all of it once ``complete``)."""
+    md = ["# Speed: packed PoT on this CPU", "", f"`{report['command']}`", "",
+          f"{report['cpu']}, {report['threads']} threads, fused kernel: {report['isa']}, torch {report['torch']}; "
+          f"model {report['model']}.", ""]
+    if "dequant" in report:
+        md += ["## 1. Dequantization throughput", ""] + dequant.markdown(report["dequant"], "4096×4096") + [""]
+    if "gemv" in report:
+        md += ["## 2. GEMV latency (batch 1)", "", gemv.__doc__.split("\n\n", 1)[1].strip()]
+        md += gemv.markdown(report["gemv"], report["shape_layers"]) + [""]
+    if "decode" in report:
+        md += ["## 3. End-to-end decoding, and 5. the bandwidth bound", ""]
+        md += decode.markdown(report["decode"], report["prompt_tokens"], report["new_tokens"], report["read_gb_s"])
+        md += [""] + decode.breakdown_markdown(report["decode"]) + [""]
+    if not report.get("complete"):
+        return md
+    md += ["## 4. Peer: llama.cpp on the same CPU", ""]
+    if "peer" in report:
         md += [peer.__doc__.split("\n\n", 1)[1].strip().split("\n\n")[0], ""]
         md += peer.markdown(report["peer"], report["decode"]) + [""]
     else:
         md += ["Not measured in this run: install the extra `pip install -e .[peer]` (builds llama.cpp, "
                "about 15 minutes) and give a GGUF model.", ""]
-
-    md += ["## Targets", ""] + _verdicts(report) + [""]
+    md += ["## Targets", "", NOISE, ""] + _verdicts(report) + [""]
     md += ["## Reading the numbers", ""] + _reading(report) + [""]
-    _write(out_md, md, report)
+    return md
+
+
+def rerender(out_md: Path) -> None:
+    """Write ``out_md`` again from the JSON report beside it (after a change to the wording or the
+    layout of the report; nothing is measured)."""
+    source = out_md.with_suffix(".json")
+    if not source.is_file():
+        raise PotqError(f"{source} not found: run `potq bench` first")
+    report = json.loads(source.read_text())
+    _write(out_md, render(report), report)
 
 
 def _verdicts(report: dict) -> list[str]:
