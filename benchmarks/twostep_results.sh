@@ -11,8 +11,8 @@ source "$(dirname "$0")/table_setup.sh"
 PRIORITY=(
   pot:3 pot:3:grid pot:3:twostep
   pot-zero:3 pot-zero:3:grid pot-zero:3:twostep
+  pot:3:grid,objective=act pot-zero:3:grid,objective=act pot:3:twostep,objective=act
   pot:2 pot:2:grid pot-zero:2 pot-zero:2:grid uniform:2
-  pot:3:grid,objective=act pot-zero:3:grid,objective=act
   pot:3:finetune pot-zero:3:finetune
   pot:2:twostep pot-zero:2:twostep pot:2:finetune pot-zero:2:finetune
   pot:2:grid,objective=act pot-zero:2:grid,objective=act
@@ -25,8 +25,8 @@ MAIN=(float uniform:3 uniform:2 pot:3 pot:2 pot-zero:3 pot-zero:2
 ABLATION=(pot:3 pot:3:grid pot:3:finetune pot:3:twostep pot:2 pot:2:grid pot:2:finetune pot:2:twostep
           pot-zero:3 pot-zero:3:grid pot-zero:3:finetune pot-zero:3:twostep
           pot-zero:2 pot-zero:2:grid pot-zero:2:finetune pot-zero:2:twostep)
-OBJECTIVE=(pot:3 pot:3:grid pot:3:grid,objective=act pot-zero:3 pot-zero:3:grid
-           pot-zero:3:grid,objective=act pot:2 pot:2:grid pot:2:grid,objective=act
+OBJECTIVE=(pot:3 pot:3:grid pot:3:grid,objective=act pot:3:twostep pot:3:twostep,objective=act
+           pot-zero:3 pot-zero:3:grid pot-zero:3:grid,objective=act pot:2 pot:2:grid pot:2:grid,objective=act
            pot-zero:2 pot-zero:2:grid pot-zero:2:grid,objective=act)
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
