@@ -64,7 +64,7 @@ def main() -> None:
     for spec, r in runs.items():
         if spec == "float":
             continue
-        blocks = r.get("blocks") or []
+        blocks = [b for b in r.get("blocks") or [] if "seconds" in b and "loss" in b]  # trained blocks only
         wise = sum(b["seconds"] for b in blocks)
         epochs = len(blocks[0]["loss"]) - 1 if blocks else 0
         per = f"{wise / len(blocks):.1f}" if blocks else "–"
