@@ -4,10 +4,10 @@ block's float output (two-step Step 2, OmniQuant's learnable weight clipping).
 A method says how its trainable tensors turn into each linear's :class:`QParams`; the trainer
 fake-quantizes the block's frozen float weights with them (codes recomputed every step, the
 rounding's gradient chosen by ``grad``), runs the block with those weights through
-``functional_call`` (:func:`~potq.engine.blocks.block_forward`; the module itself is never modified), and minimises the mean squared error
-to the targets plus the method's penalty. It returns the parameters of the epoch with the
-lowest block loss — the start included: rounding makes the loss jump as codes flip, so a later
-epoch can be worse than an earlier one.
+``functional_call`` (:func:`~potq.engine.blocks.block_forward`; the module itself is never
+modified), and minimises the mean squared error to the targets plus the method's penalty. It
+returns the parameters of the epoch with the lowest block loss — the start included: rounding
+makes the loss jump as codes flip, so a later epoch can be worse than an earlier one.
 """
 
 from __future__ import annotations

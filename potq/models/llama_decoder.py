@@ -4,10 +4,11 @@ Decoding one token of a small model on a CPU is dominated not by arithmetic but 
 cost of the framework: transformers' LLaMA forward builds masks, position embeddings and cache
 objects and runs about fifty small tensor ops per block. :class:`LlamaDecoder` runs the same
 blocks — the model's own weights (float ``nn.Linear`` or potq's packed ``QuantLinear``), norm
-weights and rotary tables — with a preallocated KV cache and about fifteen ops per block: packed
-q/k/v and gate/up each computed as one stacked matrix (:mod:`potq.nn.stacked`), rotary embedding on
-q and k together, batch-1 projections straight into the fused kernel; the output head only for
-the last position. It is what ``potq generate`` and the
+weights and rotary tables — with a preallocated KV cache and about ten calls per block: packed
+q/k/v and gate/up each computed as one stacked matrix (:mod:`potq.nn.stacked`), batch-1
+projections straight into the fused kernel, and a token's rotary embedding + cache write +
+attention, RMSNorm and silu(gate)·up as one extension op each (PyTorch ops where the extension is
+not built); the output head only for the last position. It is what ``potq generate`` and the
 decoding benchmark use for LLaMA models (the same path for the float and the quantized model);
 everything else goes through transformers' forward with its ``DynamicCache``. Its logits equal
 transformers' to float rounding (tested).

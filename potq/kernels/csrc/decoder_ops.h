@@ -45,8 +45,9 @@ inline torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor cos, torch::Te
   for (const auto& t : {qkv, cos, sin, keys, values})
     TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "attend_step takes contiguous float32 tensors");
   const int64_t kv_heads = keys.size(0), max_len = keys.size(1), D = keys.size(2), half = D / 2;
-  TORCH_CHECK(D % 2 == 0 && D <= 1024 && qkv.numel() == (heads + 2 * kv_heads) * D && cos.numel() == D && sin.numel() == D,
-              "attend_step: qkv, cos or sin do not match the cache's head size");
+  TORCH_CHECK(D % 2 == 0 && D <= 1024 && qkv.numel() == (heads + 2 * kv_heads) * D && cos.numel() == D &&
+                  sin.numel() == D,
+              "attend_step: qkv, cos or sin do not match the cache's head size (even, at most 1024)");
   TORCH_CHECK(values.sizes() == keys.sizes() && pos >= 0 && pos < max_len && heads % kv_heads == 0,
               "attend_step: position or head counts out of range");
   float* q_all = qkv.data_ptr<float>();
