@@ -8,6 +8,9 @@ Writes into ``--out``:
   typical group drawn over them (thesis Figure 3.1);
 - ``step1-error-vs-b.png``: a few groups' squared error against the multiplier b (Figure 3.3);
 - ``step1-b-histogram.png``: the chosen b* over every group of the model (Figure 3.4);
+- ``step1-objective.png``: why the objective matters — b* under plain MSE vs the
+  activation-weighted error (zero-excluded PoT), and how unevenly E[x²] spreads over the input
+  channels of ``--layer`` (measured on the float model with the C4 calibration batch);
 - ``ppl-vs-bits.png``: perplexity against real bits per weight, uniform vs PoT, every row of the
   ``benchmarks/ppl_table.py`` store measured on ``--dataset``.
 """
@@ -29,7 +32,10 @@ import torch  # noqa: E402
 import potq  # noqa: E402
 from potq.formats import get_format  # noqa: E402
 from potq.formats.grouping import to_groups  # noqa: E402
+from potq.engine.blocks import BlockData, input_moments, run_blockwise  # noqa: E402
+from potq.eval.data import calibration_batch  # noqa: E402
 from potq.methods.grid import MULTIPLIERS, group_errors, search_scales  # noqa: E402
+from potq.models import transformer_blocks  # noqa: E402
 from potq.quantize import quantizable_layers  # noqa: E402
 
 
@@ -93,6 +99,39 @@ def b_histogram(model: torch.nn.Module, bits: int, group_size: int, out: Path) -
     plt.close(fig)
 
 
+def step1_objective(lm: potq.LoadedModel, layer: str, bits: int, group_size: int, out: Path) -> None:
+    """b* of every group under both Step 1 objectives, beside the spread of one layer's E[x²]."""
+    moments: dict[str, torch.Tensor] = {}
+    blocks = transformer_blocks(lm.model)
+
+    def measure(index: int, block: torch.nn.Module, data: BlockData, _targets: list) -> None:
+        prefix = next(n for n, m in lm.model.named_modules() if m is blocks[index])
+        moments.update({f"{prefix}.{n}": x for n, x in input_moments(block, data).items()})
+
+    calibration = calibration_batch(lm.tokenizer, 32, 512, seed=0)
+    run_blockwise(lm.model, calibration, measure, targets=False)
+    fmt = get_format("pot", bits)
+    layers = quantizable_layers(lm.model)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for objective in ("mse", "act"):
+        best = torch.cat([search_scales(m.weight.detach(), fmt, group_size,
+                                        column_weight=moments[n] if objective == "act" else None)[1].flatten()
+                          for n, m in layers.items()])
+        left.hist(best.numpy(), bins=100, range=(0, 2), alpha=0.6, label=f"{objective} (median {best.median():.2f})")
+    left.set_xlabel("chosen multiplier b*")
+    left.set_ylabel("groups")
+    left.set_title(f"Step 1 b* by objective, pot {bits}-bit G{group_size}")
+    left.legend()
+    energy = moments[layer].sort(descending=True).values
+    right.semilogy(range(1, len(energy) + 1), (energy / energy.median()).numpy())
+    right.set_xlabel("input channel, by E[x²] (largest first)")
+    right.set_ylabel("E[x²] / median")
+    right.set_title(f"input of {layer}")
+    fig.tight_layout()
+    fig.savefig(out / "step1-objective.png", dpi=120)
+    plt.close(fig)
+
+
 def ppl_vs_bits(store: Path, dataset: str, out: Path) -> None:
     """Every stored row measured on ``dataset``: one line per (format, method, G, settings)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -125,11 +164,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = potq.load_model(args.model).model
+    lm = potq.load_model(args.model)
+    model = lm.model
     w = model.get_submodule(args.layer).weight.detach().float()
     weight_histogram(w, args.layer, args.bits, args.group_size, args.out)
     error_vs_b(w, args.layer, args.bits, args.group_size, args.out)
     b_histogram(model, args.bits, args.group_size, args.out)
+    step1_objective(lm, args.layer, args.bits, args.group_size, args.out)
     ppl_vs_bits(args.store or Path(f"docs/results/{args.model}-runs.json"), args.dataset, args.out)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     print(f"plots in {args.out}/ (made by: {command})")

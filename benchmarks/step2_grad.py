@@ -1,6 +1,7 @@
 """Step 2's gradient through the scale, measured: ``--grad ste`` (thesis eq. 3.16 taken
 literally) against ``--grad detach`` (codes held constant in the backward pass), on the first
-blocks of a model, from the same Step 1 start and the same calibration batch.
+blocks of a model, from the same Step 1 start (``--objective``, default the thesis' plain ``mse``)
+and the same calibration batch.
 
     python benchmarks/step2_grad.py --model smollm2-135m --rows pot:3 pot-zero:3 pot:2 \
         --blocks 3 --epochs 10 --out docs/results/step2-grad
@@ -30,7 +31,7 @@ def run(lm: potq.LoadedModel, spec: str, grad: str, args: argparse.Namespace, ca
     del transformer_blocks(model)[args.blocks:]
     config = potq.QuantConfig(fmt, int(bits), args.group_size)
     twostep.quantize(model, quantizable_layers(model), config, calibration, epochs=args.epochs, grad=grad,
-                     progress=False)
+                     objective=args.objective, progress=False)
     rows = []
     for r in model.potq_report["blocks"]:
         start, kept = r["loss"][0], r["kept"]
@@ -53,7 +54,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
             summary.append(f"| {spec} | {grad} | {sum(mine) / len(mine):+.1f} % |")
     return "\n".join([
         f"# Step 2 gradient: ste vs detach ({args.model}, first {args.blocks} blocks, G{args.group_size}, "
-        f"{args.epochs} epochs, calibration {args.calib_samples}×{args.calib_len})", "",
+        f"{args.epochs} epochs, calibration {args.calib_samples}×{args.calib_len}, Step 1 objective "
+        f"{args.objective})", "",
         "Block output MSE on the calibration batch; Step 2 keeps its best epoch, so it never ends above "
         "Step 1.", "", "```", command, "```", "", *summary, "", *lines, ""])
 
@@ -65,6 +67,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--objective", choices=("mse", "act"), default="mse", help="Step 1's error (the start)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--out", required=True)

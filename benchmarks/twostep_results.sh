@@ -8,26 +8,34 @@
 #   bash benchmarks/twostep_results.sh [DATASETS...]     (default: wikitext2)
 source "$(dirname "$0")/table_setup.sh"
 
+# twostep's Step 1 objective defaults to act (activation-weighted); its plain-MSE form is the
+# ",objective=mse" row, the thesis' method as written.
 PRIORITY=(
-  pot:3 pot:3:grid pot:3:twostep
-  pot-zero:3 pot-zero:3:grid pot-zero:3:twostep
-  pot:3:grid,objective=act pot-zero:3:grid,objective=act pot:3:twostep,objective=act
+  pot:3 pot:3:grid pot:3:twostep,objective=mse
+  pot-zero:3 pot-zero:3:grid pot-zero:3:twostep,objective=mse
+  pot:3:grid,objective=act pot-zero:3:grid,objective=act pot:3:twostep
   pot:2 pot:2:grid pot-zero:2 pot-zero:2:grid uniform:2
-  pot:3:finetune pot-zero:3:finetune
-  pot:2:twostep pot-zero:2:twostep pot:2:finetune pot-zero:2:finetune
-  pot:2:grid,objective=act pot-zero:2:grid,objective=act
+  pot:2:grid,objective=act pot-zero:2:grid,objective=act pot-zero:3:twostep
+  pot:2:twostep pot-zero:2:twostep
+  pot:3:finetune pot-zero:3:finetune pot:2:finetune pot-zero:2:finetune
   pot:3:twostep:64 pot-zero:3:twostep:64 pot:2:twostep:64 pot-zero:2:twostep:64
+  pot:2:twostep,objective=mse pot-zero:2:twostep,objective=mse
   float uniform:3
 )
 MAIN=(float uniform:3 uniform:2 pot:3 pot:2 pot-zero:3 pot-zero:2
       pot:3:twostep pot:2:twostep pot:3:twostep:64 pot:2:twostep:64
       pot-zero:3:twostep pot-zero:2:twostep pot-zero:3:twostep:64 pot-zero:2:twostep:64)
-ABLATION=(pot:3 pot:3:grid pot:3:finetune pot:3:twostep pot:2 pot:2:grid pot:2:finetune pot:2:twostep
-          pot-zero:3 pot-zero:3:grid pot-zero:3:finetune pot-zero:3:twostep
-          pot-zero:2 pot-zero:2:grid pot-zero:2:finetune pot-zero:2:twostep)
-OBJECTIVE=(pot:3 pot:3:grid pot:3:grid,objective=act pot:3:twostep pot:3:twostep,objective=act
-           pot-zero:3 pot-zero:3:grid pot-zero:3:grid,objective=act pot:2 pot:2:grid pot:2:grid,objective=act
-           pot-zero:2 pot-zero:2:grid pot-zero:2:grid,objective=act)
+ABLATION=()  # neither / Step 1 (both objectives) / Step 2 / both (both objectives), per grid and bits
+for fmt in pot pot-zero; do
+  for bits in 3 2; do
+    ABLATION+=("$fmt:$bits" "$fmt:$bits:grid" "$fmt:$bits:grid,objective=act" "$fmt:$bits:finetune"
+               "$fmt:$bits:twostep,objective=mse" "$fmt:$bits:twostep")
+  done
+done
+OBJECTIVE=(pot:3 pot:3:grid pot:3:grid,objective=act pot:3:twostep,objective=mse pot:3:twostep
+           pot-zero:3 pot-zero:3:grid pot-zero:3:grid,objective=act pot-zero:3:twostep,objective=mse
+           pot-zero:3:twostep pot:2 pot:2:grid pot:2:grid,objective=act pot-zero:2 pot-zero:2:grid
+           pot-zero:2:grid,objective=act)
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
   "$PY" "${TABLE[@]}" --rows "${PRIORITY[@]}" --out "out/progress-$TAG"

@@ -57,8 +57,8 @@ def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
                         "omniquant: learnable weight clipping; qat: quantization-aware training (see `potq qat`) "
                         "(all work with every format)")
     p.add_argument("--objective", choices=("mse", "act"), default=None,
-                   help="Step 1 error (grid, twostep): mse = plain weight error (default, the thesis'); "
-                        "act = weighted per input column by the calibration E[x²]")
+                   help="Step 1 error: mse = plain weight error (the thesis'; grid's default, no data needed); "
+                        "act = weighted per input column by the calibration E[x²] (twostep's default)")
     p.add_argument("--report", type=Path, default=None,
                    help="write what was done, the wall time and the per-block, per-epoch loss here "
                         "(.json, else Markdown)")

@@ -19,12 +19,14 @@ def quantized_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def test_zero_epochs_reproduce_step1_exactly(stories_float, calib):
+@pytest.mark.parametrize("objective", ["mse", "act"])
+def test_zero_epochs_reproduce_step1_exactly(stories_float, calib, objective):
     grid = copy.deepcopy(stories_float.model)
-    potq.quantize_(grid, potq.PoTConfig(bits=3, group_size=32), method="grid", progress=False)
+    potq.quantize_(grid, potq.PoTConfig(bits=3, group_size=32), method="grid", objective=objective,
+                   calibration=calib, progress=False)
     two = copy.deepcopy(stories_float.model)
     potq.quantize_(two, potq.PoTConfig(bits=3, group_size=32), method="twostep", calibration=calib,
-                   epochs=0, progress=False)
+                   epochs=0, objective=objective, progress=False)
     a, b = quantized_layers(grid), quantized_layers(two)
     assert a.keys() == b.keys()
     for name in a:
@@ -59,7 +61,7 @@ def test_twostep_records_calibration(stories, tmp_path):
     assert meta["method"] == "twostep"
     assert meta["method_settings"] == {"epochs": 1, "lr": 1e-3, "weight_decay": 0.1, "grad": "detach",
                                        "batch_size": 4, "target": "same-input", "init": "grid",
-                                       "objective": "mse"}
+                                       "objective": "act"}
     assert meta["calibration"]["samples"] == 4 and meta["calibration"]["seed"] == 3
 
 
@@ -67,7 +69,7 @@ def test_defaults_are_recorded_resolved(stories, calib):
     potq.quantize_(stories, potq.PoTConfig(bits=2, group_size=32), method="finetune", calibration=calib[:2, :16],
                    epochs=None, progress=False)  # None: the thesis' schedule, 40 epochs at 2 bits
     settings = stories.model.potq_meta["method_settings"]
-    assert settings["epochs"] == 40 and settings["init"] == "rtn"
+    assert settings["epochs"] == 40 and settings["init"] == "rtn" and settings["objective"] is None
     assert len(stories.model.potq_report["blocks"][0]["loss"]) == 41
 
 

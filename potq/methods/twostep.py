@@ -53,10 +53,16 @@ def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], sta
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
              epochs: int | None = None, lr: float = 1e-3, weight_decay: float = 0.1, grad: str = "detach",
-             batch_size: int = 4, target: str = "same-input", init: str = "grid", objective: str = "mse",
+             batch_size: int = 4, target: str = "same-input", init: str = "grid", objective: str = "act",
              progress: bool = True) -> dict[str, QuantizedWeight]:
     """Step 1 (``init="grid"``, with ``objective`` as in :func:`potq.methods.grid.quantize`) or
     naive scales (``init="rtn"``), then Step 2, block by block.
+
+    Step 1's objective defaults to ``"act"`` here, unlike ``--method grid`` whose default is the
+    thesis' data-agnostic ``"mse"``: Step 2 has the block's calibration inputs anyway, and on
+    SmolLM2-135M at 3 bits the plain-MSE start leaves the zero-excluded grid unusable where the
+    activation-weighted start does not (docs/results/step1-objective-wikitext2.md). Step 2 only
+    refines the scales near their start, so the start decides the outcome.
 
     Each block's float weights are overwritten with their quantized values once it is done, so
     the next block's calibration inputs flow through the quantized model.
@@ -72,7 +78,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     blocks: list[dict] = []
     model.potq_report = {"settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "grad": grad,
                                       "batch_size": batch_size, "target": target, "init": init,
-                                      "objective": objective},
+                                      "objective": objective if init == "grid" else None},
                          "blocks": blocks}
 
     def step(index: int, block: nn.Module, data: BlockData, targets: list[Tensor]) -> None:
