@@ -39,12 +39,12 @@ from potq.models import transformer_blocks  # noqa: E402
 from potq.quantize import quantizable_layers  # noqa: E402
 
 
-def log_plot(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, path: Path) -> None:
-    """Log y axis, labels, legend; save and close."""
+def log_plot(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, path: Path, outside: bool = False) -> None:
+    """Log y axis, labels, legend (``outside`` the axes when it has many entries); save and close."""
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if outside else {}))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -134,7 +134,7 @@ def step1_objective(lm: potq.LoadedModel, layer: str, bits: int, group_size: int
 
 def ppl_vs_bits(store: Path, dataset: str, out: Path) -> None:
     """Every stored row measured on ``dataset``: one line per (format, method, G, settings)."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     series: dict[str, list[tuple[float, float]]] = {}
     for spec, r in json.loads(store.read_text()).items():
         if dataset not in r:
@@ -144,12 +144,17 @@ def ppl_vs_bits(store: Path, dataset: str, out: Path) -> None:
             continue
         head, *extra = spec.split(",")
         fmt = head.split(":")[0]
-        name = f"{fmt} {r['method']} G{r['group_size']}" + "".join(f", {e}" for e in extra)
+        name = (r["method"].replace(":", " ") if r["group_size"] is None  # a peer: one point per kind
+                else f"{fmt} {r['method']} G{r['group_size']}" + "".join(f", {e}" for e in extra))
         series.setdefault(name, []).append((r["bits_per_weight"], r[dataset]["ppl"]))
-    for name, points in sorted(series.items()):
+    styles = {"pot": ("-", "o"), "pot-zero": ("-.", "s"), "uniform": ("--", "D"), "llama.cpp": ("", "*")}
+    colors = plt.cm.tab20.colors
+    for i, (name, points) in enumerate(sorted(series.items())):
         points.sort()
-        ax.plot(*zip(*points), marker="o", ls="-" if name.startswith("pot") else "--", label=name)
-    log_plot(fig, ax, "bits per weight, scales included", f"{dataset} perplexity (log scale)", out / "ppl-vs-bits.png")
+        ls, marker = styles.get(name.split(" ")[0], ("-", "o"))
+        ax.plot(*zip(*points), ls=ls, marker=marker, color=colors[i % len(colors)], label=name)
+    log_plot(fig, ax, "bits per weight, scales included", f"{dataset} perplexity (log scale)", out / "ppl-vs-bits.png",
+             outside=True)
 
 
 def main() -> None:

@@ -71,10 +71,16 @@ def label_of(row: dict) -> str:
 
 
 def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cached: dict) -> tuple:
-    """The row's saved folder (made now or found in ``--work``) loaded back, and its record."""
+    """The row's saved folder (made now or found in ``--work``) loaded back, and its record.
+
+    The quantization record is also kept in the folder (``quantize.json``), so a run stopped
+    during the evaluation does not quantize the row again."""
     row = parse_row(spec, args.group_size)
     folder = Path(args.work) / args.model / spec.replace(":", "-").replace(",", "-").replace("=", "")
     record = {k: cached[k] for k in ("quantize_seconds", "blocks", "mean_load", "shared_machine") if k in cached}
+    kept = folder / "quantize.json"
+    if not record and kept.exists() and (folder / "potq.json").exists():
+        record = json.loads(kept.read_text())
     if args.force or not (folder / "potq.json").exists() or "quantize_seconds" not in record:
         lm = potq.LoadedModel(copy.deepcopy(float_lm.model), float_lm.tokenizer, float_lm.source)
         start = time.perf_counter()
@@ -85,6 +91,7 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
                   "blocks": getattr(lm.model, "potq_report", {}).get("blocks"),
                   "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads())}
         potq.save(lm, folder)
+        _write(kept, json.dumps(record))
     s = summary(folder)
     record.update(label=label_of(row), group_size=row["group_size"], method=row["method"],
                   bits_per_weight=s["bits_per_quantized_weight"], file_bytes=s["file_bytes"],
