@@ -35,7 +35,6 @@ from potq.formats.grouping import to_groups  # noqa: E402
 from potq.engine.blocks import BlockData, input_moments, run_blockwise  # noqa: E402
 from potq.eval.data import calibration_batch  # noqa: E402
 from potq.methods.grid import MULTIPLIERS, group_errors, search_scales  # noqa: E402
-from potq.models import transformer_blocks  # noqa: E402
 from potq.quantize import quantizable_layers  # noqa: E402
 
 
@@ -101,17 +100,16 @@ def b_histogram(model: torch.nn.Module, bits: int, group_size: int, out: Path) -
 
 def step1_objective(lm: potq.LoadedModel, layer: str, bits: int, group_size: int, out: Path) -> None:
     """b* of every group under both Step 1 objectives, beside the spread of one layer's E[x²]."""
+    layers = quantizable_layers(lm.model)
+    by_module = {id(m): name for name, m in layers.items()}
     moments: dict[str, torch.Tensor] = {}
-    blocks = transformer_blocks(lm.model)
 
-    def measure(index: int, block: torch.nn.Module, data: BlockData, _targets: list) -> None:
-        prefix = next(n for n, m in lm.model.named_modules() if m is blocks[index])
-        moments.update({f"{prefix}.{n}": x for n, x in input_moments(block, data).items()})
+    def measure(_index: int, block: torch.nn.Module, data: BlockData, _targets: list) -> None:
+        moments.update({by_module[id(block.get_submodule(n))]: x for n, x in input_moments(block, data).items()})
 
     calibration = calibration_batch(lm.tokenizer, 32, 512, seed=0)
     run_blockwise(lm.model, calibration, measure, targets=False)
     fmt = get_format("pot", bits)
-    layers = quantizable_layers(lm.model)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for objective in ("mse", "act"):
         best = torch.cat([search_scales(m.weight.detach(), fmt, group_size,
