@@ -40,16 +40,21 @@ from potq.storage import read_manifest
 PEER = "llama.cpp:"
 
 
-def parse_row(spec: str, default_group: int) -> dict:
-    """``pot:3:twostep:64,grad=ste`` -> format, bits, method, group size, settings."""
-    head, *pairs = spec.split(",")
-    fmt, bits, *rest = head.split(":")
+def parse_settings(pairs: list[str]) -> dict:
+    """``["grad=ste", "epochs=20"]`` -> ``{"grad": "ste", "epochs": 20}`` (numbers and booleans parsed)."""
     settings = {}
     for pair in pairs:
         key, value = pair.split("=", 1)
         settings[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return settings
+
+
+def parse_row(spec: str, default_group: int) -> dict:
+    """``pot:3:twostep:64,grad=ste`` -> format, bits, method, group size, settings."""
+    head, *pairs = spec.split(",")
+    fmt, bits, *rest = head.split(":")
     return {"format": fmt, "bits": int(bits), "method": rest[0] if rest else "rtn",
-            "group_size": int(rest[1]) if len(rest) > 1 else default_group, "settings": settings}
+            "group_size": int(rest[1]) if len(rest) > 1 else default_group, "settings": parse_settings(pairs)}
 
 
 def canonical(spec: str, default_group: int) -> str:

@@ -66,11 +66,14 @@ def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     g.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-    g.add_argument("--epochs", type=int, default=None, help="Step 2 epochs (default 10, or 40 at 2 bits)")
-    g.add_argument("--lr", type=float, default=None, help="Step 2 Adam learning rate (default 1e-3)")
+    g.add_argument("--epochs", type=int, default=None, help="Step 2 epochs (default 10, or 40 at 2 bits; omniquant 20)")
+    g.add_argument("--lr", type=float, default=None, help="Step 2 Adam learning rate (default 1e-3; omniquant 1e-2)")
     g.add_argument("--weight-decay", type=float, default=None, help="λ of the λ/2‖Γ‖² term (default 0.1)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="calibration sequences per optimizer step (twostep/finetune 4, omniquant 1) "
+                        "or per forward pass (gptq/awq 8, memory only)")
     g.add_argument("--grad", choices=("ste", "detach"), default=None,
-                   help="gradient through the rounding (twostep/finetune default detach, omniquant ste)")
+                   help="gradient through the rounding (twostep/finetune default detach; omniquant ste, detach on PoT grids)")
     g.add_argument("--damp", type=float, default=None, help="gptq: dampening, fraction of the mean Hessian diagonal (0.01)")
     g.add_argument("--act-order", action="store_true", default=None,
                    help="gptq: quantize columns by decreasing Hessian diagonal")
@@ -210,6 +213,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from potq.report import build_report, write_report
 
     config = quant_config(args)  # validate before loading
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PotqError(f"--batch-size must be at least 1, got {args.batch_size}")
     lm = potq.load_model(args.model)
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "grad", "objective", "damp",

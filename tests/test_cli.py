@@ -75,6 +75,7 @@ def test_quantize_info_eval_generate(capsys, tmp_path):
     (["quantize", "stories260k", "--method", "rtn", "--epochs", "3"], ["method 'rtn' has no setting 'epochs'"]),
     (["quantize", "stories260k", "--objective", "act"], ["method 'rtn' has no setting 'objective'"]),
     (["quantize", "stories260k", "--method", "awq", "--act-order"], ["method 'awq' has no setting 'act_order'"]),
+    (["quantize", "stories260k", "--method", "omniquant", "--batch-size", "0"], ["--batch-size must be at least 1"]),
 ])
 def test_bad_quantize_input_writes_nothing(capsys, tmp_path, argv, fragments):
     out = tmp_path / "out"

@@ -20,4 +20,6 @@ def test_lwc_lowers_the_block_loss(stories_float, name):
     assert len(blocks) == 5 and all(len(b["loss"]) == 4 for b in blocks)
     assert all(b["kept"] <= b["loss"][0] for b in blocks)
     assert sum(b["kept"] for b in blocks) < sum(b["loss"][0] for b in blocks), blocks
-    assert model.potq_meta["method_settings"]["grad"] == "ste"
+    settings = model.potq_meta["method_settings"]
+    assert settings["grad"] == {"uniform": "ste", "pot": "detach"}[name]  # log rounding: held codes
+    assert (settings["epochs"], settings["lr"]) == (3, 1e-2)

@@ -64,6 +64,9 @@ class Format(ABC):
 
     name: ClassVar[str]
     has_zero: ClassVar[bool] = False  # stores an integer zero point per group (uint8)
+    # rounds in the log domain (PoT): the literal straight-through gradient to the scale cancels
+    # there (ŝ·2^log2(|w|/ŝ) = |w|), so scale-learning methods hold the codes instead ("detach")
+    log_rounding: ClassVar[bool] = False
     min_bits: ClassVar[int] = MIN_BITS
 
     def __init__(self, bits: int) -> None:

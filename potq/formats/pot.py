@@ -21,6 +21,7 @@ class PoT(Format):
     """Zero-excluded PoT (thesis default): N bits = 1 sign + (N-1) exponent bits, no zero level."""
 
     name = "pot"
+    log_rounding = True
 
     @property
     def top_exponent(self) -> int:

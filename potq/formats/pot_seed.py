@@ -29,6 +29,7 @@ class PoTSeed(Format):
     """Signed PoT with exponents ``[-E, E]`` around ``s``, exact zero, and the seed's ε."""
 
     name = "pot-seed"
+    log_rounding = True
     min_bits = 3  # a sign, exact zero and at least the exponents [-1, 1]
 
     def __init__(self, bits: int, epsilon: float = DEFAULT_EPSILON) -> None:

@@ -26,10 +26,19 @@ INIT = 4.0  # σ(4) ≈ 0.982: start just inside the full range, as OmniQuant do
 
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
-             epochs: int = 10, lr: float = 5e-3, weight_decay: float = 0.0, grad: str = "ste",
-             batch_size: int = 4, progress: bool = True) -> dict[str, QuantizedWeight]:
-    """LWC on every block in order; each block's clipped weights are committed before the next."""
+             epochs: int = 20, lr: float = 1e-2, weight_decay: float = 0.0, grad: str | None = None,
+             batch_size: int = 1, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """LWC on every block in order; each block's clipped weights are committed before the next.
+
+    The defaults are OmniQuant's own weight-only schedule (20 epochs, lr 1e-2, one sequence per
+    step). The clipping strengths start at σ(4), where σ' is small, so they need many steps to
+    move: with a shorter schedule (10 epochs, lr 5e-3, four sequences per step, 80 steps per
+    block on the default calibration) the block error barely left its round-to-nearest start.
+    ``grad`` defaults to OmniQuant's straight-through rounding, except on log-rounding (PoT)
+    grids, where that gradient reaches the clipping only through clamped weights and holding the
+    codes (``detach``) measured better (docs/results/lwc-settings.md)."""
     fmt = config.make_format()
+    grad = grad or ("detach" if fmt.log_rounding else "ste")
     for p in model.parameters():
         p.requires_grad_(False)
     result: dict[str, QuantizedWeight] = {}

@@ -1,0 +1,103 @@
+"""A block-wise method's settings, compared on the first blocks of a model: each block's output
+MSE on the calibration batch at the method's start (epoch 0) and at the epoch it keeps, from the
+same calibration batch. Cheap next to a full perplexity row, so settings are chosen with it.
+
+Step 2's gradient through the scale (thesis eq. 3.16 taken literally, ``grad=ste``, against codes
+held constant in the backward pass, ``grad=detach``), from the same Step 1 start:
+
+    python benchmarks/block_loss.py --model smollm2-135m --method twostep --rows pot:3 pot-zero:3 pot:2 \\
+        --settings grad=ste grad=detach --blocks 3 --epochs 10 --out docs/results/step2-grad
+
+OmniQuant's learnable clipping adapted to PoT, potq's defaults against OmniQuant's own schedule:
+
+    python benchmarks/block_loss.py --model smollm2-135m --method omniquant --rows pot:3 \\
+        --settings grad=ste grad=detach grad=ste,epochs=20,lr=0.01,batch_size=1 \\
+        grad=detach,epochs=20,lr=0.01,batch_size=1 --blocks 3 --out docs/results/lwc-settings
+
+A setting is ``key=value[,key=value...]`` passed to the method; ``--epochs`` applies unless a
+setting names its own, ``--objective`` (Step 1's error) only to twostep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ppl_table import parse_settings
+
+import potq
+from potq.eval.data import calibration_batch
+from potq.methods import get_method
+from potq.models import transformer_blocks
+from potq.quantize import quantizable_layers
+
+
+def run(lm: potq.LoadedModel, spec: str, setting: str, args: argparse.Namespace, calibration) -> list[dict]:
+    fmt, bits = spec.split(":")
+    model = copy.deepcopy(lm.model)
+    del transformer_blocks(model)[args.blocks:]
+    config = potq.QuantConfig(fmt, int(bits), args.group_size)
+    kwargs = {"epochs": args.epochs, **({"objective": args.objective} if args.method == "twostep" else {}),
+              **parse_settings(setting.split(","))}
+    get_method(args.method).run(model, quantizable_layers(model), config, calibration, progress=False, **kwargs)
+    rows = []
+    for r in model.potq_report["blocks"]:
+        start, kept = r["loss"][0], r["kept"]
+        rows.append({"format": spec, "setting": setting, "block": r["block"], "start": start, "kept": kept,
+                     "change_pct": 100 * (kept - start) / start, "seconds": r["seconds"], "loss": r["loss"]})
+        print(f"{spec} {setting} block {r['block']}: {start:.4g} -> {kept:.4g} "
+              f"({rows[-1]['change_pct']:+.1f} %, {r['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
+    lines = ["| format | setting | block | output MSE at start | kept | change | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['format']} | {r['setting']} | {r['block']} | {r['start']:.4g} | {r['kept']:.4g} | "
+              f"{r['change_pct']:+.1f} % | {r['seconds']:.0f} |" for r in rows]
+    summary = ["| format | setting | mean change over blocks | mean MSE kept | seconds |", "| --- | --- | --- | --- | --- |"]
+    for spec in args.rows:
+        for setting in args.settings:
+            mine = [r for r in rows if r["format"] == spec and r["setting"] == setting]
+            summary.append(f"| {spec} | {setting} | {sum(r['change_pct'] for r in mine) / len(mine):+.1f} % | "
+                           f"{sum(r['kept'] for r in mine) / len(mine):.4g} | {sum(r['seconds'] for r in mine):.0f} |")
+    start = (f"Step 1 objective {args.objective}" if args.method == "twostep" else "start: the method's own")
+    return "\n".join([
+        f"# {args.method}: block output error by setting ({args.model}, first {args.blocks} blocks, "
+        f"G{args.group_size}, {args.epochs} epochs unless set, calibration {args.calib_samples}×{args.calib_len}, "
+        f"{start})", "",
+        "Block output MSE on the calibration batch; the method keeps its best epoch, so it never ends above "
+        "its start.", "", "```", command, "```", "", *summary, "", *lines, ""])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", default="twostep", help="a block-wise method: twostep, finetune, omniquant")
+    p.add_argument("--rows", nargs="+", default=["pot:3", "pot-zero:3", "pot:2"])
+    p.add_argument("--settings", nargs="+", default=["grad=ste", "grad=detach"])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--objective", choices=("mse", "act"), default="mse", help="twostep's Step 1 error (the start)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lm = potq.load_model(args.model)
+    calibration = calibration_batch(lm.tokenizer, args.calib_samples, args.calib_len, seed=0)
+    rows = [r for spec in args.rows for setting in args.settings for r in run(lm, spec, setting, args, calibration)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, args, command))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
