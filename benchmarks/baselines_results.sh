@@ -29,3 +29,16 @@ if [[ -z "${VIEWS_ONLY:-}" ]]; then
 fi
 "$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
 "$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" "${SHORT[@]}" --out "docs/results/baselines-pot-$TAG"
+# the docs/results/baselines.md: both views in one page (each keeps its own command)
+{
+  echo "# Baselines: uniform (thesis Table 3.1, with the llama.cpp peer) and PoT-adapted (Table 4.1)"
+  echo
+  echo "Written by \`bash benchmarks/baselines_results.sh ${DATASETS[*]}\` from the two views below."
+  echo
+  echo "## Uniform: RTN, GPTQ, AWQ, OmniQuant at 4, 3, 2 bits; llama.cpp's quantizer"
+  tail -n +2 "docs/results/baselines-uniform-$TAG.md"
+  echo
+  echo "## PoT-adapted: AWQ_POT, GPTQ_POT, OMNI_POT and potq's twostep at 3 and 2 bits"
+  tail -n +2 "docs/results/baselines-pot-$TAG.md"
+} > docs/results/baselines.md.tmp
+mv docs/results/baselines.md.tmp docs/results/baselines.md
