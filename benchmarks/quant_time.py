@@ -85,6 +85,8 @@ def main() -> None:
 # run -> (target seconds, what): whole-run targets checked against the store
 RUN_TARGETS = {"pot:3:twostep": (1800, "twostep, zero-excluded PoT 3-bit, 32×512 calibration"),
                "pot-zero:3:twostep": (1800, "twostep, PoT with zero 3-bit, 32×512 calibration"),
+               "pot:2:twostep": (1800, "twostep, zero-excluded PoT 2-bit (40 epochs, 4× the 3-bit default)"),
+               "pot-zero:2:twostep": (1800, "twostep, PoT with zero 2-bit (40 epochs)"),
                "pot:3:gptq": (900, "GPTQ with the PoT format, 3-bit")}
 
 
