@@ -20,6 +20,8 @@ done
 # OMNI_POT on a shorter schedule than OmniQuant's own (potq's first default), with either gradient:
 # only shown here (measured with `ppl_table.py --rows`); docs/results/lwc-settings.md says why it lost
 SHORT=(pot:3:omniquant,epochs=10,lr=0.005,batch_size=4 pot:3:omniquant,grad=detach,epochs=10,lr=0.005,batch_size=4)
+# twostep with λ/2‖Γ‖² in the loss, its first default (see benchmarks/twostep_results.sh)
+COUPLED=(pot:3:twostep,decay=coupled pot:2:twostep,decay=coupled)
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
   if "$PY" -c "import llama_cpp" 2>/dev/null; then
@@ -28,7 +30,7 @@ if [[ -z "${VIEWS_ONLY:-}" ]]; then
   "$PY" "${TABLE[@]}" --rows "${POT[@]}" "${UNIFORM[@]:1}" --out "out/progress-baselines-$TAG"
 fi
 "$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
-"$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" "${SHORT[@]}" --out "docs/results/baselines-pot-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" "${SHORT[@]}" "${COUPLED[@]}" --out "docs/results/baselines-pot-$TAG"
 # the docs/results/baselines.md: both views in one page (each keeps its own command)
 {
   echo "# Baselines: uniform (thesis Table 3.1, with the llama.cpp peer) and PoT-adapted (Table 4.1)"

@@ -67,8 +67,11 @@ def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     g.add_argument("--epochs", type=int, default=None, help="Step 2 epochs (default 10, or 40 at 2 bits; omniquant 20)")
-    g.add_argument("--lr", type=float, default=None, help="Step 2 Adam learning rate (default 1e-3; omniquant 1e-2)")
-    g.add_argument("--weight-decay", type=float, default=None, help="λ of the λ/2‖Γ‖² term (default 0.1)")
+    g.add_argument("--lr", type=float, default=None, help="Step 2 learning rate (default 1e-3; omniquant 1e-2)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="Step 2: λ, the pull of Γ towards 0 (default 0.1; omniquant 0)")
+    g.add_argument("--decay", choices=("decoupled", "coupled"), default=None,
+                   help="twostep/finetune: λ as AdamW's decoupled decay (default) or as λ/2‖Γ‖² added to the loss")
     g.add_argument("--batch-size", type=int, default=None,
                    help="calibration sequences per optimizer step (twostep/finetune 4, omniquant 1) "
                         "or per forward pass (gptq/awq 8, memory only)")
@@ -217,7 +220,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise PotqError(f"--batch-size must be at least 1, got {args.batch_size}")
     lm = potq.load_model(args.model)
     start = time.perf_counter()
-    settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "grad", "objective", "damp",
+    settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "decay", "grad", "objective", "damp",
                                                "act_order", "clip", "steps", "batch_size", "scales")
                 if getattr(args, k, None) is not None}
     if args.method == "qat":  # a checkpoint beside the output lets an interrupted run resume

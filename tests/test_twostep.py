@@ -43,11 +43,13 @@ def test_step2_never_raises_a_block_loss(stories_float, calib, grad):
         assert block["kept"] <= block["loss"][0], block
 
 
-def test_step2_from_naive_scales_lowers_the_block_loss(stories_float, calib):
-    """The ``finetune`` ablation: from round-to-nearest scales the LSQ-like gradient lowers the loss."""
+@pytest.mark.parametrize("decay", ["decoupled", "coupled"])
+def test_step2_from_naive_scales_lowers_the_block_loss(stories_float, calib, decay):
+    """The ``finetune`` ablation: from round-to-nearest scales the LSQ-like gradient lowers the
+    loss, with λ as AdamW's decay or as a penalty in the loss."""
     model = copy.deepcopy(stories_float.model)
     potq.quantize_(model, potq.PoTConfig(bits=3, group_size=32), method="finetune", calibration=calib,
-                   epochs=4, grad="detach", batch_size=1, progress=False)
+                   epochs=4, grad="detach", decay=decay, batch_size=1, progress=False)
     before = sum(b["loss"][0] for b in model.potq_report["blocks"])
     after = sum(b["kept"] for b in model.potq_report["blocks"])
     assert after < before, model.potq_report["blocks"]
@@ -59,8 +61,8 @@ def test_twostep_records_calibration(stories, tmp_path):
     loaded = potq.load(potq.save(stories, tmp_path / "m"))
     meta = loaded.model.potq_meta
     assert meta["method"] == "twostep"
-    assert meta["method_settings"] == {"epochs": 1, "lr": 1e-3, "weight_decay": 0.1, "grad": "detach",
-                                       "batch_size": 4, "target": "same-input", "init": "grid",
+    assert meta["method_settings"] == {"epochs": 1, "lr": 1e-3, "weight_decay": 0.1, "decay": "decoupled",
+                                       "grad": "detach", "batch_size": 4, "target": "same-input", "init": "grid",
                                        "objective": "act"}
     assert meta["calibration"]["samples"] == 4 and meta["calibration"]["seed"] == 3
 
