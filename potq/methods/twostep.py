@@ -57,11 +57,11 @@ def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], sta
     def penalty() -> Tensor:
         return weight_decay / 2 * sum(g.pow(2).sum() for g in gammas.values())
 
-    if decay == "decoupled":
-        optimizer = torch.optim.AdamW(gammas.values(), lr=lr, weight_decay=weight_decay)
-        return train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad)
-    optimizer = torch.optim.Adam(gammas.values(), lr=lr)
-    return train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad, penalty)
+    coupled = decay == "coupled"
+    optimizer = (torch.optim.Adam(gammas.values(), lr=lr) if coupled
+                 else torch.optim.AdamW(gammas.values(), lr=lr, weight_decay=weight_decay))
+    return train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad,
+                       penalty if coupled else None)
 
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
