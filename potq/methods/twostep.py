@@ -66,8 +66,8 @@ def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], sta
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
              epochs: int | None = None, lr: float = 1e-3, weight_decay: float = 0.1, grad: str = "detach",
-             decay: str = "decoupled", batch_size: int = 4, target: str = "same-input", init: str = "grid", objective: str = "act",
-             progress: bool = True) -> dict[str, QuantizedWeight]:
+             decay: str = "decoupled", batch_size: int = 4, target: str = "same-input", init: str = "grid",
+             objective: str = "act", progress: bool = True) -> dict[str, QuantizedWeight]:
     """Step 1 (``init="grid"``, with ``objective`` as in :func:`potq.methods.grid.quantize`) or
     naive scales (``init="rtn"``), then Step 2, block by block.
 
