@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
-from pathlib import Path
 
+from layer_bench import add_calibration_args, write_result
 from ppl_table import parse_settings
 
 import potq
@@ -84,19 +83,13 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--objective", choices=("mse", "act"), default="mse", help="twostep's Step 1 error (the start)")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=512)
-    p.add_argument("--out", required=True)
+    add_calibration_args(p)
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lm = potq.load_model(args.model)
     calibration = calibration_batch(lm.tokenizer, args.calib_samples, args.calib_len, seed=0)
     rows = [r for spec in args.rows for setting in args.settings for r in run(lm, spec, setting, args, calibration)]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, args, command))
-    print(out.with_suffix(".md").read_text())
+    write_result(args.out, {"command": command, "rows": rows}, markdown(rows, args, command))
 
 
 if __name__ == "__main__":

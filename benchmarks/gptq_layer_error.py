@@ -15,14 +15,14 @@ footing (the method itself feeds each block the already quantized earlier blocks
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from layer_bench import add_calibration_args, write_result
 
 import potq
 from potq.engine.blocks import BlockData, block_linears, capture_inputs, input_hessians, outputs
@@ -82,9 +82,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", nargs="+", default=["uniform:4", "uniform:3", "pot:3"])
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=512)
-    p.add_argument("--out", required=True)
+    add_calibration_args(p)
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lm = potq.load_model(args.model)
@@ -95,11 +93,7 @@ def main() -> None:
     with torch.no_grad():
         records = measure(lm, args.rows, args.group_size, batches)
     setup = f"{args.model}, G{args.group_size}, batches of {n}×{length}"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "records": records}, indent=1))
-    out.with_suffix(".md").write_text(markdown(records, args.rows, command, setup))
-    print(out.with_suffix(".md").read_text())
+    write_result(args.out, {"command": command, "records": records}, markdown(records, args.rows, command, setup))
 
 
 if __name__ == "__main__":
