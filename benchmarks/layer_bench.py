@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from potq.paths import write_text_atomic
+
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
     """``--calib-samples``/``--calib-len`` (potq's 32×512 default) and the required ``--out``."""
@@ -17,8 +19,6 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 def write_result(out: str, payload: dict, markdown: str) -> None:
     """Write ``out.json`` and ``out.md`` and print the Markdown."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    path.with_suffix(".md").write_text(markdown)
+    write_text_atomic(Path(out).with_suffix(".json"), json.dumps(payload, indent=1))
+    write_text_atomic(Path(out).with_suffix(".md"), markdown)
     print(markdown)

@@ -34,6 +34,7 @@ import potq
 from potq.bench.timing import LoadWatch
 from potq.eval import perplexity
 from potq.info import summary
+from potq.paths import write_text_atomic
 from potq.storage import read_manifest
 
 
@@ -96,7 +97,7 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
                   "blocks": getattr(lm.model, "potq_report", {}).get("blocks"),
                   "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads())}
         potq.save(lm, folder)
-        _write(kept, json.dumps(record))
+        write_text_atomic(kept, json.dumps(record))
     s = summary(folder)
     record.update(label=label_of(row), group_size=row["group_size"], method=row["method"],
                   bits_per_weight=s["bits_per_quantized_weight"], file_bytes=s["file_bytes"],
@@ -221,7 +222,7 @@ def main() -> None:
     if args.no_measure:  # a view of what the store holds
         results = [runs[spec] for spec in args.rows if spec in runs]
         missing = [spec for spec in args.rows if spec not in runs]
-        _write(out.with_suffix(".md"), markdown(results, args, command, missing))
+        write_text_atomic(out.with_suffix(".md"), markdown(results, args, command, missing))
         print(out.with_suffix(".md").read_text())
         return
     float_lm = potq.load_model(args.model)
@@ -230,16 +231,10 @@ def main() -> None:
         results.append(run_row(spec, float_lm, args, runs.get(spec, {})))
         runs = json.loads(store.read_text()) if store.exists() else {}  # what others wrote meanwhile stays
         runs[spec] = results[-1]
-        _write(store, json.dumps(runs, indent=1))
-        _write(out.with_suffix(".json"), json.dumps({"command": command, "rows": results}, indent=1))
-        _write(out.with_suffix(".md"), markdown(results, args, command))
+        write_text_atomic(store, json.dumps(runs, indent=1))
+        write_text_atomic(out.with_suffix(".json"), json.dumps({"command": command, "rows": results}, indent=1))
+        write_text_atomic(out.with_suffix(".md"), markdown(results, args, command))
     print(out.with_suffix(".md").read_text())
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -24,6 +23,7 @@ import torch
 import potq
 from potq.formats import get_format
 from potq.methods.grid import search_scales
+from potq.paths import write_text_atomic
 from potq.quantize import quantizable_layers
 
 
@@ -74,12 +74,7 @@ def main() -> None:
     lines += ["", "Block-wise time includes Step 1 of the block, the calibration forward passes, the "
               "epochs and one evaluation pass per epoch. \\* quantized while other jobs shared the cores: "
               "that time is not representative (an upper bound).", ""]
-    out = Path(args.out).with_suffix(".md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
-    print(out.read_text())
+    print(write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines)).read_text())
 
 
 # run -> (target seconds, what): whole-run targets checked against the store

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from potq.errors import PotqError
 from potq.formats import FORMATS
+from potq.paths import write_text_atomic
 
 if TYPE_CHECKING:
     from potq.config import QuantConfig
@@ -338,10 +339,7 @@ def cmd_pt2e(args: argparse.Namespace) -> None:
     print(f"exported, prepared, calibrated and converted in {time.perf_counter() - start:.1f} s")
     print(graph_summary(gm))
     if args.graph:
-        args.graph.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.graph.with_name(f".{args.graph.name}.tmp")
-        tmp.write_text(gm.code)
-        tmp.replace(args.graph)
+        write_text_atomic(args.graph, gm.code)
         print(f"graph -> {args.graph}")
     for name, model in (("float", lm.model), ("pt2e", gm)):
         r = perplexity(model, lm.tokenizer, dataset, ctx=ctx, max_windows=args.max_windows, dtype="fp32")
@@ -373,10 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

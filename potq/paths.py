@@ -40,3 +40,14 @@ def home_dir() -> Path:
 def trained_model_dir(name: str) -> Path:
     """Where the model potq trains under the short name ``name`` is saved."""
     return home_dir() / "models" / name
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, creating the parent
+    folder, so a reader never sees a half-written file and an interrupted write leaves the old one."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from potq.paths import write_text_atomic
+
 
 def build_report(model: nn.Module, source: str, seconds: float) -> dict[str, Any]:
     """Everything ``quantize_`` recorded on ``model``, plus the wall time of the whole run."""
@@ -53,10 +55,5 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=1) if out.suffix == ".json" else to_markdown(report)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    return out
+    text = json.dumps(report, indent=1) if Path(path).suffix == ".json" else to_markdown(report)
+    return write_text_atomic(path, text)

@@ -10,7 +10,6 @@ numbers are written atomically next to each other, with the command that made th
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shlex
 import sys
@@ -21,6 +20,7 @@ import torch
 from potq.bench import bandwidth, decode, dequant, gemv, peer
 from potq.errors import PotqError
 from potq.kernels import fused
+from potq.paths import write_text_atomic
 
 TARGETS = {"dequant": 1.5, "gemv": 4.0, "decode": 2.0, "peer": 1.5}
 NOISE = ("Each ratio below comes from one run, its variants measured in turn on the same machine. The "
@@ -218,9 +218,6 @@ def _cpu_name() -> str:
 
 
 def _write(out_md: Path, md: list[str], report: dict) -> None:
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out_md.with_suffix(".json"), json.dumps(report, indent=1)), (out_md, "\n".join(md) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_text_atomic(out_md.with_suffix(".json"), json.dumps(report, indent=1))
+    write_text_atomic(out_md, "\n".join(md) + "\n")
     print(f"-> {out_md}")
