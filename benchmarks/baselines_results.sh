@@ -22,9 +22,10 @@ done
 SHORT=(pot:3:omniquant,epochs=10,lr=0.005,batch_size=4 pot:3:omniquant,grad=detach,epochs=10,lr=0.005,batch_size=4)
 # twostep with λ/2‖Γ‖² in the loss, its first default (see benchmarks/twostep_results.sh)
 COUPLED=(pot:3:twostep,decay=coupled pot:2:twostep,decay=coupled)
-# GPTQ on the thesis' calibration (128×2048) instead of the 2-core default (32×512): only shown here
-# (measured with `ppl_table.py --rows`), to tell whether 4-bit GPTQ trailing RTN comes from the smaller set
-CALIB=(uniform:4:gptq,calib_samples=128,calib_len=2048)
+# 4-bit GPTQ on the thesis' calibration (128×2048) instead of the 2-core default (32×512), and with
+# act-order: only shown here (measured with `ppl_table.py --rows`), to tell whether 4-bit GPTQ trailing
+# RTN comes from the smaller calibration set or the column order
+GPTQ_VARIANTS=(uniform:4:gptq,calib_samples=128,calib_len=2048 uniform:4:gptq,act_order=true)
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
   if "$PY" -c "import llama_cpp" 2>/dev/null; then
@@ -32,7 +33,7 @@ if [[ -z "${VIEWS_ONLY:-}" ]]; then
   fi
   "$PY" "${TABLE[@]}" --rows "${POT[@]}" "${UNIFORM[@]:1}" --out "out/progress-baselines-$TAG"
 fi
-"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${CALIB[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${GPTQ_VARIANTS[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
 "$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" "${SHORT[@]}" "${COUPLED[@]}" --out "docs/results/baselines-pot-$TAG"
 # the issue's docs/results/baselines.md: both views in one page (each keeps its own command)
 {
