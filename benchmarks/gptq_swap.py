@@ -64,11 +64,11 @@ def main() -> None:
     quantized = {}
     for method in ("rtn", "gptq"):
         copied = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
-        quantized[method] = potq.quantize_(copied, config, method=method, progress=False)
+        quantized[method] = potq.quantize_(copied, config, method=method)
 
     def ppl(model: nn.Module) -> float:
         return potq.eval.perplexity(model, lm.tokenizer, args.dataset, ctx=args.ctx,
-                                      max_windows=args.max_windows, progress=False).ppl
+                                    max_windows=args.max_windows).ppl
 
     records = [{"model": "rtn", "rtn layers": len([m for m in quantized["rtn"].modules()
                                                    if isinstance(m, QuantLinear)]),
