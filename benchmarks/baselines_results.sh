@@ -22,10 +22,14 @@ done
 SHORT=(pot:3:omniquant,epochs=10,lr=0.005,batch_size=4 pot:3:omniquant,grad=detach,epochs=10,lr=0.005,batch_size=4)
 # twostep with λ/2‖Γ‖² in the loss, its first default (see benchmarks/twostep_results.sh)
 COUPLED=(pot:3:twostep,decay=coupled pot:2:twostep,decay=coupled)
-# 4-bit GPTQ on the thesis' calibration (128×2048) instead of the 2-core default (32×512), and with
-# act-order: only shown here (measured with `ppl_table.py --rows`), to tell whether 4-bit GPTQ trailing
-# RTN comes from the smaller calibration set or the column order
-GPTQ_VARIANTS=(uniform:4:gptq,calib_samples=128,calib_len=2048 uniform:4:gptq,act_order=true)
+# GPTQ in the plain column order, its first default (act-order is the default since it won every
+# row), with static groups alone, and at 4 bits on the thesis' calibration (128×2048) instead of the
+# 2-core default (32×512): only shown here (measured with `ppl_table.py --rows`), to tell whether
+# plain-order GPTQ trailing RTN at 4 bits comes from the calibration, the group scales or the order
+GPTQ_PLAIN=(uniform:4:gptq,act_order=false uniform:3:gptq,act_order=false uniform:2:gptq,act_order=false
+            uniform:4:gptq,act_order=false,static_groups=true uniform:3:gptq,act_order=false,static_groups=true
+            uniform:4:gptq,calib_samples=128,calib_len=2048,act_order=false)
+GPTQ_POT_PLAIN=(pot:3:gptq,act_order=false pot:2:gptq,act_order=false)
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
   if "$PY" -c "import llama_cpp" 2>/dev/null; then
@@ -33,8 +37,8 @@ if [[ -z "${VIEWS_ONLY:-}" ]]; then
   fi
   "$PY" "${TABLE[@]}" --rows "${POT[@]}" "${UNIFORM[@]:1}" --out "out/progress-baselines-$TAG"
 fi
-"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${GPTQ_VARIANTS[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
-"$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" "${SHORT[@]}" "${COUPLED[@]}" --out "docs/results/baselines-pot-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${GPTQ_PLAIN[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" "${GPTQ_POT_PLAIN[@]}" "${SHORT[@]}" "${COUPLED[@]}" --out "docs/results/baselines-pot-$TAG"
 # the issue's docs/results/baselines.md: both views in one page (each keeps its own command)
 {
   echo "# Baselines: uniform (thesis Table 3.1, with the llama.cpp peer) and PoT-adapted (Table 4.1)"

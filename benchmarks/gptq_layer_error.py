@@ -2,7 +2,8 @@
 calibration batch carry over to text it did not see?
 
 Every linear of the float model is quantized twice — RTN, and GPTQ with the Hessian of a C4
-calibration batch (potq's default 32×512, seed 0) — and each weight's relative output error
+calibration batch (potq's default 32×512, seed 0), in the plain column order unless
+``--act-order`` (this study predates act-order becoming potq's default) — and each weight's relative output error
 ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` is measured under three input Hessians: the calibration batch
 itself, a second C4 batch (seed 1, held out) and the start of the WikiText-2 test text (the
 evaluation text). Every layer sees the float model's inputs, so layers are compared on the same
@@ -41,7 +42,8 @@ def relative_error(w: Tensor, q: Tensor, hessian: Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", d, hessian, d) / torch.einsum("oi,ij,oj->", w, hessian, w))
 
 
-def measure(lm: potq.LoadedModel, rows: list[str], group_size: int, batches: list[Tensor]) -> list[dict]:
+def measure(lm: potq.LoadedModel, rows: list[str], group_size: int, batches: list[Tensor],
+            act_order: bool) -> list[dict]:
     """One record per (format, layer): RTN's and GPTQ's relative error under each batch's Hessian."""
     streams = [capture_inputs(lm.model, ids, batch_size=8) for ids in batches]
     records = []
@@ -53,7 +55,7 @@ def measure(lm: potq.LoadedModel, rows: list[str], group_size: int, batches: lis
                 fmt_name, bits = spec.split(":")
                 fmt = potq.QuantConfig(fmt_name, int(bits), group_size).make_format()
                 q = {"rtn": quantize_weight(w, fmt, group_size).dequantize(),
-                     "gptq": gptq_weight(w, hessians[0][name], fmt, group_size).dequantize()}
+                     "gptq": gptq_weight(w, hessians[0][name], fmt, group_size, act_order=act_order).dequantize()}
                 records.append({"format": spec, "block": index, "layer": name,
                                 **{f"{method} {s}": relative_error(w, q[method], h[name])
                                    for method in q for s, h in zip(SETS, hessians)}})
@@ -82,6 +84,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", nargs="+", default=["uniform:4", "uniform:3", "pot:3"])
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ with act-order (default: the plain order)")
     add_calibration_args(p)
     args = p.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -91,7 +95,7 @@ def main() -> None:
     batches = [calibration_batch(lm.tokenizer, n, length, seed=0), calibration_batch(lm.tokenizer, n, length, seed=1),
                torch.tensor(wiki).view(n, length)]
     with torch.no_grad():
-        records = measure(lm, args.rows, args.group_size, batches)
+        records = measure(lm, args.rows, args.group_size, batches, args.act_order)
     setup = f"{args.model}, G{args.group_size}, batches of {n}×{length}"
     write_result(args.out, {"command": command, "records": records}, markdown(records, args.rows, command, setup))
 

@@ -2,10 +2,11 @@
 round-to-nearest, evaluated on the same windows as pure RTN and pure GPTQ.
 
 GPTQ lowers almost every layer's output error below RTN's (docs/results/gptq-layer-error.md),
-yet at uniform 4 bits ends above RTN in perplexity. If a few layers carry that loss, taking their
-RTN weights into the GPTQ model closes the gap; if it is spread thin, no small set does. The
-model is quantized once each way (GPTQ on potq's default calibration, sequential through the
-blocks) and each hybrid is GPTQ's model with the RTN layers matching a pattern swapped in.
+yet at uniform 4 bits in the plain column order ends above RTN in perplexity. If a few layers
+carry that loss, taking their RTN weights into the GPTQ model closes the gap; if it is spread
+thin, no small set does. The model is quantized once each way (GPTQ on potq's default
+calibration, sequential through the blocks, in the plain order whose gap this studies unless
+``--act-order``) and each hybrid is GPTQ's model with the RTN layers matching a pattern swapped in.
 
     python benchmarks/gptq_swap.py --model smollm2-135m --row uniform:4 --max-windows 40 \\
         --out docs/results/gptq-swap
@@ -54,6 +55,8 @@ def main() -> None:
     p.add_argument("--dataset", default="wikitext2")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ with act-order (default: the plain order)")
     p.add_argument("--out", required=True, help="output path without suffix: writes .json and .md")
     args = p.parse_args()
     command = "python benchmarks/gptq_swap.py " + shlex.join(sys.argv[1:])
@@ -64,7 +67,8 @@ def main() -> None:
     quantized = {}
     for method in ("rtn", "gptq"):
         copied = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
-        quantized[method] = potq.quantize_(copied, config, method=method)
+        settings = {"act_order": args.act_order} if method == "gptq" else {}
+        quantized[method] = potq.quantize_(copied, config, method=method, **settings)
 
     def ppl(model: nn.Module) -> float:
         return potq.eval.perplexity(model, lm.tokenizer, args.dataset, ctx=args.ctx,

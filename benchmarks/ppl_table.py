@@ -42,10 +42,12 @@ PEER = "llama.cpp:"
 
 
 def parse_settings(pairs: list[str]) -> dict:
-    """``["grad=ste", "epochs=20"]`` -> ``{"grad": "ste", "epochs": 20}`` (numbers and booleans parsed)."""
+    """``["grad=ste", "epochs=20"]`` -> ``{"grad": "ste", "epochs": 20}`` (numbers and booleans parsed;
+    ``True``/``False`` too, the spelling :func:`canonical` writes them in)."""
     settings = {}
     for pair in pairs:
         key, value = pair.split("=", 1)
+        value = value.lower() if value in ("True", "False") else value
         settings[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     return settings
 
@@ -155,6 +157,9 @@ def _same_windows(result: dict | None, args: argparse.Namespace) -> bool:
     return result["windows"] == wanted
 
 
+BF16_MARK = "†"
+
+
 def markdown(results: list[dict], args: argparse.Namespace, command: str, missing: list[str] = ()) -> str:
     float_name = "float (Q4_1-expanded, fp32)" if args.model == "smollm2-135m" else "float (fp32)"
     datasets = [d for d in args.dataset if any(d in r for r in results)]
@@ -162,7 +167,8 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
     lines = [head + " | file MiB | quantize s |", "|" + " --- |" * (5 + len(datasets))]
     for r in results:
         label = float_name if r["row"] == "float" else r["label"]
-        ppls = " | ".join(f"{r[d]['ppl']:.2f}" if d in r else "–" for d in datasets)
+        ppls = " | ".join(f"{r[d]['ppl']:.2f}{BF16_MARK if r[d].get('dtype') == 'bf16' else ''}" if d in r else "–"
+                          for d in datasets)
         size = "–" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f}"
         shared = "*" if r.get("shared_machine") else ""
         lines.append(f"| {label} | {r['group_size'] or '–'} | {r['bits_per_weight']:.3f} | {ppls} | {size} | "
@@ -170,6 +176,9 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
     if any(r.get("shared_machine") for r in results):
         lines += ["", "\\* quantized while other jobs shared the cores (mean load above the job's threads + 1): that "
                   "time is not representative."]
+    if any(r[d].get("dtype") == "bf16" for r in results for d in datasets if d in r):
+        lines += ["", f"{BF16_MARK} evaluated in bf16 autocast (`--dtype auto` on a CPU with native bf16); the "
+                  "other perplexities in fp32."]
     if any(r["row"].startswith(PEER) for r in results):
         lines += ["", "llama.cpp rows: the model's shipped GGUF requantized by llama.cpp's own quantizer (so rounded "
                       "twice: Q4_1, then the row's type) and evaluated by potq on the same windows. Bits/weight count "
@@ -181,7 +190,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
     return "\n".join([
         f"# {args.model}: perplexity, ctx {args.ctx}",
         "",
-        f"Windows evaluated: {windows} (fp32 unless noted); each quantized row is saved, reloaded "
+        f"Windows evaluated: {windows} (fp32, or bf16 where marked {BF16_MARK}); each quantized row is saved, reloaded "
         "from disk, then evaluated. Calibration for data-dependent methods: 32×512 tokens of the C4 "
         "calibration half, seed 0. A dash: not measured yet.",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -79,8 +79,10 @@ def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--grad", choices=("ste", "detach"), default=None,
                    help="gradient through the rounding (twostep/finetune default detach; omniquant ste, detach on PoT grids)")
     g.add_argument("--damp", type=float, default=None, help="gptq: dampening, fraction of the mean Hessian diagonal (0.01)")
-    g.add_argument("--act-order", action="store_true", default=None,
-                   help="gptq: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: quantize columns by decreasing Hessian diagonal (default on; implies static groups)")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: group scales from the original weights, not re-fitted as the loop reaches a group")
     g.add_argument("--no-clip", dest="clip", action="store_false", default=None,
                    help="awq: skip the clipping search")
 
@@ -222,7 +224,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     lm = potq.load_model(args.model)
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "decay", "grad", "objective", "damp",
-                                               "act_order", "clip", "steps", "batch_size", "scales")
+                                               "act_order", "static_groups", "clip", "steps", "batch_size", "scales")
                 if getattr(args, k, None) is not None}
     if args.method == "qat":  # a checkpoint beside the output lets an interrupted run resume
         settings["state_dir"] = str(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"))

@@ -132,6 +132,20 @@ def _check_settings(method: str, run: Callable, settings: dict[str, Any]) -> Non
         allowed = sorted(set(params) - set(_INPUTS) - _UI_SETTINGS)
         raise PotqError(f"method {method!r} has no setting {', '.join(map(repr, unknown))}; "
                         f"it takes: {', '.join(allowed) or 'none'}")
+    for name, value in settings.items():  # a string "False" would be truthy: refuse it, not run it
+        default = params[name].default if name in params else None
+        if isinstance(default, (bool, int, float, str)) and not _same_kind(value, default):
+            raise PotqError(f"method {method!r} setting {name!r} must be {type(default).__name__} "
+                            f"like its default {default!r}, got {value!r}")
+
+
+def _same_kind(value: Any, default: bool | int | float | str) -> bool:
+    """Whether ``value`` can stand where ``default`` does: bools only for bools, ints for floats."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def _is_json(value: Any) -> bool:

@@ -103,7 +103,8 @@ def test_twostep_report(capsys, tmp_path, suffix):
         assert body.count("\n| 4 |") == 1 and "wall time" in body
 
 
-@pytest.mark.parametrize("method, flags", [("gptq", ["--act-order", "--damp", "0.02"]), ("awq", ["--no-clip"]),
+@pytest.mark.parametrize("method, flags", [("gptq", ["--no-act-order", "--static-groups", "--damp", "0.02"]),
+                                           ("awq", ["--no-clip"]),
                                            ("omniquant", ["--epochs", "1"])])
 def test_baseline_methods_from_the_command_line(capsys, tmp_path, method, flags):
     code, text, err = run(capsys, "quantize", "stories260k", "--format", "pot", "--bits", "3", "--group-size", "32",
@@ -111,7 +112,7 @@ def test_baseline_methods_from_the_command_line(capsys, tmp_path, method, flags)
     assert code == 0, err
     manifest = json.loads((tmp_path / "m" / "potq.json").read_text())
     assert manifest["method"] == method and manifest["calibration"]["samples"] == 4
-    expected = {"gptq": {"act_order": True, "damp": 0.02}, "awq": {"clip": False}, "omniquant": {"epochs": 1}}[method]
+    expected = {"gptq": {"act_order": False, "static_groups": True, "damp": 0.02}, "awq": {"clip": False}, "omniquant": {"epochs": 1}}[method]
     assert expected.items() <= manifest["method_settings"].items()
 
 

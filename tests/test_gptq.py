@@ -23,15 +23,18 @@ def correlated_layer(seed: int = 0, rows: int = 48, cols: int = 96, tokens: int 
 
 
 @pytest.mark.parametrize("name", ["pot", "pot-zero", "uniform"])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_round_to_nearest_on_output_error(name, act_order):
+@pytest.mark.parametrize("act_order, static_groups", [(False, False), (True, False), (False, True)])
+def test_gptq_beats_round_to_nearest_on_output_error(name, act_order, static_groups):
     w, x = correlated_layer()
     hessian = 2 * x.T @ x / x.shape[0]
     fmt = get_format(name, 3)
     out_err = lambda q: float(((x @ (q - w).T) ** 2).mean())  # noqa: E731
     rtn = quantize_weight(w, fmt, 32).dequantize()
-    gptq = gptq_weight(w, hessian, fmt, 32, block_size=40, act_order=act_order)  # blocks straddle groups
+    gptq = gptq_weight(w, hessian, fmt, 32, block_size=40, act_order=act_order,
+                       static_groups=static_groups)  # blocks straddle groups
     assert gptq.codes.shape == w.shape and gptq.scale.shape == (48, 3)
+    # static groups (act-order implies them) keep round-to-nearest's scales; the plain order re-fits them
+    assert torch.equal(gptq.scale, quantize_weight(w, fmt, 32).scale) == (act_order or static_groups)
     deq = gptq.dequantize()
     # every weight is on its group's grid
     assert torch.equal(quantize_weight(deq, fmt, 32, gptq.qparams()).codes, gptq.codes)

@@ -1,6 +1,7 @@
 """Step 2 (block-wise fine-tuning of the scales) on the real stories260K model."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -78,6 +79,17 @@ def test_defaults_are_recorded_resolved(stories, calib):
 def test_a_setting_the_method_does_not_take_is_one_clear_error(stories):
     with pytest.raises(potq.PotqError, match="method 'rtn' has no setting 'epochs'"):
         potq.quantize_(stories, potq.PoTConfig(bits=3), method="rtn", epochs=3)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"act_order": "False"}, "setting 'act_order' must be bool like its default True, got 'False'"),
+    ({"damp": "0.1"}, "setting 'damp' must be float like its default 0.01, got '0.1'"),
+    ({"batch_size": 2.5}, "setting 'batch_size' must be int like its default 8, got 2.5"),
+])
+def test_a_setting_of_the_wrong_type_is_one_clear_error(stories, setting, message):
+    """A string "False" would be truthy inside the method: refused before any work is done."""
+    with pytest.raises(potq.PotqError, match=re.escape(f"method 'gptq' {message}")):
+        potq.quantize_(stories, potq.UniformConfig(bits=4), method="gptq", **setting)
 
 
 def test_activation_weighted_grid_minimises_the_weighted_error(stories_float, calib):
