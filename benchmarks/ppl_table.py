@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 import potq
-from potq.bench.timing import LoadWatch
+from potq.bench.timing import LoadWatch, machine
 from potq.eval import perplexity
 from potq.info import summary
 from potq.paths import write_text_atomic
@@ -85,7 +84,8 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
     during the evaluation does not quantize the row again."""
     row = parse_row(spec, args.group_size)
     folder = Path(args.work) / args.model / spec.replace(":", "-").replace(",", "-").replace("=", "")
-    record = {k: cached[k] for k in ("quantize_seconds", "blocks", "mean_load", "shared_machine") if k in cached}
+    record = {k: cached[k] for k in ("quantize_seconds", "blocks", "mean_load", "shared_machine", "machine")
+              if k in cached}
     kept = folder / "quantize.json"
     if not record and kept.exists() and (folder / "potq.json").exists():
         record = json.loads(kept.read_text())
@@ -97,7 +97,8 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
                            method=row["method"], **row["settings"])
         record = {"quantize_seconds": time.perf_counter() - start,
                   "blocks": getattr(lm.model, "potq_report", {}).get("blocks"),
-                  "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads())}
+                  "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads()),
+                  "machine": machine()}
         potq.save(lm, folder)
         write_text_atomic(kept, json.dumps(record))
     s = summary(folder)
@@ -125,7 +126,7 @@ def peer_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, 
     seconds = time.perf_counter() - start if fresh else cached["quantize_seconds"]
     record = {"label": f"llama.cpp {kind} (requantized from {source.name})", "group_size": None, "method": spec,
               "bits_per_weight": peer.block_bits_per_weight(path), "file_bytes": path.stat().st_size,
-              "quantize_seconds": seconds}
+              "quantize_seconds": seconds, **({"machine": machine()} if fresh else {})}
     return potq.load_model(str(path)), record
 
 
@@ -144,7 +145,7 @@ def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cac
     for dataset in todo:
         r = perplexity(lm.model, lm.tokenizer, dataset, ctx=args.ctx, max_windows=args.max_windows,
                        dtype=args.dtype)
-        result[dataset] = r.to_dict()
+        result[dataset] = {**r.to_dict(), "machine": machine()}
         print(f"{result['label']}: {dataset} ppl {r.ppl:.3f} ({r.windows}/{r.total_windows} windows)", flush=True)
     return result
 
@@ -158,6 +159,30 @@ def _same_windows(result: dict | None, args: argparse.Namespace) -> bool:
 
 
 BF16_MARK = "†"
+# The store's rows measured before it recorded a machine all ran on this one (its speed report,
+# docs/results/speed.json, names the CPU; the sessions' notes its native bf16).
+EARLIER_MACHINE = "Intel(R) Xeon(R) Processor @ 2.80GHz, AVX512 with native bf16, 2 threads"
+
+
+def machine_of(r: dict) -> str:
+    return r.get("machine", EARLIER_MACHINE)
+
+
+def machine_marks(results: list[dict]) -> dict[str, str]:
+    """A mark per machine the quantized rows' times were measured on (``" (A)"``, ...), empty when
+    one machine timed them all: a time only compares with times from the same machine."""
+    machines = list(dict.fromkeys(machine_of(r) for r in results if r["row"] != "float"))
+    return {m: f" ({chr(65 + i)})" for i, m in enumerate(machines)} if len(machines) > 1 else {}
+
+
+def machine_lines(results: list[dict]) -> list[str]:
+    """The table's note on where its quantization times were measured."""
+    machines = list(dict.fromkeys(machine_of(r) for r in results if r["row"] != "float"))
+    marks = machine_marks(results)
+    if not marks:
+        return [f"Quantization times measured on {machines[0]}, torch {torch.__version__}."] if machines else []
+    return ["Quantization times were measured on more than one machine; compare them only within one: " +
+            "; ".join(f"{marks[m].strip()} {m}" for m in machines) + "."]
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str, missing: list[str] = ()) -> str:
@@ -165,14 +190,15 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
     datasets = [d for d in args.dataset if any(d in r for r in results)]
     head = "| model | G | bits/weight (incl. scales) | " + " | ".join(f"{d} ppl" for d in datasets)
     lines = [head + " | file MiB | quantize s |", "|" + " --- |" * (5 + len(datasets))]
+    marks = machine_marks(results)
     for r in results:
         label = float_name if r["row"] == "float" else r["label"]
         ppls = " | ".join(f"{r[d]['ppl']:.2f}{BF16_MARK if r[d].get('dtype') == 'bf16' else ''}" if d in r else "–"
                           for d in datasets)
         size = "–" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f}"
-        shared = "*" if r.get("shared_machine") else ""
+        note = ("*" if r.get("shared_machine") else "") + ("" if r["row"] == "float" else marks.get(machine_of(r), ""))
         lines.append(f"| {label} | {r['group_size'] or '–'} | {r['bits_per_weight']:.3f} | {ppls} | {size} | "
-                     f"{r['quantize_seconds']:.1f}{shared} |")
+                     f"{r['quantize_seconds']:.1f}{note} |")
     if any(r.get("shared_machine") for r in results):
         lines += ["", "\\* quantized while other jobs shared the cores (mean load above the job's threads + 1): that "
                   "time is not representative."]
@@ -193,8 +219,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
         f"Windows evaluated: {windows} (fp32, or bf16 where marked {BF16_MARK}); each quantized row is saved, reloaded "
         "from disk, then evaluated. Calibration for data-dependent methods: 32×512 tokens of the C4 "
         "calibration half, seed 0. A dash: not measured yet.",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads.",
+        *machine_lines(results),
         "",
         "```",
         command,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -21,10 +20,12 @@ from pathlib import Path
 import torch
 
 import potq
+from potq.bench.timing import machine
 from potq.formats import get_format
 from potq.methods.grid import search_scales
 from potq.paths import write_text_atomic
 from potq.quantize import quantizable_layers
+from ppl_table import machine_lines, machine_marks, machine_of
 
 
 def step1_seconds(model: torch.nn.Module, fmt_name: str, bits: int, group_size: int) -> float:
@@ -46,8 +47,7 @@ def main() -> None:
     model = potq.load_model(args.model).model
     n = sum(m.weight.numel() for m in quantizable_layers(model).values())
     lines = [f"# {args.model}: quantization time", "",
-             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads.", "", "```", command, "```", "",
+             f"Step 1 measured now on {machine()}, torch {torch.__version__}.", "", "```", command, "```", "",
              f"## Step 1 (grid search of b ∈ 0.01..2.00) over all {n / 1e6:.1f} M linear weights, "
              f"G{args.group_size}", "", "| format | bits | seconds | target |", "| --- | --- | --- | --- |"]
     for fmt_name in ("pot", "pot-zero"):
@@ -61,6 +61,7 @@ def main() -> None:
     lines += ["", "## Every stored run (from the ppl_table.py store; calibration 32×512)", "",
               "| run | method | total s | block-wise s | blocks | s per block | epochs | s per block-epoch |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    marks = machine_marks(list(runs.values()))
     for spec, r in runs.items():
         if spec == "float":
             continue
@@ -69,11 +70,13 @@ def main() -> None:
         epochs = len(blocks[0]["loss"]) - 1 if blocks else 0
         per = f"{wise / len(blocks):.1f}" if blocks else "–"
         per_epoch = f"{wise / len(blocks) / epochs:.2f}" if blocks and epochs else "–"
-        lines.append(f"| {spec} | {r.get('method')} | {r['quantize_seconds']:.1f}{_shared(r)} | "
+        total = f"{r['quantize_seconds']:.1f}{_shared(r)}{marks.get(machine_of(r), '')}"
+        lines.append(f"| {spec} | {r.get('method')} | {total} | "
                      f"{wise:.1f} | {len(blocks) or '–'} | {per} | {epochs or '–'} | {per_epoch} |")
     lines += ["", "Block-wise time includes Step 1 of the block, the calibration forward passes, the "
               "epochs and one evaluation pass per epoch. \\* quantized while other jobs shared the cores: "
-              "that time is not representative (an upper bound).", ""]
+              "that time is not representative (an upper bound).", "",
+              *machine_lines(list(runs.values())), ""]
     print(write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines)).read_text())
 
 
@@ -100,7 +103,8 @@ def run_verdicts(runs: dict) -> list[str]:
         t = r["quantize_seconds"]
         verdict = "met" if t < limit else ("not judged: the cores were shared" if r.get("shared_machine")
                                            else "MISSED")
-        lines.append(f"- {what} (`{spec}`): {t / 60:.1f}{_shared(r)} min (target < {limit // 60} min) — {verdict}")
+        lines.append(f"- {what} (`{spec}`): {t / 60:.1f}{_shared(r)} min (target < {limit // 60} min) — {verdict} "
+                     f"(on {machine_of(r)})")
     return lines
 
 

@@ -10,7 +10,6 @@ numbers are written atomically next to each other, with the command that made th
 from __future__ import annotations
 
 import json
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from potq.bench import bandwidth, decode, dequant, gemv, peer
+from potq.bench.timing import cpu_name
 from potq.errors import PotqError
 from potq.kernels import fused
 from potq.paths import write_text_atomic
@@ -61,7 +61,7 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
 
     torch.set_num_threads(threads)
     report: dict = {"command": "potq " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "model": model,
-                    "threads": threads, "cpu": _cpu_name(), "isa": fused.best_isa(), "torch": torch.__version__,
+                    "threads": threads, "cpu": cpu_name(), "isa": fused.best_isa(), "torch": torch.__version__,
                     "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
 
     print("1/5 dequantization ...", flush=True)
@@ -208,13 +208,6 @@ def _reading(report: dict) -> list[str]:
 
 def _show(md: list[str]) -> None:
     print("\n".join(md[-40:]), flush=True)
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def _write(out_md: Path, md: list[str], report: dict) -> None:

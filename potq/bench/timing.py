@@ -4,11 +4,14 @@ whether the machine was shared while a long job ran."""
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 def per_call(fn: Callable[[], object], seconds: float = 0.3, blocks: int = 5) -> float:
@@ -28,6 +31,21 @@ def per_call(fn: Callable[[], object], seconds: float = 0.3, blocks: int = 5) ->
             fn()
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """What a wall time was measured on, e.g. ``AMD EPYC, AVX2, 2 threads``: the sessions that fill
+    one result store do not all get the same machine, and a time only compares with its own kind."""
+    return f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
 
 
 def last_level_cache_bytes() -> int:

@@ -1,0 +1,45 @@
+"""The perplexity-table script the result pages come from, end to end on stories260K: a row is
+quantized, saved, reloaded and evaluated, the store records where it was timed, and a view of the
+store marks times that came from different machines."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import ppl_table  # noqa: E402  (a script of benchmarks/, not part of the package)
+
+TABLE = ["ppl_table.py", "--model", "stories260k", "--dataset", "tinystories", "--ctx", "64", "--max-windows", "2"]
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch, capsys):
+    """Run the script with the given arguments on a store in ``tmp_path``; returns the view's text."""
+    def run(*extra: str) -> str:
+        monkeypatch.setattr(sys, "argv", [*TABLE, "--store", str(tmp_path / "runs.json"),
+                                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "view"), *extra])
+        ppl_table.main()
+        capsys.readouterr()
+        return (tmp_path / "view.md").read_text()
+    return run
+
+
+def test_rows_are_stored_with_their_machine_and_marked_when_machines_differ(tmp_path, table):
+    table("--rows", "float", "pot-zero:3", "uniform:3")
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    quantized = runs["pot-zero:3"]
+    assert quantized["machine"] and quantized["tinystories"]["machine"] == quantized["machine"]
+    assert runs["float"]["tinystories"]["ppl"] < quantized["tinystories"]["ppl"]
+    assert quantized["tinystories"]["windows"] == 2
+
+    view = table("--no-measure", "--rows", "float", "pot-zero:3", "uniform:3")
+    assert f"Quantization times measured on {quantized['machine']}" in view and " (A)" not in view
+
+    runs["uniform:3"].pop("machine")  # as the rows stored before the machine was recorded
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    view = table("--no-measure", "--rows", "float", "pot-zero:3", "uniform:3")
+    rows = {line.split(" | ")[0]: line for line in view.splitlines() if line.startswith("| ")}
+    assert rows["| pot-zero 3-bit rtn"].endswith(" (A) |") and rows["| uniform 3-bit rtn"].endswith(" (B) |")
+    assert "(A) " + quantized["machine"] in view and "(B) Intel(R) Xeon(R)" in view
