@@ -28,6 +28,7 @@ from potq.eval.data import home_dataset
 from potq.eval.perplexity import max_positions
 from potq.eval.similarity import ENCODER, bert_score, rouge_l
 from potq.info import summary
+from potq.paths import write_text_atomic
 
 RESULTS, WORK = Path("docs/results"), Path("out/qat")
 PROMPTS = {
@@ -143,7 +144,7 @@ def write_markdown() -> None:
         for key, r in runs.items():
             out.append(f"- **{key}**: " + (store["prompts"][0] + r["samples"][0]).replace("\n", " ⏎ "))
         out.append("")
-    result_store.write_atomic(RESULTS / "qat.md", "\n".join(out))
+    write_text_atomic(RESULTS / "qat.md", "\n".join(out))
     print(f"-> {RESULTS / 'qat.md'}")
 
 

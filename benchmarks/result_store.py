@@ -10,22 +10,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from potq.paths import write_text_atomic
+
 
 def load(path: Path) -> dict:
     """The store at ``path``, or an empty one (``{"runs": {}}``)."""
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def save(path: Path, store: dict) -> None:
     """Write the store (temporary file + rename), recording this script's command line."""
     store["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    write_atomic(path, json.dumps(store, indent=1))
+    write_text_atomic(path, json.dumps(store, indent=1))
 
 
 def stored(folder: Path, prefix: str):

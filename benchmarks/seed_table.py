@@ -29,6 +29,7 @@ import result_store
 from potq.eval import generate, perplexity
 from potq.eval.data import home_dataset
 from potq.eval.perplexity import max_positions
+from potq.paths import write_text_atomic
 from potq.pt2e import TorchInt, quantize_pt2e
 
 RESULTS = Path("docs/results")
@@ -151,7 +152,7 @@ def write_markdown() -> None:
                 text = (r["prompt"] + r["sample"]).replace("\n", " ⏎ ")
                 out.append(f"- **{row}**: {text}")
         out.append("")
-    result_store.write_atomic(MD, "\n".join(out))
+    write_text_atomic(MD, "\n".join(out))
     print(f"-> {MD}")
 
 
