@@ -161,6 +161,7 @@ def _same_windows(result: dict | None, args: argparse.Namespace) -> bool:
 BF16_MARK = "†"
 # The store's rows measured before it recorded a machine all ran on this one (its speed report,
 # docs/results/speed.json, names the CPU; the sessions' notes its native bf16).
+MACHINE_NOTE = "Quantization times"  # how the note on machines begins (README copies it with the table)
 EARLIER_MACHINE = "Intel(R) Xeon(R) Processor @ 2.80GHz, AVX512 with native bf16, 2 threads"
 
 
@@ -180,8 +181,8 @@ def machine_lines(results: list[dict]) -> list[str]:
     machines = list(dict.fromkeys(machine_of(r) for r in results if r["row"] != "float"))
     marks = machine_marks(results)
     if not marks:
-        return [f"Quantization times measured on {machines[0]}, torch {torch.__version__}."] if machines else []
-    return ["Quantization times were measured on more than one machine; compare them only within one: " +
+        return [f"{MACHINE_NOTE} measured on {machines[0]}, torch {torch.__version__}."] if machines else []
+    return [f"{MACHINE_NOTE} were measured on more than one machine; compare them only within one: " +
             "; ".join(f"{marks[m].strip()} {m}" for m in machines) + "."]
 
 
