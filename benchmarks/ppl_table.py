@@ -159,9 +159,9 @@ def _same_windows(result: dict | None, args: argparse.Namespace) -> bool:
 
 
 BF16_MARK = "†"
+MACHINE_NOTE = "Quantization times"  # how the note on machines begins (README copies it with the table)
 # The store's rows measured before it recorded a machine all ran on this one (its speed report,
 # docs/results/speed.json, names the CPU; the sessions' notes its native bf16).
-MACHINE_NOTE = "Quantization times"  # how the note on machines begins (README copies it with the table)
 EARLIER_MACHINE = "Intel(R) Xeon(R) Processor @ 2.80GHz, AVX512 with native bf16, 2 threads"
 
 
@@ -172,18 +172,21 @@ def machine_of(r: dict) -> str:
 def machine_marks(results: list[dict]) -> dict[str, str]:
     """A mark per machine the quantized rows' times were measured on (``" (A)"``, ...), empty when
     one machine timed them all: a time only compares with times from the same machine."""
-    machines = list(dict.fromkeys(machine_of(r) for r in results if r["row"] != "float"))
+    machines = _machines(results)
     return {m: f" ({chr(65 + i)})" for i, m in enumerate(machines)} if len(machines) > 1 else {}
 
 
 def machine_lines(results: list[dict]) -> list[str]:
     """The table's note on where its quantization times were measured."""
-    machines = list(dict.fromkeys(machine_of(r) for r in results if r["row"] != "float"))
-    marks = machine_marks(results)
+    machines, marks = _machines(results), machine_marks(results)
     if not marks:
         return [f"{MACHINE_NOTE} measured on {machines[0]}, torch {torch.__version__}."] if machines else []
     return [f"{MACHINE_NOTE} were measured on more than one machine; compare them only within one: " +
             "; ".join(f"{marks[m].strip()} {m}" for m in machines) + "."]
+
+
+def _machines(results: list[dict]) -> list[str]:
+    return list(dict.fromkeys(machine_of(r) for r in results if r["row"] != "float"))
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str, missing: list[str] = ()) -> str:
