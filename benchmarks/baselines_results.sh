@@ -30,6 +30,9 @@ GPTQ_PLAIN=(uniform:4:gptq,act_order=false uniform:3:gptq,act_order=false unifor
             uniform:4:gptq,act_order=false,static_groups=true uniform:3:gptq,act_order=false,static_groups=true
             uniform:4:gptq,calib_samples=128,calib_len=2048,act_order=false)
 GPTQ_POT_PLAIN=(pot:3:gptq,act_order=false pot:2:gptq,act_order=false)
+# AWQ without its clipping search at 2 bits, where the thesis' AWQ fails worst: only shown here, to
+# tell whether the clipping search is what puts potq's 2-bit AWQ below GPTQ
+AWQ_NOCLIP=(uniform:2:awq,clip=false)
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
   if "$PY" -c "import llama_cpp" 2>/dev/null; then
@@ -37,7 +40,7 @@ if [[ -z "${VIEWS_ONLY:-}" ]]; then
   fi
   "$PY" "${TABLE[@]}" --rows "${POT[@]}" "${UNIFORM[@]:1}" --out "out/progress-baselines-$TAG"
 fi
-"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${GPTQ_PLAIN[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
+"$PY" "${TABLE[@]}" --no-measure --rows "${UNIFORM[@]}" "${GPTQ_PLAIN[@]}" "${AWQ_NOCLIP[@]}" "${PEER[@]}" --out "docs/results/baselines-uniform-$TAG"
 "$PY" "${TABLE[@]}" --no-measure --rows "${POT[@]}" "${GPTQ_POT_PLAIN[@]}" "${SHORT[@]}" "${COUPLED[@]}" --out "docs/results/baselines-pot-$TAG"
 # the issue's docs/results/baselines.md: both views in one page (each keeps its own command)
 {
