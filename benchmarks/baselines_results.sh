@@ -31,7 +31,7 @@ GPTQ_PLAIN=(uniform:4:gptq,act_order=false uniform:3:gptq,act_order=false unifor
             uniform:4:gptq,calib_samples=128,calib_len=2048,act_order=false)
 GPTQ_POT_PLAIN=(pot:3:gptq,act_order=false pot:2:gptq,act_order=false)
 # AWQ without its clipping search at 2 bits, where the thesis' AWQ fails worst: only shown here, to
-# tell whether the clipping search is what puts potq's 2-bit AWQ below GPTQ
+# tell whether the clipping search is what puts potq's 2-bit AWQ below GPTQ (measured with `ppl_table.py --rows`)
 AWQ_NOCLIP=(uniform:2:awq,clip=false)
 
 if [[ -z "${VIEWS_ONLY:-}" ]]; then
