@@ -23,7 +23,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:
+    sys.exit("plots.py needs matplotlib: pip install -e '.[plots]'")
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
