@@ -15,6 +15,11 @@ row; a table (``--out``) is a view of some rows. Rows already in the store are n
 again (per row and data set), and a quantized folder already in ``--work`` is reloaded instead of
 quantized again, so a long table fills in over several runs, tables share rows, and a data set
 can be added later without re-quantizing. ``--force`` redoes the listed rows.
+
+Every cell records the sha256 of the weights it was measured on. A row quantized again (its
+folder gone, as on a fresh machine) is evaluated again on every data set it holds, so a row's
+cells never mix two quantizations; the cells it replaces are kept under ``earlier`` (a
+block-wise method run again on another CPU need not give the same bits).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import potq
 from potq.bench.timing import LoadWatch, machine
 from potq.eval import perplexity
 from potq.info import summary
-from potq.paths import write_text_atomic
+from potq.paths import sha256_of_files, write_text_atomic
 from potq.storage import read_manifest
 
 
@@ -83,7 +88,7 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
     The quantization record is also kept in the folder (``quantize.json``), so a run stopped
     during the evaluation does not quantize the row again."""
     row = parse_row(spec, args.group_size)
-    folder = Path(args.work) / args.model / spec.replace(":", "-").replace(",", "-").replace("=", "")
+    folder = row_folder(spec, args)
     record = {k: cached[k] for k in ("quantize_seconds", "blocks", "mean_load", "shared_machine", "machine")
               if k in cached}
     kept = folder / "quantize.json"
@@ -104,8 +109,14 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
     s = summary(folder)
     record.update(label=label_of(row), group_size=row["group_size"], method=row["method"],
                   bits_per_weight=s["bits_per_quantized_weight"], file_bytes=s["file_bytes"],
-                  settings=read_manifest(folder)["method_settings"])
+                  settings=read_manifest(folder)["method_settings"],
+                  weights_sha256=sha256_of_files([folder / "model.safetensors"]))
     return potq.load(folder), record
+
+
+def row_folder(spec: str, args: argparse.Namespace) -> Path:
+    """Where the row's quantized model is saved (``--work``/MODEL/ROW)."""
+    return Path(args.work) / args.model / spec.replace(":", "-").replace(",", "-").replace("=", "")
 
 
 def peer_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cached: dict) -> tuple:
@@ -135,17 +146,24 @@ def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cac
     if spec == "float":
         lm, result = float_lm, {"label": "float", "bits_per_weight": 32.0, "file_bytes": None,
                                 "quantize_seconds": 0.0, "group_size": None, "method": None}
-    elif not todo and "quantize_seconds" in cached:
-        return cached
+    elif not todo and "quantize_seconds" in cached and (spec.startswith(PEER) or
+                                                        not (row_folder(spec, args) / "potq.json").exists()):
+        return cached  # nothing to measure, and no saved weights to check the cells against
     elif spec.startswith(PEER):
         lm, result = peer_model(spec, float_lm, args, cached)
     else:
         lm, result = quantized_model(spec, float_lm, args, cached)
+        digest = result["weights_sha256"]
+        held = [k for k, v in cached.items() if isinstance(v, dict) and "dataset" in v]
+        todo = [d for d in dict.fromkeys([*args.dataset, *held])
+                if d in todo or cached.get(d, {}).get("weights_sha256") != digest]
     result = {**cached, **result, "row": spec}
     for dataset in todo:
         r = perplexity(lm.model, lm.tokenizer, dataset, ctx=args.ctx, max_windows=args.max_windows,
                        dtype=args.dtype)
-        result[dataset] = {**r.to_dict(), "machine": machine()}
+        if dataset in cached:  # measured on other weights or windows: kept, not lost
+            result["earlier"] = [*result.get("earlier", []), cached[dataset]]
+        result[dataset] = {**r.to_dict(), "machine": machine(), "weights_sha256": result.get("weights_sha256")}
         print(f"{result['label']}: {dataset} ppl {r.ppl:.3f} ({r.windows}/{r.total_windows} windows)", flush=True)
     return result
 

@@ -8,6 +8,7 @@ the shared folder.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def home_dir() -> Path:
 def trained_model_dir(name: str) -> Path:
     """Where the model potq trains under the short name ``name`` is saved."""
     return home_dir() / "models" / name
+
+
+def sha256_of_files(files: list[Path]) -> str:
+    """One hex digest over the bytes of ``files`` in order, read in chunks (models can be GBs)."""
+    digest = hashlib.sha256()
+    for file in files:
+        with Path(file).open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

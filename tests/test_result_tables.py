@@ -43,3 +43,21 @@ def test_rows_are_stored_with_their_machine_and_marked_when_machines_differ(tmp_
     rows = {line.split(" | ")[0]: line for line in view.splitlines() if line.startswith("| ")}
     assert rows["| pot-zero 3-bit rtn"].endswith(" (A) |") and rows["| uniform 3-bit rtn"].endswith(" (B) |")
     assert "(A) " + quantized["machine"] in view and "(B) Intel(R) Xeon(R)" in view
+
+
+def test_a_cell_counts_only_for_the_weights_it_was_measured_on(tmp_path, table):
+    table("--rows", "pot:3")
+    store = tmp_path / "runs.json"
+    first = json.loads(store.read_text())["pot:3"]
+    assert first["tinystories"]["weights_sha256"] == first["weights_sha256"]
+    table("--rows", "pot:3")  # the same saved weights: nothing is measured again
+    assert json.loads(store.read_text())["pot:3"] == first
+
+    runs = json.loads(store.read_text())
+    runs["pot:3"]["tinystories"]["weights_sha256"] = "another quantization"
+    store.write_text(json.dumps(runs))
+    table("--rows", "pot:3")
+    again = json.loads(store.read_text())["pot:3"]
+    assert again["tinystories"]["weights_sha256"] == first["weights_sha256"]
+    assert again["earlier"] == [runs["pot:3"]["tinystories"]]  # the replaced cell is kept
+    assert again["tinystories"]["ppl"] == pytest.approx(first["tinystories"]["ppl"])  # RTN: same bits

@@ -8,7 +8,6 @@ source, quantization and evaluation see a ``LlamaForCausalLM`` or ``GPT2LMHeadMo
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from potq.errors import PotqError
 from potq.models import gguf, hf, llama2c, llmc
 from potq.models.registry import SHORT_NAMES, resolve
 from potq.models.tokenizer import Tokenizer
+from potq.paths import sha256_of_files
 
 __all__ = ["SHORT_NAMES", "LoadedModel", "architecture", "build_model", "load_model", "transformer_blocks"]
 
@@ -51,7 +51,7 @@ def load_model(spec: str) -> LoadedModel:
     kind = _loader_kind(path)
     model, tokenizer = LOADERS[kind](path)
     files = hf.weight_files(path) if path.is_dir() else [path]
-    source = {"name": name, "path": str(path), "sha256": _sha256(files), "loader": kind}
+    source = {"name": name, "path": str(path), "sha256": sha256_of_files(files), "loader": kind}
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
@@ -98,13 +98,3 @@ def _loader_kind(path: Path) -> str:
     if kinds[path.suffix.lower()] == "llama2c" and llmc.is_llmc(path):
         return "llmc"
     return kinds[path.suffix.lower()]
-
-
-def _sha256(files: list[Path]) -> str:
-    """One hex digest over the bytes of ``files`` in order, read in chunks (models can be GBs)."""
-    digest = hashlib.sha256()
-    for file in files:
-        with file.open("rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
