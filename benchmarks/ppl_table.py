@@ -177,10 +177,26 @@ def _same_windows(result: dict | None, args: argparse.Namespace) -> bool:
 
 
 BF16_MARK = "†"
+EARLIER_MARK = "‡"
 MACHINE_NOTE = "Quantization times"  # how the note on machines begins (README copies it with the table)
 # The store's rows measured before it recorded a machine all ran on this one (its speed report,
 # docs/results/speed.json, names the CPU; the sessions' notes its native bf16).
 EARLIER_MACHINE = "Intel(R) Xeon(R) Processor @ 2.80GHz, AVX512 with native bf16, 2 threads"
+
+
+def earlier_weights(r: dict, dataset: str) -> bool:
+    """Whether the row's ``dataset`` cell was measured on another quantization than the row's latest
+    (the one its time and the other cells come from). Known from the weights' sha256 where the
+    cell records it; for older cells, a cell evaluated on another machine than the one that
+    quantized the row (quantized folders never leave their machine). Rows of data-free methods
+    (rtn, grid with objective mse) give the same bits again and are never marked."""
+    data_free = r["method"] in (None, "rtn") or (r["method"] == "grid" and r["settings"].get("objective") == "mse")
+    cell = r[dataset]
+    if data_free or r["row"].startswith(PEER):
+        return False
+    if "weights_sha256" in cell:
+        return cell["weights_sha256"] != r.get("weights_sha256")
+    return "machine" in r and cell.get("machine") != r["machine"]
 
 
 def machine_of(r: dict) -> str:
@@ -215,8 +231,8 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
     marks = machine_marks(results)
     for r in results:
         label = float_name if r["row"] == "float" else r["label"]
-        ppls = " | ".join(f"{r[d]['ppl']:.2f}{BF16_MARK if r[d].get('dtype') == 'bf16' else ''}" if d in r else "–"
-                          for d in datasets)
+        ppls = " | ".join(f"{r[d]['ppl']:.2f}{BF16_MARK if r[d].get('dtype') == 'bf16' else ''}"
+                          f"{EARLIER_MARK if earlier_weights(r, d) else ''}" if d in r else "–" for d in datasets)
         size = "–" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f}"
         note = ("*" if r.get("shared_machine") else "") + ("" if r["row"] == "float" else marks.get(machine_of(r), ""))
         lines.append(f"| {label} | {r['group_size'] or '–'} | {r['bits_per_weight']:.3f} | {ppls} | {size} | "
@@ -227,6 +243,11 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
     if any(r[d].get("dtype") == "bf16" for r in results for d in datasets if d in r):
         lines += ["", f"{BF16_MARK} evaluated in bf16 autocast (`--dtype auto` on a CPU with native bf16); the "
                   "other perplexities in fp32."]
+    if any(earlier_weights(r, d) for r in results for d in datasets if d in r):
+        lines += ["", f"{EARLIER_MARK} measured on an earlier quantization of the row than the one its time and its "
+                  "unmarked cells come from: the row was quantized again, on another machine, to add a data set, and a method that "
+                  "learns from calibration data need not give the same bits on another CPU. Such a row is "
+                  "evaluated again on all its data sets the next time it is quantized."]
     if any(r["row"].startswith(PEER) for r in results):
         lines += ["", "llama.cpp rows: the model's shipped GGUF requantized by llama.cpp's own quantizer (so rounded "
                       "twice: Q4_1, then the row's type) and evaluated by potq on the same windows. Bits/weight count "

@@ -1,8 +1,9 @@
 """Copy generated result tables into README.md, so the README never holds a hand-typed number.
 
 Every block ``<!-- table:NAME --> … <!-- /table:NAME -->`` in README.md is replaced by the
-Markdown table of ``docs/results/NAME.md`` (the lines starting with ``|``, the bf16 footnote, the
-note on the machines that timed it and the list of rows not measured yet), with a link to it.
+Markdown table of ``docs/results/NAME.md`` (the lines starting with ``|``, the bf16 and the
+earlier-quantization footnotes, the note on the machines that timed it and the list of rows not
+measured yet), with a link to it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ppl_table import BF16_MARK, MACHINE_NOTE
+from ppl_table import BF16_MARK, EARLIER_MARK, MACHINE_NOTE
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
@@ -20,7 +21,7 @@ def table_of(name: str) -> str:
     source = ROOT / "docs" / "results" / f"{name}.md"
     lines = [line for line in source.read_text().splitlines() if line.startswith("|")]
     lines += [f"\n{line}" for line in source.read_text().splitlines()
-              if line.startswith(("Not measured yet", f"{BF16_MARK} ", MACHINE_NOTE))]
+              if line.startswith(("Not measured yet", f"{BF16_MARK} ", f"{EARLIER_MARK} ", MACHINE_NOTE))]
     return "\n".join(lines) + f"\n\n(from [docs/results/{name}.md](docs/results/{name}.md), " \
                               "which holds the command that made it)\n"
 

@@ -56,6 +56,11 @@ def test_a_cell_counts_only_for_the_weights_it_was_measured_on(tmp_path, table):
     runs = json.loads(store.read_text())
     runs["pot:3"]["tinystories"]["weights_sha256"] = "another quantization"
     store.write_text(json.dumps(runs))
+    runs["pot:3"]["method"] = "gptq"  # rtn gives the same bits again, so its cells are never marked
+    (tmp_path / "marked.json").write_text(json.dumps(runs))
+    view = table("--no-measure", "--rows", "pot:3", "--store", str(tmp_path / "marked.json"))
+    assert f"{first['tinystories']['ppl']:.2f}" in view and f"{ppl_table.EARLIER_MARK} |" in view
+    assert f"{ppl_table.EARLIER_MARK} measured on an earlier quantization" in view
     table("--rows", "pot:3")
     again = json.loads(store.read_text())["pot:3"]
     assert again["tinystories"]["weights_sha256"] == first["weights_sha256"]
