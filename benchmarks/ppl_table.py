@@ -161,8 +161,9 @@ def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cac
     for dataset in todo:
         r = perplexity(lm.model, lm.tokenizer, dataset, ctx=args.ctx, max_windows=args.max_windows,
                        dtype=args.dtype)
-        if dataset in cached:  # measured on other weights or windows: kept, not lost
-            result["earlier"] = [*result.get("earlier", []), cached[dataset]]
+        if dataset in cached:  # measured on other weights or windows: kept, not lost, with what it measured
+            made = {k: cached[k] for k in ("machine", "quantize_seconds", "weights_sha256") if k in cached}
+            result["earlier"] = [*result.get("earlier", []), {**cached[dataset], "quantization": made}]
         result[dataset] = {**r.to_dict(), "machine": machine(), "weights_sha256": result.get("weights_sha256")}
         print(f"{result['label']}: {dataset} ppl {r.ppl:.3f} ({r.windows}/{r.total_windows} windows)", flush=True)
     return result

@@ -64,5 +64,7 @@ def test_a_cell_counts_only_for_the_weights_it_was_measured_on(tmp_path, table):
     table("--rows", "pot:3")
     again = json.loads(store.read_text())["pot:3"]
     assert again["tinystories"]["weights_sha256"] == first["weights_sha256"]
-    assert again["earlier"] == [runs["pot:3"]["tinystories"]]  # the replaced cell is kept
+    kept = again["earlier"]  # the replaced cell is kept, with the quantization it was measured on
+    assert [{k: v for k, v in e.items() if k != "quantization"} for e in kept] == [runs["pot:3"]["tinystories"]]
+    assert kept[0]["quantization"]["machine"] == first["machine"]
     assert again["tinystories"]["ppl"] == pytest.approx(first["tinystories"]["ppl"])  # RTN: same bits
