@@ -246,9 +246,9 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
                   "other perplexities in fp32."]
     if any(earlier_weights(r, d) for r in results for d in datasets if d in r):
         lines += ["", f"{EARLIER_MARK} measured on an earlier quantization of the row than the one its time and its "
-                  "unmarked cells come from: the row was quantized again, on another machine, to add a data set, and a method that "
-                  "learns from calibration data need not give the same bits on another CPU. Such a row is "
-                  "evaluated again on all its data sets the next time it is quantized."]
+                  "unmarked cells come from: the row was quantized again, on another machine, to add a data set, "
+                  "and a method that learns from calibration data need not give the same bits on another CPU. "
+                  "Such a row is evaluated again on all its data sets the next time it is quantized."]
     if any(r["row"].startswith(PEER) for r in results):
         lines += ["", "llama.cpp rows: the model's shipped GGUF requantized by llama.cpp's own quantizer (so rounded "
                       "twice: Q4_1, then the row's type) and evaluated by potq on the same windows. Bits/weight count "
