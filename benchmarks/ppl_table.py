@@ -14,7 +14,8 @@ Every measurement goes to a store (``--store``, default ``docs/results/MODEL-run
 row; a table (``--out``) is a view of some rows. Rows already in the store are not measured
 again (per row and data set), and a quantized folder already in ``--work`` is reloaded instead of
 quantized again, so a long table fills in over several runs, tables share rows, and a data set
-can be added later without re-quantizing. ``--force`` redoes the listed rows.
+can be added later without re-quantizing. ``--force`` redoes the listed rows; a row holding a
+cell of an earlier quantization (marked ‡) is redone without it.
 
 Every cell records the sha256 of the weights it was measured on. A row quantized again (its
 folder gone, as on a fresh machine) is evaluated again on every data set it holds, so a row's
@@ -146,16 +147,15 @@ def run_row(spec: str, float_lm: potq.LoadedModel, args: argparse.Namespace, cac
     if spec == "float":
         lm, result = float_lm, {"label": "float", "bits_per_weight": 32.0, "file_bytes": None,
                                 "quantize_seconds": 0.0, "group_size": None, "method": None}
-    elif not todo and "quantize_seconds" in cached and (spec.startswith(PEER) or
-                                                        not (row_folder(spec, args) / "potq.json").exists()):
+    elif not todo and "quantize_seconds" in cached and not mixed(cached) and (
+            spec.startswith(PEER) or not (row_folder(spec, args) / "potq.json").exists()):
         return cached  # nothing to measure, and no saved weights to check the cells against
     elif spec.startswith(PEER):
         lm, result = peer_model(spec, float_lm, args, cached)
     else:
         lm, result = quantized_model(spec, float_lm, args, cached)
         digest = result["weights_sha256"]
-        held = [k for k, v in cached.items() if isinstance(v, dict) and "dataset" in v]
-        todo = [d for d in dict.fromkeys([*args.dataset, *held])
+        todo = [d for d in dict.fromkeys([*args.dataset, *held_datasets(cached)])
                 if d in todo or cached.get(d, {}).get("weights_sha256") != digest]
     result = {**cached, **result, "row": spec}
     for dataset in todo:
@@ -198,6 +198,17 @@ def earlier_weights(r: dict, dataset: str) -> bool:
     if "weights_sha256" in cell:
         return cell["weights_sha256"] != r.get("weights_sha256")
     return "machine" in r and cell.get("machine") != r["machine"]
+
+
+def mixed(r: dict) -> bool:
+    """Whether a stored row holds a cell of an earlier quantization (a ‡ cell): such a row is
+    quantized again and evaluated again on all its data sets, so its cells come from one."""
+    return "row" in r and any(earlier_weights(r, d) for d in held_datasets(r))
+
+
+def held_datasets(r: dict) -> list[str]:
+    """The data sets a stored row holds a perplexity cell for."""
+    return [k for k, v in r.items() if isinstance(v, dict) and "dataset" in v]
 
 
 def machine_of(r: dict) -> str:

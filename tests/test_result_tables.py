@@ -3,6 +3,7 @@ quantized, saved, reloaded and evaluated, the store records where it was timed, 
 store marks times that came from different machines."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,3 +69,19 @@ def test_a_cell_counts_only_for_the_weights_it_was_measured_on(tmp_path, table):
     assert [{k: v for k, v in e.items() if k != "quantization"} for e in kept] == [runs["pot:3"]["tinystories"]]
     assert kept[0]["quantization"]["machine"] == first["machine"]
     assert again["tinystories"]["ppl"] == pytest.approx(first["tinystories"]["ppl"])  # RTN: same bits
+
+
+def test_a_row_holding_a_cell_of_an_earlier_quantization_is_quantized_again(tmp_path, table):
+    table("--rows", "pot:3")
+    store = tmp_path / "runs.json"
+    runs = json.loads(store.read_text())
+    runs["pot:3"].update(method="gptq", quantize_seconds=-1.0)  # as a data-dependent row timed elsewhere
+    runs["pot:3"]["tinystories"]["weights_sha256"] = "another quantization"
+    store.write_text(json.dumps(runs))
+    assert ppl_table.mixed(runs["pot:3"])
+    shutil.rmtree(tmp_path / "work")  # its folder gone, as on a fresh machine
+    table("--rows", "pot:3")  # all its data sets already hold a cell, yet it is measured again
+    again = json.loads(store.read_text())["pot:3"]
+    assert again["quantize_seconds"] > 0 and not ppl_table.mixed(again)
+    assert again["tinystories"]["weights_sha256"] == again["weights_sha256"]
+    assert again["earlier"][0]["weights_sha256"] == "another quantization"
