@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from potq.eval.perplexity import cpu_native_bf16
+
 
 def per_call(fn: Callable[[], object], seconds: float = 0.3, blocks: int = 5) -> float:
     """Median seconds per call of ``fn`` over ``blocks`` blocks of about ``seconds / blocks`` each.
@@ -44,8 +46,10 @@ def cpu_name() -> str:
 
 def machine() -> str:
     """What a wall time was measured on, e.g. ``AMD EPYC, AVX2, 2 threads``: the sessions that fill
-    one result store do not all get the same machine, and a time only compares with its own kind."""
-    return f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    one result store do not all get the same machine, and a time only compares with its own kind
+    (native bf16 is named because it changes bf16 evaluation and training speed severalfold)."""
+    capability = torch.backends.cpu.get_cpu_capability() + (" with native bf16" if cpu_native_bf16() else "")
+    return f"{cpu_name()}, {capability}, {torch.get_num_threads()} threads"
 
 
 def last_level_cache_bytes() -> int:

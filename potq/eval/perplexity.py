@@ -76,12 +76,17 @@ def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return total
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) rather than emulating it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """``"auto"`` -> ``"bf16"`` where bf16 is native (CUDA, CPUs with AVX512-BF16 or AMX), else
     ``"fp32"``: on CPUs without native bf16, autocast emulates it and runs 2-6x *slower* than
     float32 (measured on this project's 2-core AVX-512 machines), for the same perplexity."""
     if dtype == "auto":
-        native = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        native = device.type == "cuda" or cpu_native_bf16()
         return "bf16" if native else "fp32"
     if dtype not in DTYPES:
         raise PotqError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
