@@ -58,7 +58,8 @@ def main() -> None:
     store = Path(args.store or f"docs/results/{args.model}-runs.json")
     runs = json.loads(store.read_text()) if store.exists() else {}
     lines += ["", "## Targets of whole runs (from the ppl_table.py store)", ""] + run_verdicts(runs)
-    lines += ["", "## Every stored run (from the ppl_table.py store; calibration 32×512)", "",
+    lines += ["", "## Every stored run (from the ppl_table.py store; calibration 32×512 unless the row names "
+              "another)", "",
               "| run | method | total s | block-wise s | blocks | s per block | epochs | s per block-epoch |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     marks = machine_marks(list(runs.values()))
