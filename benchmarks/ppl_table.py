@@ -105,7 +105,7 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
                   "blocks": getattr(lm.model, "potq_report", {}).get("blocks"),
                   "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads()),
                   "machine": machine()}
-        potq.save(lm, folder)
+        potq.save(lm, folder, overwrite=True)
         write_text_atomic(kept, json.dumps(record))
     s = summary(folder)
     record.update(label=label_of(row), group_size=row["group_size"], method=row["method"],

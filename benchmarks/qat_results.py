@@ -60,7 +60,7 @@ def measure(lm, row: str, bits: int, args, prompts, reference) -> dict:
                     "calib_samples": args.pool, "calib_len": min(args.seq_len, max_positions(lm.model) or args.seq_len)}
     potq.quantize_(work, config, method=row, **settings)
     seconds = time.perf_counter() - start
-    potq.save(work, folder)
+    potq.save(work, folder, overwrite=True)
     model = potq.load(folder).model
     r = perplexity(model, lm.tokenizer, args.dataset, ctx=args.ctx, max_windows=args.max_windows, dtype="fp32",
                    progress=False)

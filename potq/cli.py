@@ -87,6 +87,13 @@ def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
                    help="awq: skip the clipping search")
 
 
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (written atomically; an existing one is refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing potq folder at --output (never a folder holding other files)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from potq.eval.data import DATASETS
 
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model and save it as a potq folder")
     p.add_argument("model", help=model_help)
     _add_quant_args(p)
-    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    _add_output_args(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="perplexity on a data set (GPTQ protocol)")
@@ -124,10 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print tokens/s after the text")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("info", help="format, bits per weight incl. scales, size, per-layer table")
+    p = sub.add_parser("info", help="check a potq folder (as `potq verify`), then print its format, bits per "
+                                    "weight incl. scales, size and per-layer table")
     p.add_argument("folder", help="a potq folder written by `potq quantize`")
     p.add_argument("--json", type=Path, default=None, help="also write the summary to this JSON file")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check a potq folder completely: description, digests, every tensor's "
+                                      "name, shape, dtype and checksum, scales, tokenizer")
+    p.add_argument("folder", help="a potq folder written by `potq quantize`")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("qat", help="quantization-aware training: fine-tune through the quantized weights, "
                                     "save packed like `potq quantize`")
@@ -144,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per window (default 256, or the model's context when shorter)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None, help="write the settings, wall time and loss history here")
-    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    _add_output_args(p)
     p.set_defaults(func=cmd_qat, method="qat")
 
     p = sub.add_parser("pt2e", help="quantize through PyTorch 2 export (PT2E): export, prepare, calibrate, "
@@ -167,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training text (default: tiny Shakespeare from the shared folder); split 80/10/10")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="output folder (default: $POTQ_HOME/models/nanogpt-shakespeare, the short name's home)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing potq folder at --output")
     p.add_argument("--steps", type=int, default=15000, help="iterations (default 15000, the seed's)")
     p.add_argument("--batch-size", type=int, default=12, help="windows per step (default 12)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
@@ -221,6 +235,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = quant_config(args)  # validate before loading
     if args.batch_size is not None and args.batch_size < 1:
         raise PotqError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from potq.outputs import check_output
+    from potq.storage import FOLDER_FILES, MANIFEST_FILE
+
+    check_output(Path(args.output), args.overwrite, MANIFEST_FILE, FOLDER_FILES)  # before an hour of work
     lm = potq.load_model(args.model)
     start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "decay", "grad", "objective", "damp",
@@ -235,7 +253,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         settings.update(calib_samples=args.calib_samples, calib_len=calib_len, seed=args.seed)
     potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, **settings)
     seconds = time.perf_counter() - start
-    potq.save(lm, args.output)
+    potq.save(lm, args.output, overwrite=args.overwrite)
     if args.report:
         print(f"report -> {write_report(args.report, build_report(lm.model, args.model, seconds))}")
     s = summary(args.output)
@@ -291,9 +309,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.run_all(args.model, threads, args.out, with_peer=not args.no_peer)
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from potq.storage import verify
+
+    checked = verify(args.folder)
+    print(f"{args.folder}: ok ({len(checked.header)} tensors, description digest, tensor roles, content "
+          f"checksum, scales and tokenizer checked)")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from potq.info import layer_costs, summary
+    from potq.storage import verify
 
+    verify(args.folder)
     s = summary(args.folder)
     src = s["source"]
     print(f"{s['path']}: {s['format']} {s['bits']}-bit, group size {s['group_size']}, method {s['method']}")
@@ -356,7 +384,7 @@ def cmd_train_char(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise PotqError(f"--batch-size must be at least 1, got {args.batch_size}")
     settings = TrainSettings(steps=args.steps, lr=args.lr, eval_every=args.eval_every, seed=args.seed)
-    lm, result = train_char(args.data, args.output, settings, batch_size=args.batch_size)
+    lm, result = train_char(args.data, args.output, settings, batch_size=args.batch_size, overwrite=args.overwrite)
     final = result.final
     where = lm.source.get("name") or args.output
     print(f"trained {result.settings.steps} steps in {result.seconds:.0f} s: train loss {final['train']:.4f}, "
@@ -386,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("potq: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `potq info | head -1`: the reader has gone; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -26,7 +26,7 @@ def run_demo(model: str, bits: int, group_size: int, max_windows: int, ctx: int,
         lm = potq.LoadedModel(copy.deepcopy(float_lm.model), float_lm.tokenizer, float_lm.source)
         start = time.perf_counter()
         potq.quantize_(lm.model, config, method="rtn")
-        folder = potq.save(lm, out / f"{Path(model).stem}-{config.format}{bits}-g{group_size}")
+        folder = potq.save(lm, out / f"{Path(model).stem}-{config.format}{bits}-g{group_size}", overwrite=True)
         seconds = time.perf_counter() - start
         reloaded = potq.load(folder)
         s = summary(folder)

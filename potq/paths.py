@@ -34,8 +34,12 @@ def shared_file(relative: str) -> Path:
 
 
 def home_dir() -> Path:
-    """potq's own writable folder: ``$POTQ_HOME``, else ``~/.cache/potq``."""
-    return Path(os.environ.get("POTQ_HOME", "~/.cache/potq")).expanduser().resolve()
+    """potq's own writable folder: ``$POTQ_HOME``, else ``~/.cache/potq`` (one line if it names
+    something that is not a folder)."""
+    home = Path(os.environ.get("POTQ_HOME", "~/.cache/potq")).expanduser().resolve()
+    if home.exists() and not home.is_dir():
+        raise PotqError(f"POTQ_HOME {home} is not a folder: point POTQ_HOME at a folder potq may write to")
+    return home
 
 
 def trained_model_dir(name: str) -> Path:

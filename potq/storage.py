@@ -3,22 +3,27 @@
 ``model.safetensors``  the model's state dict: per quantized linear ``<name>.codes`` (uint8,
                        bit-packed rows), ``<name>.scales`` (fp16 [out, groups]), ``<name>.zeros``
                        (uint8, affine formats only); every other tensor as it is. A tensor that
-                       shares storage with an earlier one (tied embeddings) is stored once.
+                       shares storage with an earlier one (tied embeddings) is stored once. Its
+                       metadata ties it to its description: the sha256 of ``potq.json``, each
+                       tensor's role, and a checksum of every tensor's bytes.
 ``potq.json``          what the tensors mean: potq version, format, bits, group size, method and
                        its settings, source model and its sha256, architecture, per-layer table.
 ``tokenizer.json``     the tokenizer, so loading never needs the source model.
 
-Saving writes a temporary sibling folder and renames it into place: an interrupted save never
-leaves a half-written folder under the final name. Loading checks every tensor's shape and dtype
-in the safetensors header against ``potq.json`` before it allocates the model.
+A folder is data from whoever handed it over, so :func:`inspect` checks it — the manifest's
+schema and limits, the digests, every tensor's name, shape and dtype against the model the
+manifest describes (built on the meta device, no memory) — before :func:`load` allocates
+anything, and the tensor bytes are checked against their checksum as they are read. Saving goes
+through :mod:`potq.outputs`: a temporary sibling, swapped in atomically, never over a user's files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,41 +34,56 @@ from safetensors.torch import save_file
 from torch import nn
 
 from potq import __version__
-from potq.errors import PotqError
-from potq.formats import get_format
+from potq.errors import PotqError, first_line
+from potq.formats import FORMATS, get_format
 from potq.formats.grouping import num_groups
 from potq.formats.packing import packed_row_bytes
-from potq.models import LoadedModel, architecture, build_model
-from potq.models.tokenizer import Tokenizer
+from potq.limits import (MAX_VOCAB, check_config, check_memory, load_json_object, read_small_file,
+                         whole_number)
+from potq.models import LoadedModel, architecture, build_model, check_vocabulary
+from potq.models.tokenizer import SPECIALS_FILE, TOKENIZER_FILE, Tokenizer
 from potq.nn import PackedWeight, QuantEmbedding, QuantLinear
+from potq.outputs import check_output, publish, temp_folder
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "potq.json"
-FILE_FORMAT_VERSION = 1
+FOLDER_FILES = (WEIGHTS_FILE, MANIFEST_FILE, TOKENIZER_FILE, SPECIALS_FILE)
+FILE_FORMAT_VERSION = 2  # 2: safetensors metadata digests (potq.json, roles, content)
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+# safetensors metadata keys
+META_MANIFEST, META_ROLES, META_CONTENT = "potq_json_sha256", "potq_roles", "potq_content_sha256"
 
 
 # --- saving -----------------------------------------------------------------------------------
 def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
-         source: dict | None = None) -> Path:
-    """Write ``model`` (quantized or not) with its tokenizer to the folder ``path``."""
+         source: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (quantized or not) with its tokenizer to the folder ``path``.
+
+    An existing ``path`` is replaced only with ``overwrite=True`` and only when it is a potq
+    folder holding nothing but potq's files (see :mod:`potq.outputs`).
+    """
     if isinstance(model, LoadedModel):
         tokenizer, source, model = tokenizer or model.tokenizer, source or model.source, model.model
     if tokenizer is None:
         raise PotqError("potq.save needs the tokenizer: pass tokenizer=... or a LoadedModel")
     out = Path(path)
-    if out.exists() and not (out / MANIFEST_FILE).is_file():
-        raise PotqError(f"{out} exists and is not a potq model folder: choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, overwrite, MANIFEST_FILE, FOLDER_FILES)
     tensors, aliases = _dedup_state_dict(model)
-    manifest = _manifest(model, source or {}, aliases)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    manifest = json.dumps(_manifest(model, source or {}, aliases), indent=1).encode()
+    metadata = {"potq": __version__, META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
+                META_ROLES: json.dumps(tensor_roles(json.loads(manifest)), sort_keys=True),
+                META_CONTENT: content_digest(sorted(tensors.items()))}
+    tmp = temp_folder(out)
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"potq": __version__})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         tokenizer.save(tmp)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        _replace_dir(tmp, out)
+        (tmp / MANIFEST_FILE).write_bytes(manifest)
+        publish(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -115,47 +135,230 @@ def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an old ``out`` is moved aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def tensor_roles(manifest: dict[str, Any]) -> dict[str, str]:
+    """``{tensor: role}`` for every packed layer's tensors (``codes``, ``scales``, ``zeros``,
+    ``bias``): what the manifest says each stored tensor is, recorded beside the tensors."""
+    roles = {}
+    for name, entry in manifest["quantized_layers"].items():
+        for key in expected_layer_tensors(name, entry):
+            roles[key] = key.rsplit(".", 1)[1]
+    return roles
 
 
-# --- loading ----------------------------------------------------------------------------------
+def content_digest(tensors: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in the order given (sorted by name)."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# --- checking ---------------------------------------------------------------------------------
 def is_potq_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    folder = Path(path)
+    """``potq.json``, its schema checked (types, ranges, known formats, architecture limits)."""
+    return _read_manifest(Path(path))[0]
+
+
+def _read_manifest(folder: Path) -> tuple[dict[str, Any], bytes]:
     if not (folder / MANIFEST_FILE).is_file():
         raise PotqError(f"{folder} is not a potq model folder (no {MANIFEST_FILE}): run `potq quantize` first")
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise PotqError(f"{folder / MANIFEST_FILE} is corrupt ({exc}): quantize the model again") from None
+    raw = read_small_file(folder / MANIFEST_FILE, "the manifest")
+    manifest = load_json_object(raw, str(folder / MANIFEST_FILE))
     version = manifest.get("file_format_version")
     if version != FILE_FORMAT_VERSION:
         raise PotqError(f"{folder} has file format version {version!r}; this potq reads "
-                        f"{FILE_FORMAT_VERSION}: re-quantize or upgrade potq")
-    return manifest
+                        f"{FILE_FORMAT_VERSION}: quantize the model again with this potq")
+    _check_schema(manifest, str(folder / MANIFEST_FILE))
+    return manifest, raw
+
+
+def _check_schema(manifest: dict[str, Any], what: str) -> None:
+    """Every field potq acts on has the type and range it must have."""
+    def need(value: Any, kind: type | tuple[type, ...], name: str) -> Any:
+        if not isinstance(value, kind):
+            raise PotqError(f"{what}: {name} is a {type(value).__name__}, not what potq writes; it is corrupt")
+        return value
+
+    arch = need(manifest.get("architecture"), dict, "architecture")
+    check_config(need(arch.get("config"), dict, "architecture.config"), what)
+    for key in ("source", "method_settings", "options", "calibration"):
+        if manifest.get(key) is not None:
+            need(manifest[key], dict, key)
+    for key in ("format", "method"):
+        if manifest.get(key) is not None:
+            need(manifest[key], str, key)
+    for name, target in need(manifest.get("aliases", {}), dict, "aliases").items():
+        need(target, str, f"aliases[{name!r}]")
+    layers = need(manifest.get("quantized_layers"), dict, "quantized_layers")
+    for name, entry in layers.items():
+        need(entry, dict, f"quantized_layers[{name!r}]")
+        where = f"{what}: layer {name}"
+        if entry.get("kind", "linear") not in ("linear", "embedding"):
+            raise PotqError(f"{where}: kind {entry.get('kind')!r} is not linear or embedding; it is corrupt")
+        if entry.get("format") not in FORMATS:
+            raise PotqError(f"{where}: format {entry.get('format')!r} is not one potq writes; it is corrupt")
+        whole_number(entry.get("bits"), "bits", 1, 16, where)
+        get_format(entry["format"], entry["bits"])  # the format's own range of bits
+        whole_number(entry.get("in_features"), "in_features", 1, MAX_VOCAB, where)
+        whole_number(entry.get("out_features"), "out_features", 1, MAX_VOCAB, where)
+        whole_number(entry.get("group_size"), "group_size", -1, MAX_VOCAB, where)
+        need(entry.get("bias", False), bool, f"quantized_layers[{name!r}].bias")
+        owner = entry.get("shares")
+        if owner is not None and (not isinstance(owner, str) or owner not in layers or layers[owner].get("shares")
+                                  or layers[owner].get("format") != entry["format"]
+                                  or layers[owner].get("bits") != entry["bits"]):
+            raise PotqError(f"{where}: shares {owner!r}, which is not a layer of the same format; it is corrupt")
+
+
+@dataclass
+class Checked:
+    """A folder whose description and tensor header agree (see :func:`inspect`)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    header: dict[str, tuple[tuple[int, ...], str]]
+    metadata: dict[str, str]
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / WEIGHTS_FILE
 
 
 def header_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{name: (shape, dtype)}`` from the safetensors header, without reading any tensor."""
-    weights = Path(path) / WEIGHTS_FILE
+    return _read_header(Path(path) / WEIGHTS_FILE)[0]
+
+
+def _read_header(weights: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    if not weights.is_file():
+        raise PotqError(f"{weights} is missing or not a regular file: quantize the model again")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PotqError(f"{weights} is missing or corrupt ({exc}): quantize the model again") from None
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            return header, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PotqError(f"{weights} is corrupt ({first_line(exc)}): quantize the model again") from None
 
 
+def inspect(path: str | os.PathLike) -> Checked:
+    """Everything short of reading tensor data: the manifest's schema, its digest and the tensor
+    roles recorded in the weights' metadata, and every tensor's name, shape and dtype against the
+    model the manifest describes (built on the meta device). Allocates nothing of the model."""
+    folder = Path(path)
+    manifest, raw = _read_manifest(folder)
+    header, metadata = _read_header(folder / WEIGHTS_FILE)
+    weights = folder / WEIGHTS_FILE
+    if metadata.get(META_MANIFEST) != hashlib.sha256(raw).hexdigest():
+        raise PotqError(f"{folder / MANIFEST_FILE} is not the description {weights.name} was saved with "
+                        "(digest mismatch): it was edited or mixed up; quantize the model again")
+    try:
+        roles = json.loads(metadata.get(META_ROLES, ""))
+    except ValueError:
+        roles = None
+    if roles != tensor_roles(manifest):
+        raise PotqError(f"{weights}: the tensor roles in its metadata do not match {MANIFEST_FILE}; "
+                        "quantize the model again")
+    with torch.device("meta"):
+        skeleton = _skeleton(manifest, folder)
+    _check_header(skeleton, manifest, header, weights)
+    return Checked(folder, manifest, header, metadata)
+
+
+def _skeleton(manifest: dict[str, Any], folder: Path) -> nn.Module:
+    """The model the manifest describes, packed layers in place (on whatever device is current)."""
+    model = build_model(manifest["architecture"])
+    layers = manifest["quantized_layers"]
+    try:
+        for name, entry in layers.items():
+            model.set_submodule(name, _packed_layer(entry), strict=True)
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise PotqError(f"{folder / MANIFEST_FILE}: a quantized layer is not a layer of its model "
+                        f"({first_line(exc)}); it is corrupt") from None
+    for name, entry in layers.items():
+        if entry.get("shares"):
+            model.get_submodule(name).share_from(model.get_submodule(entry["shares"]))
+    return model
+
+
+def _check_header(skeleton: nn.Module, manifest: dict[str, Any], header: dict, weights: Path) -> None:
+    """Names, shapes and dtypes of the stored tensors are exactly the skeleton's; aliases point at
+    stored tensors of the same shape."""
+    expected = skeleton.state_dict()
+    aliases = manifest.get("aliases", {})
+    stored = set(expected) - set(aliases)
+    for name, target in aliases.items():
+        if name not in expected or target not in header or name in header:
+            raise PotqError(f"{weights}: alias {name} -> {target} does not name a tensor of the model and a "
+                            "stored one; the file is corrupt")
+        if header[target][0] != tuple(expected[name].shape):
+            raise PotqError(f"{weights}: alias {name} -> {target} joins tensors of different shapes; corrupt")
+    missing, unexpected = sorted(stored - set(header)), sorted(set(header) - stored)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PotqError(f"{weights} does not match its potq.json ({what}): quantize again")
+    for key, (shape, dtype) in header.items():
+        want = expected[key]
+        if tuple(want.shape) != shape:
+            raise PotqError(f"{weights}: tensor {key} has shape {shape}, the model expects "
+                            f"{tuple(want.shape)}: quantize the model again")
+        allowed = FLOAT_DTYPES if want.is_floating_point() and want.dtype != torch.float16 else None
+        if allowed is None:
+            allowed = (_SAFETENSORS_DTYPE.get(want.dtype, str(want.dtype)),)
+        if dtype not in allowed:
+            raise PotqError(f"{weights}: tensor {key} is {dtype}, expected {' or '.join(allowed)}; it is corrupt")
+
+
+_SAFETENSORS_DTYPE = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+
+
+def read_tensors(checked: Checked, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every stored tensor, checked against the content checksum and (scales) finite and positive;
+    with ``keep=False`` nothing is kept (``potq verify`` of a model larger than memory)."""
+    digest = hashlib.sha256()
+    state = {}
+    try:
+        with safe_open(str(checked.weights), framework="pt") as f:
+            for name in sorted(f.keys()):
+                tensor = f.get_tensor(name)
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+                if name.endswith(".scales") and name[:-len(".scales")] in checked.manifest["quantized_layers"]:
+                    scales = tensor.float()
+                    if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
+                        raise PotqError(f"{checked.weights}: {name} holds a scale that is not finite and "
+                                        "positive; the file is corrupt")
+                if keep:
+                    state[name] = tensor
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise PotqError(f"{checked.weights} cannot be read ({first_line(exc)}); the file is corrupt") from None
+    if digest.hexdigest() != checked.metadata.get(META_CONTENT):
+        raise PotqError(f"{checked.weights}: the tensor bytes do not match their checksum; the file is "
+                        "corrupt, quantize the model again")
+    return state
+
+
+def verify(path: str | os.PathLike) -> Checked:
+    """The full check ``potq verify`` runs: :func:`inspect`, every tensor's bytes against the
+    checksum, scales finite and positive, and the tokenizer against the model's vocabulary."""
+    checked = inspect(path)
+    read_tensors(checked, keep=False)
+    _tokenizer(checked)
+    return checked
+
+
+def _tokenizer(checked: Checked) -> Tokenizer:
+    tokenizer = Tokenizer.load(checked.folder)
+    check_vocabulary(tokenizer, checked.manifest["architecture"]["config"], str(checked.folder))
+    return tokenizer
+
+
+# --- loading ----------------------------------------------------------------------------------
 def expected_layer_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtypes the file must hold for one quantized layer of ``potq.json``."""
     fmt = get_format(entry["format"], entry["bits"])
@@ -172,33 +375,30 @@ def expected_layer_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[
 
 
 def load(path: str | os.PathLike) -> LoadedModel:
-    """Rebuild a saved model: same architecture, the same packed layers, the same tokenizer."""
-    folder = Path(path)
-    manifest = read_manifest(folder)
-    header = header_shapes(folder)
-    try:
-        for name, entry in manifest["quantized_layers"].items():
-            for key, want in expected_layer_tensors(name, entry).items():
-                if header.get(key) != want:
-                    raise PotqError(f"{folder / WEIGHTS_FILE}: tensor {key} is {header.get(key)}, "
-                                    f"expected {want}: the file is corrupt, quantize the model again")
-        model = build_model(manifest["architecture"])
-        for name, entry in manifest["quantized_layers"].items():
-            model.set_submodule(name, _packed_layer(entry))
-        for name, entry in manifest["quantized_layers"].items():
-            if entry.get("shares"):
-                model.get_submodule(name).share_from(model.get_submodule(entry["shares"]))
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise PotqError(f"{folder / MANIFEST_FILE} is incomplete or malformed ({exc}): quantize again") from None
-    _check_against_model(model, header, manifest.get("aliases", {}), folder)
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict(state, strict=False)
+    """Rebuild a saved model: same architecture, the same packed layers, the same tokenizer —
+    after :func:`inspect` has checked the folder and the memory it needs is available."""
+    checked = inspect(path)
+    check_memory(_load_bytes(checked), f"loading {checked.folder}")
+    tokenizer = _tokenizer(checked)
+    state = read_tensors(checked)
+    model = _skeleton(checked.manifest, checked.folder)
+    for name, target in checked.manifest.get("aliases", {}).items():
+        state.setdefault(name, state[target])
+    model.load_state_dict(state, strict=True)
     model.eval()
+    manifest = checked.manifest
     model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "options", "method",
                                                      "method_settings", "calibration")}
-    source = {**manifest.get("source", {}), "quantized": str(folder.resolve())}
-    return LoadedModel(model, Tokenizer.load(folder), source)
+    source = {**manifest.get("source", {}), "quantized": str(checked.folder.resolve())}
+    return LoadedModel(model, tokenizer, source)
+
+
+def _load_bytes(checked: Checked) -> int:
+    """The model in memory: float tensors as float32 (how they are built), packed ones as stored."""
+    import math
+
+    sizes = {"U8": 1, "F16": 2, "BF16": 4, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
+    return 2 * sum(math.prod(shape) * sizes.get(dtype, 8) for shape, dtype in checked.header.values())
 
 
 def _packed_layer(entry: dict[str, Any]) -> PackedWeight:
@@ -206,17 +406,5 @@ def _packed_layer(entry: dict[str, Any]) -> PackedWeight:
     fmt = get_format(entry["format"], entry["bits"])
     if entry.get("kind", "linear") == "embedding":
         return QuantEmbedding(entry["in_features"], entry["out_features"], fmt, entry["group_size"])
-    return QuantLinear(entry["in_features"], entry["out_features"], fmt, entry["group_size"], bias=entry["bias"])
-
-
-def _check_against_model(model: nn.Module, header: dict, aliases: dict[str, str], folder: Path) -> None:
-    expected = model.state_dict()
-    missing = set(expected) - set(header) - set(aliases)
-    unexpected = set(header) - set(expected)
-    if missing or unexpected:
-        what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
-        raise PotqError(f"{folder / WEIGHTS_FILE} does not match its potq.json ({what}): quantize again")
-    for key, (shape, _) in header.items():
-        if tuple(expected[key].shape) != shape:
-            raise PotqError(f"{folder / WEIGHTS_FILE}: tensor {key} has shape {shape}, the model "
-                            f"expects {tuple(expected[key].shape)}: quantize the model again")
+    return QuantLinear(entry["in_features"], entry["out_features"], fmt, entry["group_size"],
+                       bias=entry.get("bias", False))

@@ -259,7 +259,7 @@ def test_unsupported_gguf(tmp_path: Path) -> None:
     write_gguf(tmp_path / "k.gguf", "llama")
     expect_error(str(tmp_path / "k.gguf"), "IQ4_NL", "Q4_1", "Q3_K")
     write_gguf(tmp_path / "k4.gguf", "llama", "Q4_K")  # llama.cpp's k-quants expand: only the blocks are missing
-    expect_error(str(tmp_path / "k4.gguf"), "lacks the tensor for model.layers.0")
+    expect_error(str(tmp_path / "k4.gguf"), "lacks", "model.layers.0")
 
 
 def test_bad_llama2c(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_bad_hf_folders(tmp_path: Path, stories: LoadedModel) -> None:
     weights = load_file(folder / "model.safetensors")
     del weights["model.layers.0.mlp.up_proj.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    expect_error(str(folder), "lacks weights", "up_proj")
+    expect_error(str(folder), "lacks", "up_proj")
     (folder / "model.safetensors").write_bytes(b"garbage")
     expect_error(str(folder), "re-save")
 

@@ -86,4 +86,7 @@ def test_qat_cli_and_bad_input(char_trained, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a usage error: one line from argparse
         main(["qat", str(tmp_path / "char"), "--scales", "wild", "-o", str(out)])
     assert main(["qat", str(tmp_path / "char"), "--calib-samples", "1", "--steps", "2", "-o", str(out)]) == 2
+    assert "already holds a potq model: pass --overwrite" in capsys.readouterr().err
+    assert main(["qat", str(tmp_path / "char"), "--calib-samples", "1", "--steps", "2", "-o", str(out),
+                 "--overwrite"]) == 2
     assert "at least 2 training windows" in capsys.readouterr().err

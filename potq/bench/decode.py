@@ -27,7 +27,9 @@ from potq.eval.generate import next_tokens
 from potq.kernels import fused
 from potq.models.llama_decoder import LlamaDecoder, supports
 from potq.nn import QuantLinear
+from potq.errors import PotqError
 from potq.paths import home_dir
+from potq.storage import read_manifest
 
 # variant -> (format bits, quantize embeddings too); None = the float model
 VARIANTS: dict[str, tuple[int, bool] | None] = {"float32": None, "pot4": (4, False), "pot3": (3, False),
@@ -41,10 +43,10 @@ def variant_folder(model: str, variant: str, cache: Path, group: int = 128) -> s
         return model
     bits, embeddings = spec
     folder = cache / f"{Path(model).name}-pot{bits}-g{group}{'-emb' if embeddings else ''}"
-    if not (folder / "potq.json").is_file():
+    if not _cached(folder):
         lm = potq.load_model(model)
         potq.quantize_(lm, potq.QuantConfig("pot", bits, group), method="rtn", embeddings=embeddings, progress=False)
-        potq.save(lm, folder)
+        potq.save(lm, folder, overwrite=True)
     return str(folder)
 
 
@@ -100,6 +102,14 @@ def prompt_text(tokens: int) -> str:
     """The start of WikiText-2's test text, ample for ``tokens`` tokens (not the whole text: encoding
     all of it would dominate the peak memory being measured)."""
     return eval_text("wikitext2")[: 16 * tokens]
+
+
+def _cached(folder: Path) -> bool:
+    """Whether ``folder`` holds a packed model this potq reads (an older file format is made again)."""
+    try:
+        return bool(read_manifest(folder))
+    except PotqError:
+        return False
 
 
 def _greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:

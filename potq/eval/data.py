@@ -10,6 +10,7 @@ calibration, ``1000..1999`` for evaluation, so a quantizer never sees the text i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from functools import lru_cache
@@ -130,14 +131,23 @@ def training_batch(tokenizer: Tokenizer, source: dict, n: int, seqlen: int, seed
     for every other model the calibration half of C4 (:func:`calibration_batch`)."""
     if source.get("loader") != "potq train-char":
         return calibration_batch(tokenizer, n, seqlen, seed)
-    path = Path(source.get("path", ""))
-    if not path.is_file():
-        raise PotqError(f"the char model's training text {path} is missing: put it back or retrain the model")
-    ids = tokenizer.encode(split_text(path.read_text(encoding="utf-8"))["train"], bos=False)
+    ids = tokenizer.encode(split_text(char_training_text(source))["train"], bos=False)
     if len(ids) <= seqlen:
         raise PotqError(f"the training text has fewer than {seqlen} tokens: lower the sequence length")
     rng = random.Random(seed)
     return torch.tensor([ids[s:s + seqlen] for s in (rng.randrange(len(ids) - seqlen) for _ in range(n))])
+
+
+def char_training_text(source: dict) -> str:
+    """The text a char model trained here learned from: the shared tiny Shakespeare, recognised by
+    the sha256 its folder records. A path from a model's metadata is never opened (a folder from
+    elsewhere could point it at any file on disk)."""
+    path = shared_file(SHAKESPEARE_FILE)
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != source.get("sha256"):
+        raise PotqError("this char model was trained on a text other than the shared tiny Shakespeare "
+                        "(its sha256 differs); potq calibrates char models only on that text")
+    return raw.decode("utf-8")
 
 
 def calibration_batch(tokenizer: Tokenizer, n: int, seqlen: int, seed: int) -> torch.LongTensor:

@@ -155,9 +155,9 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, dataset: str, ctx: int = 
     seconds = time.perf_counter() - start
 
     tokens = windows.shape[0] * (ctx - 1)
-    mean = nll / tokens
+    mean = nll / tokens  # a perplexity past exp(709) is reported as inf, not an OverflowError
     return PerplexityResult(
-        dataset=dataset, ppl=math.exp(mean), nll=mean, tokens=tokens, windows=windows.shape[0],
-        total_windows=total, ctx=ctx, seconds=seconds,
+        dataset=dataset, ppl=math.exp(mean) if mean < 709 else math.inf, nll=mean, tokens=tokens,
+        windows=windows.shape[0], total_windows=total, ctx=ctx, seconds=seconds,
         tokens_per_s=windows.shape[0] * ctx / seconds, dtype=dtype,
     )

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import os
 import sys
 import threading
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -38,24 +37,103 @@ BUILD_FLAGS = f"-O3 {OPENMP}"
 ISAS = {"avx512": ("avx512", "avx2", "scalar"), "avx2": ("avx2", "scalar"), "scalar": ("scalar",), "none": ()}
 
 
+BUILD_WAIT_S = float(os.environ.get("POTQ_BUILD_WAIT", "900"))  # how long to wait for another builder
+RECORD_FILE = "potq-build.json"  # the built .so's size and sha256, written after a successful build
+
+
 @lru_cache(maxsize=1)
 def extension() -> ModuleType | None:
-    """The compiled kernel module, or None (with one warning) when it cannot be built here."""
-    from torch.utils.cpp_extension import load
+    """The compiled kernel module, or None (with one line on stderr saying why) when it cannot
+    be built or loaded here.
 
+    Builds are serialised with ``flock`` on a lock file the kernel releases when its holder dies
+    (kill -9, out of memory), so a killed build never leaves later processes waiting; torch's own
+    lock file, which does not expire, is removed while potq holds the flock. A cached ``.so`` is
+    loaded only if its size and sha256 match what was recorded after it was built: a truncated
+    or altered one is rebuilt instead of crashing the process when loaded.
+    """
     code = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
     digest = hashlib.sha256(code + torch.__version__.encode() + BUILD_FLAGS.encode()).hexdigest()[:16]
-    build = home_dir() / "kernels" / digest
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
+    name = f"potq_pot_gemv_{digest}"
+    try:
+        build = home_dir() / "kernels" / digest
+        build.mkdir(parents=True, exist_ok=True)
+        with _build_lock(build):
+            return _load_checked(build, name)
+    except Exception as exc:  # no compiler, no ninja, a failed compile, POTQ_HOME unusable ...: PyTorch path
+        return _fallback(str(exc))
+
+
+def _fallback(why: str) -> None:
+    lines = why.strip().splitlines() or ["unknown error"]
+    print(f"potq: the fused PoT kernel is not available ({lines[0][:160]}); using the PyTorch path",
+          file=sys.stderr, flush=True)
+    return None
+
+
+@contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``build/.potq.lock``, waiting at most :data:`BUILD_WAIT_S`."""
+    import fcntl
+    import time
+
+    with open(build / ".potq.lock", "a+") as handle:
+        deadline, told = time.monotonic() + BUILD_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building the kernel in {build} for "
+                                       f"{BUILD_WAIT_S:.0f} s") from None
+                if not told:
+                    print("potq: waiting for another potq process to finish building the fused kernel",
+                          file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.5)
+        try:
+            (build / "lock").unlink(missing_ok=True)  # torch's baton: stale, since we hold the flock
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_checked(build: Path, name: str) -> ModuleType:
+    """Build (or reuse) and import the extension; the ``.so`` is checked against its record first."""
+    import json
+
+    from torch.utils.cpp_extension import load
+
+    library, record = build / f"{name}.so", build / RECORD_FILE
+    if library.exists() and _record(library) != _read_record(record):
+        print(f"potq: the cached kernel {library} does not match its build record; rebuilding it",
+              file=sys.stderr, flush=True)
+        library.unlink()
+    if not library.exists():
+        record.unlink(missing_ok=True)
         print(f"potq: building the fused PoT kernel once for this machine (about a minute) in {build}",
               file=sys.stderr, flush=True)
+    module = load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build),
+                  extra_cflags=["-O3", OPENMP], extra_ldflags=[OPENMP], extra_include_paths=[str(CSRC)],
+                  verbose=False)
+    if not record.exists():
+        tmp = record.with_name(f".{RECORD_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(_record(library)))
+        os.replace(tmp, record)
+    return module
+
+
+def _record(library: Path) -> dict:
+    return {"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
+
+
+def _read_record(record: Path) -> dict | None:
+    import json
+
     try:
-        return load(name=f"potq_pot_gemv_{digest}", sources=[str(p) for p in SOURCES], build_directory=str(build),
-                    extra_cflags=["-O3", OPENMP], extra_ldflags=[OPENMP], extra_include_paths=[str(CSRC)], verbose=False)
-    except Exception as exc:  # no compiler, no ninja, ...: the PyTorch path still works
-        warnings.warn(f"potq: the fused PoT kernel could not be built ({str(exc).splitlines()[0][:120]}); "
-                      "using the PyTorch fallback", stacklevel=2)
+        return json.loads(record.read_text())
+    except (OSError, ValueError):
         return None
 
 

@@ -50,6 +50,7 @@ def load_model(spec: str) -> LoadedModel:
         return load(path)
     kind = _loader_kind(path)
     model, tokenizer = LOADERS[kind](path)
+    check_vocabulary(tokenizer, model.config.to_dict(), str(path))
     files = hf.weight_files(path) if path.is_dir() else [path]
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(files), "loader": kind}
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
@@ -70,9 +71,23 @@ def build_model(arch: dict) -> torch.nn.Module:
                         "re-save the model with this potq")
     try:
         config = AutoConfig.for_model(**config)
-    except (KeyError, ValueError, TypeError) as exc:
+        return hf.empty_model(config)
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
         raise PotqError(f"cannot rebuild the saved architecture ({hf.first_line(exc)}); re-save the model") from None
-    return hf.empty_model(config)
+
+
+def check_vocabulary(tokenizer: Tokenizer, config: dict, source: str) -> None:
+    """A tokenizer may not produce ids the embedding has no row for (an index error at the first
+    unlucky token otherwise), nor name BOS/EOS ids outside it."""
+    rows = config.get("vocab_size")
+    if not isinstance(rows, int):
+        return
+    if tokenizer.vocab_size > rows:
+        raise PotqError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
+                        f"only {rows} rows; use the model's own tokenizer")
+    for name, token in (("BOS", tokenizer.bos_id), ("EOS", tokenizer.eos_id)):
+        if token is not None and not (isinstance(token, int) and 0 <= token < rows):
+            raise PotqError(f"{source}: the tokenizer's {name} id {token!r} is outside the vocabulary of {rows}")
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -20,6 +20,7 @@ from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER
 
 from potq.models import llama
 from potq.errors import PotqError, first_line
+from potq.limits import MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, whole_number
 from potq.models.tokenizer import Tokenizer
 
 # llama.cpp's legacy and k-quant types (so a llama.cpp-quantized file can be evaluated as a peer)
@@ -67,66 +68,122 @@ class _FastReader(GGUFReader):
 
 
 def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
-    """The float32 ``LlamaForCausalLM`` and the tokenizer stored in a GGUF file."""
+    """The float32 ``LlamaForCausalLM`` and the tokenizer stored in a GGUF file.
+
+    The header is checked before it is parsed (:func:`_check_header`), and the declared
+    architecture against the tensors present before any tensor is dequantized."""
     reader = _open(path)
     architecture = _field(reader, "general.architecture")
     if architecture != "llama":
         raise PotqError(f"{path} is a {architecture!r} GGUF; potq loads only the 'llama' architecture")
     config = _config(reader, path)
-    return llama.build_llama(config, _weights(reader, path), str(path)), _tokenizer(reader, path)
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in EXPANDED_TYPES:
+            supported = ", ".join(sorted(t.name for t in EXPANDED_TYPES))
+            raise PotqError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}; potq expands only "
+                            f"{supported} (re-quantize the GGUF to one of them)")
+    llama.check_shapes(config, {_torch_name(t.name, path): _torch_shape(t) for t in reader.tensors}, str(path))
+    tokenizer = _tokenizer(reader, path)
+    return llama.build_llama(config, _weights(reader, path), str(path)), tokenizer
+
+
+# Smallest encodings of a metadata entry (key length, one-byte key, type, a one-byte value) and of a
+# tensor description (name length, one-byte name, dimension count, one dimension, type, offset).
+_MIN_KV_BYTES, _MIN_TENSOR_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8
+
+
+def _check_header(path: Path) -> None:
+    """Magic, version and counts of the fixed header, before the reader loops over them: a header
+    that declares 2^64-1 tensors in a 1 KB file is refused at once."""
+    with path.open("rb") as stream:
+        head = stream.read(24)
+    size = path.stat().st_size
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise PotqError(f"{path} is not a readable GGUF file (no GGUF magic); give a .gguf model file")
+    version, tensors, kvs = struct.unpack_from("<IQQ", head, 4)
+    if version not in (2, 3):
+        raise PotqError(f"{path} is GGUF version {version}; potq reads versions 2 and 3")
+    if tensors * _MIN_TENSOR_BYTES + kvs * _MIN_KV_BYTES > size - 24:
+        raise PotqError(f"{path} declares {tensors} tensors and {kvs} metadata entries, more than its "
+                        f"{size} bytes can hold; the file is corrupt")
 
 
 def _open(path: Path) -> GGUFReader:
     """The parsed file, or a one-line error for anything that is not a complete GGUF."""
+    _check_header(path)
     try:
         return _FastReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, struct.error, OSError) as exc:
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error, OSError, UnicodeDecodeError,
+            MemoryError) as exc:
         raise PotqError(f"{path} is not a readable GGUF file ({first_line(exc)}); "
                         "re-download or re-convert it") from None
+
+
+def _torch_shape(tensor: Any) -> tuple[int, ...]:
+    """A tensor's shape in torch order (GGUF lists dimensions innermost first)."""
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
 
 
 def _field(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
     """A metadata value, ``default`` when absent, or an error naming the missing key."""
     field = reader.fields.get(key)
     if field is not None:
-        return field.contents()
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError, TypeError) as exc:
+            raise PotqError(f"{reader.data.filename}: metadata {key!r} is unreadable ({first_line(exc)}); "
+                            "the file is corrupt") from None
     if default is _REQUIRED:
         raise PotqError(f"{reader.data.filename} has no {key!r} metadata; re-convert it with a current llama.cpp")
     return default
 
 
 def _config(reader: GGUFReader, path: Path) -> LlamaConfig:
-    """The LLaMA hyper-parameters under llama.cpp's ``llama.*`` keys."""
-    dim = _field(reader, "llama.embedding_length")
-    n_heads = _field(reader, "llama.attention.head_count")
-    rope_dims = _field(reader, "llama.rope.dimension_count", None)
+    """The LLaMA hyper-parameters under llama.cpp's ``llama.*`` keys, each checked to be a number
+    of the right kind within the hard limits before anything is built from it."""
+    dim = _number(reader, "llama.embedding_length", MAX_WIDTH)
+    n_heads = _number(reader, "llama.attention.head_count", MAX_WIDTH)
+    rope_dims = _number(reader, "llama.rope.dimension_count", MAX_WIDTH, None)
     if rope_dims is not None and rope_dims * n_heads != dim:
         raise PotqError(f"{path} rotates {rope_dims} dimensions of each {dim}/{n_heads}-wide head; "
                         "potq supports RoPE over the full head only")
     if _field(reader, "llama.rope.scaling.type", "none") != "none":
         raise PotqError(f"{path} uses RoPE scaling, which potq does not support; use a model without it")
-    bos, eos = (_field(reader, f"tokenizer.ggml.{kind}_token_id", None) for kind in ("bos", "eos"))
-    vocab_size = len(_field(reader, "tokenizer.ggml.tokens"))
+    bos, eos = (_number(reader, f"tokenizer.ggml.{kind}_token_id", 2**32, None, lo=0) for kind in ("bos", "eos"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not 0 < len(tokens) <= MAX_VOCAB:
+        raise PotqError(f"{path}: the vocabulary is not a list of 1 to {MAX_VOCAB} tokens; the file is corrupt")
     return llama.llama_config(
-        dim=dim, hidden_dim=_field(reader, "llama.feed_forward_length"),
-        n_layers=_field(reader, "llama.block_count"), n_heads=n_heads,
-        n_kv_heads=_field(reader, "llama.attention.head_count_kv", n_heads),
-        vocab_size=vocab_size, max_seq_len=_field(reader, "llama.context_length", 2048),
+        dim=dim, hidden_dim=_number(reader, "llama.feed_forward_length", MAX_WIDTH),
+        n_layers=_number(reader, "llama.block_count", MAX_LAYERS), n_heads=n_heads,
+        n_kv_heads=_number(reader, "llama.attention.head_count_kv", MAX_WIDTH, n_heads),
+        vocab_size=len(tokens), max_seq_len=_number(reader, "llama.context_length", MAX_POSITIONS, 2048),
         tied=not any(t.name == "output.weight" for t in reader.tensors),
-        rope_theta=_field(reader, "llama.rope.freq_base", 10000.0),
-        rms_eps=_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=_positive(reader, "llama.rope.freq_base", 10000.0),
+        rms_eps=_positive(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         bos_id=bos, eos_id=eos,
     )
+
+
+def _number(reader: GGUFReader, key: str, hi: int, default: Any = _REQUIRED, lo: int = 1) -> Any:
+    """A whole-number metadata value in ``[lo, hi]`` (``default`` when absent)."""
+    value = _field(reader, key, default)
+    return value if value is default and default is not _REQUIRED else whole_number(
+        value, key, lo, hi, str(reader.data.filename))
+
+
+def _positive(reader: GGUFReader, key: str, default: float) -> float:
+    """A finite positive real metadata value (``default`` when absent)."""
+    value = _field(reader, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise PotqError(f"{reader.data.filename}: {key} is {value!r}, not a positive number; the file is corrupt")
+    return float(value)
 
 
 def _weights(reader: GGUFReader, path: Path) -> dict[str, torch.Tensor]:
     """Every tensor as float32 under its transformers name (reader shapes are already torch order)."""
     weights = {}
-    for tensor in reader.tensors:
-        if tensor.tensor_type not in EXPANDED_TYPES:
-            supported = ", ".join(sorted(t.name for t in EXPANDED_TYPES))
-            raise PotqError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}; potq expands only "
-                            f"{supported} (re-quantize the GGUF to one of them)")
+    for tensor in reader.tensors:  # types and shapes were checked by load
         values = dequantize(tensor.data, tensor.tensor_type)
         weights[_torch_name(tensor.name, path)] = torch.from_numpy(
             values if values.flags.writeable else values.copy()
@@ -148,7 +205,7 @@ def _torch_name(gguf_name: str, path: Path) -> str:
 def _tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
     """The vocabulary in the ``tokenizer.ggml.*`` metadata, under the key names transformers uses."""
     vocab = {
-        name: reader.fields[f"tokenizer.{key}"].contents()
+        name: _field(reader, f"tokenizer.{key}")
         for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
         if f"tokenizer.{key}" in reader.fields
     }

@@ -6,12 +6,13 @@ kind of module; this file also owns the shared "empty model" step the other load
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as BackendTokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
@@ -37,16 +38,19 @@ SUPPORTED_MODELS = {
 }
 
 
-def empty_model(config: PretrainedConfig) -> PreTrainedModel:
-    """An eval-mode float32 model of ``config`` with uninitialised weights.
+def empty_model(config: PretrainedConfig, linear: bool = True) -> PreTrainedModel:
+    """An eval-mode float32 model of ``config`` with uninitialised weights, on the current
+    default device (under ``torch.device("meta")`` a skeleton that costs no memory, which the
+    loaders compare with a file's tensors before allocating anything).
 
     Random initialisation costs seconds for a 135M model and is overwritten at once by the real
     weights, so it is skipped; skipping it also skips weight tying, which is redone here.
+    ``linear=False`` keeps GPT-2's ``Conv1D`` layers, as its checkpoints store them.
     """
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()
-    return as_linear_layers(model).eval()
+    return (as_linear_layers(model) if linear else model).eval()
 
 
 def as_linear_layers(model: PreTrainedModel) -> PreTrainedModel:
@@ -67,21 +71,35 @@ def as_linear_layers(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files in a fixed order (one, or the shards of a sharded save)."""
-    files = sorted(folder.glob("*.safetensors"))
+    """The folder's safetensors files in a fixed order (one, or the shards of a sharded save).
+
+    Pickled weights (``pytorch_model.bin``...) can run code when unpickled, so potq never reads
+    them: a folder that has only those is refused, and beside safetensors they are ignored."""
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise PotqError(f"{folder} holds only pickled weights ({pickles[0]}), which potq never loads "
+                            "(unpickling can run code): convert them to safetensors first")
         raise PotqError(f"{folder} has no *.safetensors weights; save the model with safe_serialization")
     return files
 
 
 def load(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
-    """The model and tokenizer of a Hugging Face folder, read from disk only."""
+    """The model and tokenizer of a Hugging Face folder, read from disk only: no code from the
+    folder runs (``trust_remote_code=False``), only safetensors are read, and the tensors are
+    checked against the config before the model is allocated."""
     config = _config(folder)
-    weight_files(folder)
+    files = weight_files(folder)
+    _check_weights(folder, config, files)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, local_files_only=True, dtype=torch.float32, output_loading_info=True
+            folder, config=config, local_files_only=True, dtype=torch.float32, output_loading_info=True,
+            trust_remote_code=False, use_safetensors=True,
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise PotqError(f"cannot read the weights in {folder} ({first_line(exc)}); re-save the model") from None
@@ -91,16 +109,54 @@ def load(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
     return as_linear_layers(model).eval(), _tokenizer(folder, config)
 
 
-def _config(folder: Path) -> PretrainedConfig:
-    """The folder's config, or an error unless it describes a model class potq supports."""
+def _check_weights(folder: Path, config: PretrainedConfig, files: list[Path]) -> None:
+    """The safetensors headers hold every tensor the config's model needs, of the right shape,
+    and no block the config does not have — checked on a meta-device skeleton, and the memory
+    the model needs checked against what is available, before anything is allocated."""
+    from potq.limits import check_memory, check_tensors, float_bytes
+
+    present: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                present.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise PotqError(f"{file} is not a readable safetensors file ({first_line(exc)}); re-save the model") \
+                from None
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PotqError(f"cannot read {folder / CONFIG_FILE} ({first_line(exc)}); fix or re-save it") from None
-    if config.model_type not in SUPPORTED_MODELS:
+        with torch.device("meta"):
+            skeleton = empty_model(config, linear=False)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as exc:
+        raise PotqError(f"{folder / CONFIG_FILE} describes no buildable model ({first_line(exc)}); fix it") from None
+    prefix = f"{skeleton.base_model_prefix}."
+    expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    present = {k.removeprefix(prefix): v for k, v in present.items()}
+    if config.tie_word_embeddings:
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    ignored = {k for k in present for pattern in skeleton._keys_to_ignore_on_load_unexpected or []
+               if re.search(pattern, k)}
+    check_tensors(expected, {k: v for k, v in present.items() if k in expected or k not in ignored},
+                  str(folder), allowed_extra={"lm_head.weight"} if config.tie_word_embeddings else set())
+    check_memory(2 * float_bytes(expected), f"loading {folder}")
+
+
+def _config(folder: Path) -> PretrainedConfig:
+    """The folder's config, or an error unless it describes a model class potq supports.
+
+    The JSON is read and checked by potq first (size, limits, ``model_type``), so transformers
+    never sees a config naming code to import."""
+    from potq.limits import check_config, load_json_object, read_small_file
+
+    raw = load_json_object(read_small_file(folder / CONFIG_FILE, "the config"), str(folder / CONFIG_FILE))
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODELS:
         supported = ", ".join(family.class_name for family in SUPPORTED_MODELS.values())
-        raise PotqError(f"{folder} holds a {config.model_type!r} model; potq supports {supported}")
-    return config
+        raise PotqError(f"{folder} holds a {model_type!r} model; potq supports {supported}")
+    check_config(raw, str(folder / CONFIG_FILE))
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PotqError(f"cannot read {folder / CONFIG_FILE} ({first_line(exc)}); fix or re-save it") from None
 
 
 def _tokenizer(folder: Path, config: PretrainedConfig) -> Tokenizer:
@@ -110,13 +166,16 @@ def _tokenizer(folder: Path, config: PretrainedConfig) -> Tokenizer:
     Whether BOS starts a text is read off the tokenizer's own post-processor (what
     ``add_special_tokens=True`` would add), because that is where HF folders record the habit.
     """
+    from potq.limits import MAX_TOKENIZER_BYTES, read_small_file
+
     path = folder / TOKENIZER_FILE
-    if config.model_type == "gpt2" and not path.is_file():  # GPT-2 folders often ship only vocab files
+    if config.model_type == "gpt2" and not path.exists():  # GPT-2 folders often ship only vocab files
         from potq.models.gpt2_bpe import gpt2_tokenizer
 
         return gpt2_tokenizer()
+    raw = read_small_file(path, "the tokenizer", MAX_TOKENIZER_BYTES)
     try:
-        backend = BackendTokenizer.from_file(str(path))
+        backend = BackendTokenizer.from_str(raw.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception for missing or malformed files
         raise PotqError(f"cannot read {path} ({first_line(exc)}); put the model's tokenizer.json beside it") from None
     bos, eos = _single_id(config.bos_token_id), _single_id(config.eos_token_id)

@@ -33,7 +33,7 @@ def llama_config(*, dim: int, hidden_dim: int, n_layers: int, n_heads: int, n_kv
                  vocab_size: int, max_seq_len: int, tied: bool, rope_theta: float = 10000.0,
                  rms_eps: float = 1e-5, bos_id: int | None = 1, eos_id: int | None = 2) -> LlamaConfig:
     """A transformers config from the hyper-parameters both formats store under their own names."""
-    if n_heads <= 0 or n_kv_heads <= 0 or dim % n_heads or n_heads % n_kv_heads:
+    if n_heads <= 0 or n_kv_heads <= 0 or dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
         raise PotqError(f"inconsistent attention shape (dim {dim}, {n_heads} heads, {n_kv_heads} kv heads); "
                         "the model file is corrupt")
     return LlamaConfig(
@@ -56,32 +56,39 @@ def interleaved_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tenso
     return weight.reshape(n_heads, pairs, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def check_shapes(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """The tensors a file holds (transformers names) are exactly those of ``config``'s model, shape
+    for shape — checked on a meta-device skeleton, with the limits on the config and the memory
+    the float model needs, before any tensor is allocated or dequantized."""
+    from potq.limits import check_config, check_memory, check_tensors, float_bytes
+
+    check_config(config.to_dict(), source)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in empty_model(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        del expected[CLASSIFIER]
+    try:
+        check_tensors(expected, shapes, source)
+    except PotqError as exc:
+        raise PotqError(f"{exc} (not a plain LLaMA model of the header's shape)") from None
+    check_memory(3 * float_bytes(expected), f"loading {source}")
+
+
 def build_llama(config: LlamaConfig, weights: dict[str, torch.Tensor], source: str) -> LlamaForCausalLM:
     """The eval-mode model with ``weights`` (transformers names, q/k still in the interleaved order).
 
-    Every tensor the model needs must be present with its exact shape, so a truncated or foreign
-    file fails here with one line instead of running with garbage.
+    Every tensor the model needs must be present with its exact shape (:func:`check_shapes`),
+    so a truncated or foreign file fails with one line instead of running with garbage.
     """
+    check_shapes(config, {k: tuple(v.shape) for k, v in weights.items()}, source)
     weights = dict(weights)
     for layer in range(config.num_hidden_layers):
         for name, heads in ((ATTN_Q, config.num_attention_heads), (ATTN_K, config.num_key_value_heads)):
             key = f"model.layers.{layer}.{name}"
-            if key in weights:
-                weights[key] = interleaved_to_half_split(weights[key], heads)
-    if config.tie_word_embeddings and EMBEDDING in weights:
+            weights[key] = interleaved_to_half_split(weights[key], heads)
+    if config.tie_word_embeddings:
         weights[CLASSIFIER] = weights[EMBEDDING]
     model = empty_model(config)
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in weights:
-            raise PotqError(f"{source} lacks the tensor for {key}; the file is truncated or not a LLaMA model")
-        if weights[key].shape != tensor.shape:
-            raise PotqError(f"{source}: {key} has shape {tuple(weights[key].shape)}, expected "
-                            f"{tuple(tensor.shape)}; the file is corrupt")
-    extra = sorted(set(weights) - set(expected))
-    if extra:
-        raise PotqError(f"{source} has tensors potq cannot place ({', '.join(extra[:3])}); "
-                        "unsupported LLaMA variant")
     # assign: the tensors are fresh copies already, and copying 0.5 GB again costs a second.
     model.load_state_dict(weights, assign=True)
     model.tie_weights()

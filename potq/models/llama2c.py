@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, PreTrainedModel
 
 from potq.errors import PotqError
+from potq.limits import MAX_TOKENIZER_BYTES, check_config, read_small_file
 from potq.models import llama
 from potq.models.tokenizer import Tokenizer
 
@@ -41,10 +42,11 @@ def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
 
 def _read(path: Path) -> tuple[LlamaConfig, np.ndarray]:
     """The config from the header and the float32 payload, checked to be exactly the right size."""
-    raw = path.read_bytes()
-    if len(raw) < HEADER.size:
+    with path.open("rb") as stream:  # the header first: its sizes are checked before the payload is read
+        head = stream.read(HEADER.size)
+    if len(head) < HEADER.size:
         raise PotqError(f"{path} is too short for a llama2.c checkpoint; re-export it")
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len = HEADER.unpack_from(raw)
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len = HEADER.unpack_from(head)
     if dim == VERSIONED_MAGIC:
         raise PotqError(f"{path} is a versioned llama2.c export; re-export it with --version 0 (legacy)")
     if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len) <= 0:
@@ -52,12 +54,13 @@ def _read(path: Path) -> tuple[LlamaConfig, np.ndarray]:
     config = llama.llama_config(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
                                 n_kv_heads=n_kv_heads, vocab_size=abs(vocab), max_seq_len=seq_len,
                                 tied=vocab > 0, bos_id=BOS_ID, eos_id=EOS_ID)
+    check_config(config.to_dict(), str(path))
     expected = sum(math.prod(shape) for _, shape in _layout(config))
-    payload = len(raw) - HEADER.size
+    payload = path.stat().st_size - HEADER.size
     if payload != 4 * expected:
         raise PotqError(f"{path} holds {payload} bytes of weights, the header implies {4 * expected}; "
                         "the file is truncated or not a llama2.c checkpoint")
-    return config, np.frombuffer(raw, np.float32, offset=HEADER.size)
+    return config, np.frombuffer(path.read_bytes(), np.float32, offset=HEADER.size)
 
 
 def _layout(config: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -109,7 +112,7 @@ def _read_vocab(path: Path, vocab_size: int) -> tuple[list[str], list[float]]:
     The exporter wrote the sentencepiece space ``▁`` as a plain space and decorated BOS/EOS; both
     are undone so the vocabulary equals the one llama.cpp put into the GGUF.
     """
-    raw = path.read_bytes()
+    raw = read_small_file(path, "the llama2.c tokenizer", MAX_TOKENIZER_BYTES)
     tokens, scores, offset = [], [], 4
     try:
         for index in range(vocab_size):

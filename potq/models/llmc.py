@@ -17,6 +17,7 @@ import torch
 from transformers import GPT2Config, PreTrainedModel
 
 from potq.errors import PotqError
+from potq.limits import check_config
 from potq.models.gpt2_bpe import END_OF_TEXT_ID, gpt2_tokenizer
 from potq.models.hf import empty_model
 from potq.models.tokenizer import Tokenizer
@@ -39,10 +40,11 @@ def is_llmc(path: Path) -> bool:
 
 def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
     """The float32 ``GPT2LMHeadModel`` of an llm.c checkpoint, with GPT-2's tokenizer."""
-    raw = path.read_bytes()
-    if len(raw) < 4 * HEADER_INTS:
+    with path.open("rb") as stream:  # the header first: its sizes are checked before the payload is read
+        head = stream.read(4 * HEADER_INTS)
+    if len(head) < 4 * HEADER_INTS:
         raise PotqError(f"{path} is shorter than an llm.c header; the file is truncated")
-    header = np.frombuffer(raw[:4 * HEADER_INTS], dtype="<i4")
+    header = np.frombuffer(head, dtype="<i4")
     version, max_t, vocab, layers, heads, c, padded = (int(v) for v in header[1:8])
     if version not in DTYPES:
         raise PotqError(f"{path} is an llm.c checkpoint of version {version}; potq reads versions 3 (fp32) "
@@ -53,9 +55,12 @@ def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
     dtype, size = DTYPES[version]
     shapes = _shapes(max_t, padded, layers, c)
     count = sum(int(np.prod(s)) for s in shapes)
-    if len(raw) != 4 * HEADER_INTS + size * count:
-        raise PotqError(f"{path} holds {len(raw) - 4 * HEADER_INTS} parameter bytes, the header implies "
-                        f"{size * count}; the file is truncated or corrupt")
+    check_config({"n_positions": max_t, "vocab_size": padded, "n_layer": layers, "n_head": heads, "n_embd": c},
+                 str(path))
+    if path.stat().st_size != 4 * HEADER_INTS + size * count:
+        raise PotqError(f"{path} holds {path.stat().st_size - 4 * HEADER_INTS} parameter bytes, the header "
+                        f"implies {size * count}; the file is truncated or corrupt")
+    raw = path.read_bytes()
     flat = np.frombuffer(raw, dtype=dtype, offset=4 * HEADER_INTS)
     if version == 5:  # bfloat16: the high half of a float32
         flat = (flat.astype(np.uint32) << 16).view(np.float32)

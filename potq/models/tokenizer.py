@@ -52,10 +52,20 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: Path) -> "Tokenizer":
+        """The tokenizer saved in ``folder``: regular files of bounded size only (a FIFO or a
+        device in their place is refused, not waited on), ids checked to be ids."""
+        from potq.limits import MAX_TOKENIZER_BYTES, load_json_object, read_small_file
+
         folder = Path(folder)
+        raw = read_small_file(folder / TOKENIZER_FILE, "the tokenizer", MAX_TOKENIZER_BYTES)
+        specials = load_json_object(read_small_file(folder / SPECIALS_FILE, "the tokenizer's special ids"),
+                                    str(folder / SPECIALS_FILE))
         try:
-            backend = _HFTokenizer.from_file(str(folder / TOKENIZER_FILE))
-            specials = json.loads((folder / SPECIALS_FILE).read_text())
-        except (OSError, ValueError, Exception) as exc:  # tokenizers raises a bare Exception
-            raise PotqError(f"cannot read the tokenizer in {folder}: {exc}; re-save the model") from None
-        return cls(backend, specials.get("bos_id"), specials.get("eos_id"), bool(specials.get("add_bos")))
+            backend = _HFTokenizer.from_str(raw.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+            raise PotqError(f"cannot read the tokenizer in {folder} ({str(exc)[:120]!r}); re-save the model") from None
+        ids = [specials.get("bos_id"), specials.get("eos_id")]
+        if any(i is not None and (isinstance(i, bool) or not isinstance(i, int)) for i in ids) or \
+                not isinstance(specials.get("add_bos", False), bool):
+            raise PotqError(f"{folder / SPECIALS_FILE} holds ids that are not token ids; re-save the model")
+        return cls(backend, ids[0], ids[1], specials.get("add_bos", False))

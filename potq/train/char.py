@@ -54,15 +54,20 @@ def window_batches(splits: dict[str, Tensor], batch_size: int, block_size: int) 
 
 def train_char(data: Path | None = None, output: Path | None = None, settings: TrainSettings | None = None,
                batch_size: int = DEFAULT_BATCH, shape: CharGPTShape = CharGPTShape(),
-               progress: bool = True) -> tuple[LoadedModel, TrainResult]:
+               progress: bool = True, overwrite: bool = False) -> tuple[LoadedModel, TrainResult]:
     """Train a char GPT on ``data`` and save it to ``output``; resumes an interrupted run.
 
     The checkpoint lives beside the output (``.<name>.ckpt``) until the final model is saved.
     """
     from potq.storage import save  # storage sits above models in the one-way flow
 
+    from potq.outputs import check_output
+    from potq.storage import FOLDER_FILES, MANIFEST_FILE
+
     data = Path(data) if data else default_data()
+    overwrite = overwrite or output is None  # the short name's home is potq's own folder
     output = Path(output) if output else default_output()
+    check_output(output, overwrite, MANIFEST_FILE, FOLDER_FILES)  # before the training, not after
     settings = settings or TrainSettings(steps=DEFAULT_STEPS)
     if not data.is_file():
         raise PotqError(f"{data}: no such text file; give --data a plain text file to train on")
@@ -81,6 +86,6 @@ def train_char(data: Path | None = None, output: Path | None = None, settings: T
               "sha256": hashlib.sha256(raw).hexdigest(), "loader": "potq train-char",
               "shape": shape.to_dict(), "batch_size": batch_size, "training": result.to_dict()}
     lm = LoadedModel(model, tokenizer, source)
-    save(lm, output)
+    save(lm, output, overwrite=overwrite)
     shutil.rmtree(state_dir, ignore_errors=True)
     return lm, result
