@@ -38,7 +38,7 @@ from potq.errors import PotqError, first_line
 from potq.formats import FORMATS, get_format
 from potq.formats.grouping import num_groups
 from potq.formats.packing import packed_row_bytes
-from potq.limits import (MAX_VOCAB, check_config, check_memory, load_json_object, read_small_file,
+from potq.limits import (MAX_TOKENIZER_BYTES, MAX_VOCAB, check_config, check_memory, load_json_object, read_small_file,
                          whole_number)
 from potq.models import LoadedModel, architecture, build_model, check_vocabulary
 from potq.models.tokenizer import SPECIALS_FILE, TOKENIZER_FILE, Tokenizer
@@ -69,14 +69,15 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
     out = Path(path)
     check_output(out, overwrite, MANIFEST_FILE, FOLDER_FILES)
     tensors, aliases = _dedup_state_dict(model)
-    manifest = json.dumps(_manifest(model, source or {}, aliases), indent=1).encode()
-    metadata = {"potq": __version__, META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
-                META_ROLES: json.dumps(tensor_roles(json.loads(manifest)), sort_keys=True),
-                META_CONTENT: content_digest(sorted(tensors.items()))}
     tmp = temp_folder(out)
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         tokenizer.save(tmp)
+        files = {name: _file_digest(tmp / name) for name in (TOKENIZER_FILE, SPECIALS_FILE)}
+        manifest = json.dumps(_manifest(model, source or {}, aliases, files), indent=1).encode()
+        metadata = {"potq": __version__, META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
+                    META_ROLES: json.dumps(tensor_roles(json.loads(manifest)), sort_keys=True),
+                    META_CONTENT: content_digest(sorted(tensors.items()))}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         publish(tmp, out)
     finally:
@@ -102,7 +103,11 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, aliases
 
 
-def _manifest(model: nn.Module, source: dict, aliases: dict[str, str]) -> dict[str, Any]:
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(read_small_file(path, "a file of the folder", MAX_TOKENIZER_BYTES)).hexdigest()
+
+
+def _manifest(model: nn.Module, source: dict, aliases: dict[str, str], files: dict[str, str]) -> dict[str, Any]:
     meta = getattr(model, "potq_meta", None) or {"format": None, "bits": None, "group_size": None,
                                                 "method": None, "method_settings": {}}
     layers = _layer_entries(model)
@@ -114,6 +119,7 @@ def _manifest(model: nn.Module, source: dict, aliases: dict[str, str]) -> dict[s
         "architecture": architecture(model),
         "aliases": aliases,
         "quantized_layers": layers,
+        "files": files,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -353,6 +359,14 @@ def verify(path: str | os.PathLike) -> Checked:
 
 
 def _tokenizer(checked: Checked) -> Tokenizer:
+    """The folder's tokenizer, its files checked against the digests in ``potq.json`` first."""
+    files = checked.manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {TOKENIZER_FILE, SPECIALS_FILE}:
+        raise PotqError(f"{checked.folder / MANIFEST_FILE} does not record the tokenizer's digests; it is corrupt")
+    for name, digest in files.items():
+        if _file_digest(checked.folder / name) != digest:
+            raise PotqError(f"{checked.folder / name} is not the file the model was saved with (digest "
+                            "mismatch); put the original back or quantize the model again")
     tokenizer = Tokenizer.load(checked.folder)
     check_vocabulary(tokenizer, checked.manifest["architecture"]["config"], str(checked.folder))
     return tokenizer
