@@ -206,7 +206,7 @@ def _check_schema(manifest: dict[str, Any], what: str) -> None:
         where = f"{what}: layer {name}"
         if entry.get("kind", "linear") not in ("linear", "embedding"):
             raise PotqError(f"{where}: kind {entry.get('kind')!r} is not linear or embedding; it is corrupt")
-        if entry.get("format") not in FORMATS:
+        if not isinstance(entry.get("format"), str) or entry["format"] not in FORMATS:
             raise PotqError(f"{where}: format {entry.get('format')!r} is not one potq writes; it is corrupt")
         whole_number(entry.get("bits"), "bits", 1, 16, where)
         get_format(entry["format"], entry["bits"])  # the format's own range of bits
@@ -279,16 +279,29 @@ def _skeleton(manifest: dict[str, Any], folder: Path) -> nn.Module:
     """The model the manifest describes, packed layers in place (on whatever device is current)."""
     model = build_model(manifest["architecture"])
     layers = manifest["quantized_layers"]
-    try:
-        for name, entry in layers.items():
-            model.set_submodule(name, _packed_layer(entry), strict=True)
-    except (AttributeError, ValueError, TypeError) as exc:
-        raise PotqError(f"{folder / MANIFEST_FILE}: a quantized layer is not a layer of its model "
-                        f"({first_line(exc)}); it is corrupt") from None
+    for name, entry in layers.items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            original = None
+        if _shape_of(original) != (entry.get("kind", "linear"), entry["out_features"], entry["in_features"]):
+            raise PotqError(f"{folder / MANIFEST_FILE}: quantized layer {name} is not a "
+                            f"{entry['out_features']}x{entry['in_features']} {entry.get('kind', 'linear')} of its "
+                            "model; it is corrupt")
+        model.set_submodule(name, _packed_layer(entry), strict=True)
     for name, entry in layers.items():
         if entry.get("shares"):
             model.get_submodule(name).share_from(model.get_submodule(entry["shares"]))
     return model
+
+
+def _shape_of(module: nn.Module | None) -> tuple[str, int, int] | None:
+    """``(kind, rows, cols)`` of a float layer a packed one may replace."""
+    if isinstance(module, nn.Linear):
+        return "linear", module.out_features, module.in_features
+    if isinstance(module, nn.Embedding):
+        return "embedding", module.num_embeddings, module.embedding_dim
+    return None
 
 
 def _check_header(skeleton: nn.Module, manifest: dict[str, Any], header: dict, weights: Path) -> None:

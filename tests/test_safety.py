@@ -139,7 +139,7 @@ def test_description_edits_are_caught(packed):
                           (lambda m: m["quantized_layers"][layer].update(group_size=32.0), ("group_size",)),
                           (lambda m: m["quantized_layers"][layer].update(format="uniform"), ("zeros",)),
                           (lambda m: m["architecture"]["config"].update(num_hidden_layers=100000), ("100000",)),
-                          (lambda m: m["architecture"]["config"].update(hidden_size=65536), ("shape",))):
+                          (lambda m: m["architecture"]["config"].update(hidden_size=65536), ("not a 64x64",))):
         edited = json.loads(json.dumps(manifest))
         change(edited)
         resign(packed, edited)

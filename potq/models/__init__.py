@@ -66,13 +66,14 @@ def architecture(model: torch.nn.Module) -> dict:
 def build_model(arch: dict) -> torch.nn.Module:
     """An eval-mode float32 model of ``arch`` (from :func:`architecture`) with uninitialised weights."""
     config = arch.get("config") if arch.get("family") == "hf" else None
-    if not isinstance(config, dict) or config.get("model_type") not in hf.SUPPORTED_MODELS:
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or \
+            config["model_type"] not in hf.SUPPORTED_MODELS:
         raise PotqError("the saved architecture is not a {'family': 'hf'} LLaMA or GPT-2 description; "
                         "re-save the model with this potq")
     try:
-        config = AutoConfig.for_model(**config)
+        config = hf.plain_outputs(AutoConfig.for_model(**config))
         return hf.empty_model(config)
-    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
+    except Exception as exc:  # transformers' config validators raise types of their own
         raise PotqError(f"cannot rebuild the saved architecture ({hf.first_line(exc)}); re-save the model") from None
 
 

@@ -53,6 +53,18 @@ def empty_model(config: PretrainedConfig, linear: bool = True) -> PreTrainedMode
     return (as_linear_layers(model) if linear else model).eval()
 
 
+# config switches that change what a forward pass returns, not what the model computes
+PLAIN_OUTPUTS = {"return_dict": True, "output_hidden_states": False, "output_attentions": False,
+                 "torchscript": False}
+
+
+def plain_outputs(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` with the output switches potq's callers rely on (a file may set them otherwise)."""
+    for key, value in PLAIN_OUTPUTS.items():
+        setattr(config, key, value)
+    return config
+
+
 def as_linear_layers(model: PreTrainedModel) -> PreTrainedModel:
     """Replace GPT-2's ``Conv1D`` (a linear layer storing its weight as ``[in, out]``) by the
     equivalent ``nn.Linear``, so every family offers quantization the same kind of layer.
@@ -119,14 +131,18 @@ def _check_weights(folder: Path, config: PretrainedConfig, files: list[Path]) ->
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                present.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+                for key in f.keys():
+                    present[key] = tuple(f.get_slice(key).get_shape())
+                    if f.get_slice(key).get_dtype() not in ("F32", "F16", "BF16"):
+                        raise PotqError(f"{file}: tensor {key} is {f.get_slice(key).get_dtype()}, not a float "
+                                        "type; the file is corrupt or not a model's weights")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise PotqError(f"{file} is not a readable safetensors file ({first_line(exc)}); re-save the model") \
                 from None
     try:
         with torch.device("meta"):
             skeleton = empty_model(config, linear=False)
-    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as exc:
+    except Exception as exc:  # any failure of transformers to build the config's model: a bad config
         raise PotqError(f"{folder / CONFIG_FILE} describes no buildable model ({first_line(exc)}); fix it") from None
     prefix = f"{skeleton.base_model_prefix}."
     expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -149,13 +165,13 @@ def _config(folder: Path) -> PretrainedConfig:
 
     raw = load_json_object(read_small_file(folder / CONFIG_FILE, "the config"), str(folder / CONFIG_FILE))
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODELS:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODELS:
         supported = ", ".join(family.class_name for family in SUPPORTED_MODELS.values())
         raise PotqError(f"{folder} holds a {model_type!r} model; potq supports {supported}")
     check_config(raw, str(folder / CONFIG_FILE))
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return plain_outputs(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    except Exception as exc:  # transformers' validators raise their own types for a config value of a wrong type
         raise PotqError(f"cannot read {folder / CONFIG_FILE} ({first_line(exc)}); fix or re-save it") from None
 
 
