@@ -1,0 +1,11 @@
+"""The names the command line offers — formats, methods, data sets — without importing torch.
+
+``potq --help`` must answer in well under a second, so the parser cannot import the registries
+(they import torch and transformers). These tuples are what the parser offers; a test keeps them
+equal to the registries (``potq.formats.FORMATS``, ``potq.methods.METHODS``,
+``potq.eval.data.DATASETS``), so adding a format or method still fails loudly if one is missed.
+"""
+
+FORMAT_NAMES = ("pot", "pot-seed", "pot-zero", "uniform", "uniform-sym")
+METHOD_NAMES = ("awq", "finetune", "gptq", "grid", "omniquant", "qat", "rtn", "twostep")
+DATASET_NAMES = ("wikitext2", "ptb", "c4", "shakespeare", "tinystories")
