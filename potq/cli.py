@@ -1,20 +1,23 @@
-"""The ``potq`` command line: quantize, eval, generate, info, demo.
+"""The ``potq`` command line: quantize, eval, generate, info, verify, demo, ...
 
-Every user mistake ends as one line on stderr and exit code 2 (see :mod:`potq.errors`).
+Every user mistake ends as one line on stderr and exit code 2 (see :mod:`potq.errors`). The
+parser imports nothing heavy (names come from :mod:`potq.catalog`), so ``--help`` is instant;
+each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from potq.catalog import DATASET_NAMES, FORMAT_NAMES, METHOD_NAMES
 from potq.errors import PotqError
-from potq.formats import FORMATS
 from potq.paths import write_text_atomic
 
 if TYPE_CHECKING:
@@ -31,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_format_args(p: argparse.ArgumentParser, fmt: str = "pot", bits: int = 4, group_size: int = 128,
                      int_format: bool = False) -> None:
     """The weight-format flags, with a command's own defaults (``int_format``: PT2E's integers too)."""
-    p.add_argument("--format", default=fmt, choices=[*sorted(FORMATS), *(["int"] if int_format else [])],
+    p.add_argument("--format", default=fmt, choices=[*FORMAT_NAMES, *(["int"] if int_format else [])],
                    help="weight grid: pot (zero-excluded, the thesis'), pot-zero, pot-seed (the 'PoT weights in "
                         "LLMs' definition, exponents [-E, E] and epsilon), uniform (asymmetric), uniform-sym"
                         + ("; int = PT2E's own symmetric per-channel integers (2-32 bits)" if int_format else "")
@@ -47,12 +50,10 @@ def _add_format_args(p: argparse.ArgumentParser, fmt: str = "pot", bits: int = 4
 
 def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     """The format flags, and (``method``) the method choice with every method's settings."""
-    from potq.methods import METHODS
-
     _add_format_args(p)
     if not method:
         return
-    p.add_argument("--method", default="rtn", choices=sorted(METHODS),
+    p.add_argument("--method", default="rtn", choices=METHOD_NAMES,
                    help="rtn: round to nearest; grid: Step 1 scale search; twostep: Step 1 + block-wise "
                         "fine-tuning (Step 2); finetune: Step 2 from naive scales; gptq; awq; "
                         "omniquant: learnable weight clipping; qat: quantization-aware training (see `potq qat`) "
@@ -92,14 +93,36 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
                    help="output folder (written atomically; an existing one is refused unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing potq folder at --output (never a folder holding other files)")
+    _add_json_arg(p, "the result")
+
+
+EXIT_CODES = ("exit codes: 0 done; 2 bad input or usage (one line on stderr); 130 interrupted (Ctrl-C); "
+              "141 the reader of stdout went away; 1 a bug in potq (with a traceback: please report it)")
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=None,
+                        help="compute threads (default: the cores not busy with other work now; POTQ_THREADS "
+                             "sets it too)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or notes on stderr; errors are still printed")
+    return common
+
+
+def _add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help=f"{what} as JSON: to FILE, or alone on stdout (nothing else there) when no FILE is given")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from potq.eval.data import DATASETS
-
-    parser = _Parser(prog="potq", description="Power-of-two quantization of LLMs.")
+    DATASETS = DATASET_NAMES  # noqa: N806 - the choices of every --dataset
+    parser = _Parser(prog="potq", description="Power-of-two quantization of LLMs.", epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"potq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _common()
+    sub.add_parser = _with_parents(sub.add_parser, common)  # type: ignore[method-assign]
     model_help = ("a short name (smollm2-135m, stories260k, nanogpt-shakespeare), a .gguf / llama2.c or llm.c .bin / "
                   "HF folder, or a potq folder")
 
@@ -111,36 +134,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity on a data set (GPTQ protocol)")
     p.add_argument("model", help=model_help)
-    p.add_argument("--dataset", default="wikitext2", choices=DATASETS)
-    p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="default: the model's own kind of text — tinystories for the stories models, "
+                        "shakespeare for the char model, wikitext2 for the rest")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="window length in tokens (default 2048, or the model's context when shorter)")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate only the first K windows (a quick estimate; a full set can take an hour)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast where the hardware has native bf16, else fp32")
-    p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+    _add_json_arg(p, "the result")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt")
     p.add_argument("model", help=model_help)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the K likeliest tokens")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (for a repeatable sample)")
     p.add_argument("--kernel", choices=["fused", "torch"], default="fused",
                    help="packed PoT layers: the fused CPU kernel (default) or the pure-PyTorch path")
-    p.add_argument("--stats", action="store_true", help="print tokens/s after the text")
+    p.add_argument("--stats", action="store_true",
+                   help="print tokens/s and which path computed the layers after the text")
+    _add_json_arg(p, "the prompt, text and speed")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="check a potq folder (as `potq verify`), then print its format, bits per "
-                                    "weight incl. scales, size and per-layer table")
+                                    "weight incl. scales, where the bytes are, and the per-layer table")
     p.add_argument("folder", help="a potq folder written by `potq quantize`")
-    p.add_argument("--json", type=Path, default=None, help="also write the summary to this JSON file")
-    p.set_defaults(func=cmd_info)
+    _add_json_arg(p, "the summary")
+    p.set_defaults(func=cmd_info, compute=False)
 
     p = sub.add_parser("verify", help="check a potq folder completely: description, digests, every tensor's "
                                       "name, shape, dtype and checksum, scales, tokenizer")
     p.add_argument("folder", help="a potq folder written by `potq quantize`")
-    p.set_defaults(func=cmd_verify)
+    _add_json_arg(p, "the result")
+    p.set_defaults(func=cmd_verify, compute=False)
 
     p = sub.add_parser("qat", help="quantization-aware training: fine-tune through the quantized weights, "
                                     "save packed like `potq quantize`")
@@ -155,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training windows drawn from the model's training text (default 512; 10%% held out)")
     p.add_argument("--calib-len", type=int, default=None,
                    help="tokens per window (default 256, or the model's context when shorter)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the training windows (default 0)")
     p.add_argument("--report", type=Path, default=None, help="write the settings, wall time and loss history here")
     _add_output_args(p)
     p.set_defaults(func=cmd_qat, method="qat")
@@ -185,31 +215,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=12, help="windows per step (default 12)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between loss estimates (default 500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch seed (default 0)")
     p.set_defaults(func=cmd_train_char)
 
     p = sub.add_parser("bench", help="speed: dequantization, GEMV, decoding, llama.cpp peer, bandwidth bound "
                                      "(-> docs/results/speed.md)")
     p.add_argument("--model", default="smollm2-135m", help=model_help)
-    p.add_argument("--threads", type=int, default=None, help="default: every core")
     p.add_argument("--quick", action="store_true",
                    help="only the fused 3-bit GEMV vs float32 on the largest linear shape (under a minute)")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp even where it is installed")
     p.add_argument("--render", action="store_true",
                    help="measure nothing: write --out again from the JSON report beside it")
-    p.add_argument("--out", type=Path, default=Path("docs/results/speed.md"))
+    p.add_argument("--out", type=Path, default=Path("docs/results/speed.md"), help="the report to write")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="float vs 4-bit uniform vs 4-bit PoT on the default model")
+    p = sub.add_parser("demo", help="what PoT is good for, in about 3 minutes: 4-bit PoT beside 4-bit uniform at "
+                                    "the same size — perplexity, size on disk, decoding speed against float")
     p.add_argument("--model", default="smollm2-135m", help=model_help)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--max-windows", type=int, default=12,
-                   help="WikiText-2 windows to evaluate (of 148; 12 keeps the demo near 3 minutes on 2 cores)")
-    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=4,
+                   help="WikiText-2 windows of 2048 tokens to evaluate (default 4 of 148: a quick estimate)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="where the quantized folders go")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _with_parents(add_parser, common: argparse.ArgumentParser):  # noqa: ANN001, ANN202
+    """``sub.add_parser`` that gives every command the common options."""
+    def add(name: str, **kwargs):  # noqa: ANN003, ANN202
+        return add_parser(name, parents=[common], **kwargs)
+
+    return add
 
 
 def _version() -> str:
@@ -257,23 +292,29 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.report:
         print(f"report -> {write_report(args.report, build_report(lm.model, args.model, seconds))}")
     s = summary(args.output)
-    print(f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
-          f"({args.method}) in {seconds:.1f} s -> {args.output}")
-    print(f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight (incl. scales), "
-          f"{s['file_bytes'] / 2**20:.1f} MiB on disk")
+    _report(args, f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
+                  f"({args.method}) in {seconds:.1f} s -> {args.output}\n"
+                  f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight (incl. scales), "
+                  f"{s['file_bytes'] / 2**20:.1f} MiB on disk",
+            {"output": str(args.output), "method": args.method, "seconds": seconds, **s})
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from potq.eval import perplexity
+    from potq.eval.data import home_dataset
+    from potq.eval.perplexity import max_positions
     from potq.models import load_model
 
     lm = load_model(args.model)
-    r = perplexity(lm.model, lm.tokenizer, args.dataset, ctx=args.ctx, max_windows=args.max_windows,
-                   dtype=args.dtype)
-    print(f"{args.dataset} perplexity {r.ppl:.3f} (ctx {r.ctx}, {r.windows} of {r.total_windows} windows, "
-          f"{r.tokens} tokens, {r.dtype}, {r.tokens_per_s:.0f} tok/s)")
-    if args.json:
-        _write_json(args.json, {"model": str(args.model), **r.to_dict()})
+    dataset = args.dataset or home_dataset(lm.source)
+    ctx = args.ctx or min(2048, max_positions(lm.model) or 2048)
+    if args.dataset is None:
+        _note(f"evaluating on {dataset} (the default for this model; --dataset picks another), ctx {ctx}")
+    r = perplexity(lm.model, lm.tokenizer, dataset, ctx=ctx, max_windows=args.max_windows, dtype=args.dtype,
+                   progress=not args.quiet)
+    _report(args, f"{dataset} perplexity {r.ppl:.3f} (ctx {r.ctx}, {r.windows} of {r.total_windows} windows, "
+                  f"{r.tokens} tokens, {r.dtype}, {r.tokens_per_s:.0f} tok/s)",
+            {"model": str(args.model), **r.to_dict()})
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -282,64 +323,94 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from potq.models import load_model
 
     lm = load_model(args.model)
-    print(args.prompt, end="", flush=True)
+    to_screen = args.json != "-"
+    if to_screen:
+        print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     with fused.enabled(args.kernel == "fused"):
         text = generate(lm.model, lm.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                        stream=lambda piece: print(piece, end="", flush=True))
+                        stream=(lambda piece: print(piece, end="", flush=True)) if to_screen else None)
+        path = compute_path(lm.model)
     seconds = time.perf_counter() - start
-    print()
-    if args.stats:
-        tokens = len(lm.tokenizer.encode(args.prompt + text)) - len(lm.tokenizer.encode(args.prompt))
-        print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.2f} tok/s, kernel {args.kernel}]")
+    tokens = len(lm.tokenizer.encode(args.prompt + text)) - len(lm.tokenizer.encode(args.prompt))
+    if to_screen:
+        print()
+    if args.stats and to_screen:
+        print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.2f} tok/s; {path}]")
+    if args.json:
+        _emit_json(args.json, {"prompt": args.prompt, "text": text, "tokens": tokens, "seconds": seconds,
+                               "tokens_per_s": tokens / seconds, "path": path})
+
+
+def compute_path(model) -> str:  # noqa: ANN001
+    """What actually computed the model's linear layers, in words (``--stats`` tells the truth)."""
+    from potq.kernels import fused
+    from potq.nn import QuantLinear
+
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not packed:
+        return "float model: PyTorch matmuls"
+    served = sum(fused.serves(m) for m in packed)
+    if served:
+        return f"fused PoT GEMV ({fused.best_isa()}) on {served} of {len(packed)} packed layers"
+    return f"PyTorch path: {len(packed)} packed layers decoded to float"
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import os
-
     from potq import bench
 
-    threads = args.threads or os.cpu_count() or 1
     if args.quick:
-        print(bench.quick(args.model, threads))
+        print(bench.quick(args.model, args.threads))
     elif args.render:
         bench.rerender(args.out)
     else:
-        bench.run_all(args.model, threads, args.out, with_peer=not args.no_peer)
+        bench.run_all(args.model, args.threads, args.out, with_peer=not args.no_peer)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
     from potq.storage import verify
 
     checked = verify(args.folder)
-    print(f"{args.folder}: ok ({len(checked.header)} tensors, description digest, tensor roles, content "
-          f"checksum, scales and tokenizer checked)")
+    _report(args, f"{args.folder}: ok ({len(checked.header)} tensors; description digest, tensor roles, content "
+                  f"checksum, scales and tokenizer checked)",
+            {"folder": str(args.folder), "ok": True, "tensors": len(checked.header)})
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from potq.info import layer_costs, summary
     from potq.storage import verify
 
-    verify(args.folder)
+    verify(args.folder, skeleton=False)  # all but the model build (`potq verify` does that too)
     s = summary(args.folder)
+    if args.json == "-":
+        _emit_json("-", s)
+        return
     src = s["source"]
     print(f"{s['path']}: {s['format']} {s['bits']}-bit, group size {s['group_size']}, method {s['method']}")
     print(f"source: {src.get('path')} (sha256 {str(src.get('sha256'))[:16]}…)")
-    print(f"{s['quantized_layers']} quantized layers, {s['quantized_weights']:,} weights, "
-          f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight incl. scales")
+    if s["quantized_weights"]:
+        print(f"{s['quantized_layers']} quantized layers, {s['quantized_weights']:,} weights, "
+              f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight incl. scales")
     if s["quantized_embedding_tables"]:
         print(f"{s['quantized_embedding_tables']} quantized embedding tables, "
               f"{s['bits_per_embedding_weight']:.3f} bits per embedding weight incl. scales")
-    print(f"on disk: {s['file_bytes']:,} bytes model.safetensors ({s['quantized_bytes']:,} quantized linears, "
-          f"{s['embedding_bytes']:,} quantized embeddings, {s['float_bytes']:,} float tensors)")
+    mib = 2**20
+    print(f"where the {s['file_bytes'] / mib:.1f} MiB of model.safetensors are: "
+          f"codes {s['code_bytes'] / mib:.1f} MiB, scales and zero points {s['scale_bytes'] / mib:.1f} MiB, "
+          f"float tensors {s['float_bytes'] / mib:.1f} MiB")
+    for name, nbytes, dtype in s["largest_float_tensors"]:
+        print(f"  float {name}: {nbytes / mib:.1f} MiB ({dtype})")
+    if s["float_bytes"] > s["file_bytes"] / 4 and not s["quantized_embedding_tables"]:
+        print("  most of the rest is float embeddings/output head: `potq quantize --quantize-embeddings` packs "
+              "them too (round-to-nearest, same format)")
     print(f"{'layer':48} {'shape':>12} {'format':>9} {'bits':>4} {'G':>5} {'bits/w':>7} {'bytes':>9}")
     for c in layer_costs(args.folder):
         shape = f"{c.shape[0]}x{c.shape[1]}"
         print(f"{c.name:48} {shape:>12} {c.format:>9} {c.bits:>4} {c.group_size:>5} "
               f"{c.bits_per_weight:>7.3f} {c.stored_bytes:>9,}")
     if args.json:
-        _write_json(args.json, s)
+        _emit_json(args.json, s)
 
 
 def cmd_qat(args: argparse.Namespace) -> None:
@@ -395,18 +466,65 @@ def cmd_train_char(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from potq.demo import run_demo
 
-    run_demo(args.model, bits=args.bits, group_size=args.group_size, max_windows=args.max_windows,
-             ctx=args.ctx, out=args.out)
+    run_demo(args.model, max_windows=args.max_windows, out=args.out, threads=args.threads)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    write_text_atomic(path, json.dumps(data, indent=1))
+def _note(message: str) -> None:
+    """A note for the person at the terminal (stderr; silenced by --quiet)."""
+    if not _QUIET:
+        print(f"potq: {message}", file=sys.stderr, flush=True)
+
+
+def _report(args: argparse.Namespace, line: str, data: dict) -> None:
+    """A command's result: ``line`` for a person, ``data`` as JSON with --json (alone on stdout for
+    ``--json`` without a file)."""
+    if args.json != "-":
+        print(line)
+    if args.json:
+        _emit_json(args.json, data)
+
+
+def _emit_json(target: str | Path, data: dict) -> None:
+    if str(target) == "-":
+        print(json.dumps(data, indent=1))
+    else:
+        write_text_atomic(target, json.dumps(data, indent=1))
+
+
+_QUIET = False
+
+
+def _silence_progress_bars() -> None:
+    """Every tqdm bar, potq's and its libraries', starts disabled (``--quiet``). tqdm's own
+    ``TQDM_DISABLE`` is not honoured where a caller passes ``disable=`` itself, so the constructor
+    is wrapped instead."""
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    def quiet(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = quiet
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _QUIET
+    from potq.threads import prefer_sleeping_threads
+
+    prefer_sleeping_threads()  # before torch is imported by any command
     args = build_parser().parse_args(argv)
+    _QUIET = args.quiet
+    if args.quiet:
+        _silence_progress_bars()
     try:
+        if args.threads is not None and args.threads < 1:
+            raise PotqError(f"--threads must be at least 1, got {args.threads}")
+        if getattr(args, "compute", True):  # reading a folder needs no thread count (nor its 0.1 s sample)
+            from potq.threads import apply
+
+            args.threads = apply(args.threads)
         args.func(args)
     except PotqError as exc:
         print(f"potq: error: {exc}", file=sys.stderr)
@@ -415,8 +533,6 @@ def main(argv: list[str] | None = None) -> int:
         print("potq: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `potq info | head -1`: the reader has gone; say nothing more
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return 0

@@ -64,6 +64,10 @@ def summary(folder: str | Path) -> dict[str, Any]:
     e_weights = sum(c.weights for c in tables)
     e_bytes = sum(c.stored_bytes for c in tables)
     all_bytes = sum(tensor_bytes(*v) for v in header.values())
+    code_bytes = sum(tensor_bytes(*v) for k, v in header.items() if k.endswith(".codes"))
+    packed = {f"{name}.{part}" for name in manifest["quantized_layers"] for part in ("codes", "scales", "zeros")}
+    floats = sorted(((k, tensor_bytes(*v), v[1]) for k, v in header.items() if k not in packed),
+                    key=lambda item: -item[1])
     return {
         "path": str(folder),
         "format": manifest.get("format"), "bits": manifest.get("bits"),
@@ -78,6 +82,9 @@ def summary(folder: str | Path) -> dict[str, Any]:
         "bits_per_embedding_weight": 8 * e_bytes / e_weights if e_weights else None,
         "embedding_bytes": e_bytes,
         "float_bytes": all_bytes - q_bytes - e_bytes,
+        "code_bytes": code_bytes,
+        "scale_bytes": q_bytes + e_bytes - code_bytes,
+        "largest_float_tensors": [list(f) for f in floats[:3] if f[1] >= 2**20],
         "file_bytes": (folder / WEIGHTS_FILE).stat().st_size,
         "folder_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
         "manifest": MANIFEST_FILE,

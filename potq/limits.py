@@ -154,3 +154,17 @@ def check_tensors(expected: Mapping[str, tuple[int, ...]], present: Mapping[str,
 
 def float_bytes(shapes: Mapping[str, tuple[int, ...]], bytes_per_value: int = 4) -> int:
     return sum(math.prod(shape) for shape in shapes.values()) * bytes_per_value
+
+
+def check_vocabulary(tokens: int, bos: Any, eos: Any, config: Mapping[str, Any], source: str) -> None:
+    """A tokenizer may not produce ids the embedding has no row for (an index error at the first
+    unlucky token otherwise), nor name BOS/EOS ids outside it."""
+    rows = config.get("vocab_size")
+    if not isinstance(rows, int):
+        return
+    if tokens > rows:
+        raise PotqError(f"{source}: the tokenizer has {tokens} tokens but the model's embedding "
+                        f"only {rows} rows; use the model's own tokenizer")
+    for name, token in (("BOS", bos), ("EOS", eos)):
+        if token is not None and not (isinstance(token, int) and 0 <= token < rows):
+            raise PotqError(f"{source}: the tokenizer's {name} id {token!r} is outside the vocabulary of {rows}")

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,12 +38,14 @@ from potq.errors import PotqError, first_line
 from potq.formats import FORMATS, get_format
 from potq.formats.grouping import num_groups
 from potq.formats.packing import packed_row_bytes
-from potq.limits import (MAX_TOKENIZER_BYTES, MAX_VOCAB, check_config, check_memory, load_json_object, read_small_file,
-                         whole_number)
-from potq.models import LoadedModel, architecture, build_model, check_vocabulary
+from potq.limits import (MAX_TOKENIZER_BYTES, MAX_VOCAB, check_config, check_memory, check_vocabulary,
+                         load_json_object, read_small_file, whole_number)
 from potq.models.tokenizer import SPECIALS_FILE, TOKENIZER_FILE, Tokenizer
 from potq.nn import PackedWeight, QuantEmbedding, QuantLinear
 from potq.outputs import check_output, publish, temp_folder
+
+if TYPE_CHECKING:
+    from potq.models import LoadedModel
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "potq.json"
@@ -62,6 +64,8 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
     An existing ``path`` is replaced only with ``overwrite=True`` and only when it is a potq
     folder holding nothing but potq's files (see :mod:`potq.outputs`).
     """
+    from potq.models import LoadedModel
+
     if isinstance(model, LoadedModel):
         tokenizer, source, model = tokenizer or model.tokenizer, source or model.source, model.model
     if tokenizer is None:
@@ -108,6 +112,8 @@ def _file_digest(path: Path) -> str:
 
 
 def _manifest(model: nn.Module, source: dict, aliases: dict[str, str], files: dict[str, str]) -> dict[str, Any]:
+    from potq.models import architecture
+
     meta = getattr(model, "potq_meta", None) or {"format": None, "bits": None, "group_size": None,
                                                 "method": None, "method_settings": {}}
     layers = _layer_entries(model)
@@ -251,10 +257,12 @@ def _read_header(weights: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]],
         raise PotqError(f"{weights} is corrupt ({first_line(exc)}): quantize the model again") from None
 
 
-def inspect(path: str | os.PathLike) -> Checked:
+def inspect(path: str | os.PathLike, skeleton: bool = True) -> Checked:
     """Everything short of reading tensor data: the manifest's schema, its digest and the tensor
     roles recorded in the weights' metadata, and every tensor's name, shape and dtype against the
-    model the manifest describes (built on the meta device). Allocates nothing of the model."""
+    model the manifest describes (built on the meta device; with ``skeleton=False``, as ``potq
+    info`` does to stay fast, only the packed layers' tensors against their table). Allocates
+    nothing of the model."""
     folder = Path(path)
     manifest, raw = _read_manifest(folder)
     header, metadata = _read_header(folder / WEIGHTS_FILE)
@@ -269,14 +277,22 @@ def inspect(path: str | os.PathLike) -> Checked:
     if roles != tensor_roles(manifest):
         raise PotqError(f"{weights}: the tensor roles in its metadata do not match {MANIFEST_FILE}; "
                         "quantize the model again")
-    with torch.device("meta"):
-        skeleton = _skeleton(manifest, folder)
-    _check_header(skeleton, manifest, header, weights)
+    if skeleton:
+        with torch.device("meta"):
+            model = _skeleton(manifest, folder)
+        _check_header(model, manifest, header, weights)
+    else:
+        for name, entry in manifest["quantized_layers"].items():
+            for key, want in expected_layer_tensors(name, entry).items():
+                if header.get(key) != want:
+                    raise PotqError(f"{weights}: tensor {key} is {header.get(key)}, expected {want}; it is corrupt")
     return Checked(folder, manifest, header, metadata)
 
 
 def _skeleton(manifest: dict[str, Any], folder: Path) -> nn.Module:
     """The model the manifest describes, packed layers in place (on whatever device is current)."""
+    from potq.models import build_model
+
     model = build_model(manifest["architecture"])
     layers = manifest["quantized_layers"]
     for name, entry in layers.items():
@@ -362,10 +378,11 @@ def read_tensors(checked: Checked, keep: bool = True) -> dict[str, torch.Tensor]
     return state
 
 
-def verify(path: str | os.PathLike) -> Checked:
+def verify(path: str | os.PathLike, skeleton: bool = True) -> Checked:
     """The full check ``potq verify`` runs: :func:`inspect`, every tensor's bytes against the
-    checksum, scales finite and positive, and the tokenizer against the model's vocabulary."""
-    checked = inspect(path)
+    checksum, scales finite and positive, and the tokenizer against the model's vocabulary
+    (``skeleton=False``: ``potq info``'s quick form, which skips only the model build)."""
+    checked = inspect(path, skeleton)
     read_tensors(checked, keep=False)
     _tokenizer(checked)
     return checked
@@ -381,7 +398,8 @@ def _tokenizer(checked: Checked) -> Tokenizer:
             raise PotqError(f"{checked.folder / name} is not the file the model was saved with (digest "
                             "mismatch); put the original back or quantize the model again")
     tokenizer = Tokenizer.load(checked.folder)
-    check_vocabulary(tokenizer, checked.manifest["architecture"]["config"], str(checked.folder))
+    check_vocabulary(tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
+                     checked.manifest["architecture"]["config"], str(checked.folder))
     return tokenizer
 
 
@@ -401,7 +419,7 @@ def expected_layer_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[
     return expected
 
 
-def load(path: str | os.PathLike) -> LoadedModel:
+def load(path: str | os.PathLike) -> "LoadedModel":
     """Rebuild a saved model: same architecture, the same packed layers, the same tokenizer —
     after :func:`inspect` has checked the folder and the memory it needs is available."""
     checked = inspect(path)
@@ -417,6 +435,8 @@ def load(path: str | os.PathLike) -> LoadedModel:
     model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "options", "method",
                                                      "method_settings", "calibration")}
     source = {**manifest.get("source", {}), "quantized": str(checked.folder.resolve())}
+    from potq.models import LoadedModel
+
     return LoadedModel(model, tokenizer, source)
 
 

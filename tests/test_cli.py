@@ -62,7 +62,7 @@ def test_quantize_info_eval_generate(capsys, tmp_path):
     # the fused kernel (default) and the pure-PyTorch path give the same greedy text
     code, torch_text, _ = run(capsys, "generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "8",
                               "--kernel", "torch", "--stats")
-    assert code == 0 and torch_text.startswith(text) and "tok/s, kernel torch" in torch_text
+    assert code == 0 and torch_text.startswith(text) and "tok/s; PyTorch path: 35 packed layers" in torch_text
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -173,3 +173,33 @@ def test_smollm2_3bit_g128_costs_about_3_125_bits(capsys, tmp_path):
     assert info["bits_per_quantized_weight"] == pytest.approx(3.125, abs=0.02)
     expected_bytes = info["quantized_weights"] * info["bits_per_quantized_weight"] / 8 + info["float_bytes"]
     assert info["file_bytes"] == pytest.approx(expected_bytes, rel=0.01)
+
+
+def test_catalog_names_are_the_registries():
+    """The parser offers names from potq.catalog (no torch at --help time); they must be the registries'."""
+    from potq.catalog import DATASET_NAMES, FORMAT_NAMES, METHOD_NAMES
+    from potq.eval.data import DATASETS
+    from potq.formats import FORMATS
+    from potq.methods import METHODS
+
+    assert sorted(FORMAT_NAMES) == sorted(FORMATS) and sorted(METHOD_NAMES) == sorted(METHODS)
+    assert tuple(DATASET_NAMES) == tuple(DATASETS)
+
+
+def test_help_is_fast_and_every_option_has_help():
+    import subprocess
+    import sys
+    import time
+
+    from potq.cli import build_parser
+
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "potq.cli", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "exit codes" in run.stdout
+    assert time.perf_counter() - start < 1.5  # the interpreter itself takes part of it
+    assert "torch" not in subprocess.run([sys.executable, "-c", "import sys, potq.cli; potq.cli.build_parser(); "
+                                          "print(' '.join(sys.modules))"], capture_output=True, text=True).stdout.split()
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"potq {name} {action.option_strings or action.dest} has no help text"

@@ -120,9 +120,13 @@ def calibration_texts() -> list[str]:
 
 
 def home_dataset(source: dict) -> str:
-    """The evaluation set a model is scored on by default: a char model trained here on
-    tiny Shakespeare is scored on its held-out split, every other model on WikiText-2."""
-    return "shakespeare" if source.get("loader") == "potq train-char" else "wikitext2"
+    """The evaluation set a model is scored on by default, the kind of text it was trained on: a
+    char model trained here on tiny Shakespeare is scored on its held-out split, a TinyStories
+    model (llama2.c's stories*, by name) on TinyStories, every other model on WikiText-2."""
+    if source.get("loader") == "potq train-char":
+        return "shakespeare"
+    names = (str(source.get("name") or ""), Path(str(source.get("path") or "")).name)
+    return "tinystories" if any(n.lower().startswith("stories") for n in names) else "wikitext2"
 
 
 def training_batch(tokenizer: Tokenizer, source: dict, n: int, seqlen: int, seed: int) -> torch.LongTensor:

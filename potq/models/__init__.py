@@ -1,116 +1,19 @@
-"""Loading models into one shape: a float32, eval-mode transformers causal LM plus a Tokenizer.
+"""Model loaders: every source file becomes a transformers causal LM plus a :class:`Tokenizer`.
 
-``load_model`` takes a short name (see :data:`SHORT_NAMES`) or a path: a ``.gguf`` file, a
-llama2.c or llm.c ``.bin`` checkpoint, or a Hugging Face folder (``config.json`` + safetensors). Whatever the
-source, quantization and evaluation see a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``, and
-``architecture``/``build_model`` let a saved quantized model be rebuilt without the source file.
+The names below live in :mod:`potq.models.loading` and are imported on first use, so that a
+light submodule (the tokenizer, the registry of short names) can be imported without paying for
+transformers — ``potq info`` and ``potq --help`` stay fast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-from transformers import AutoConfig, PreTrainedModel
-
-from potq.errors import PotqError
-from potq.models import gguf, hf, llama2c, llmc
-from potq.models.registry import SHORT_NAMES, resolve
-from potq.models.tokenizer import Tokenizer
-from potq.paths import sha256_of_files
+import importlib
+from typing import Any
 
 __all__ = ["SHORT_NAMES", "LoadedModel", "architecture", "build_model", "load_model", "transformer_blocks"]
 
-LOADERS: dict[str, Callable[[Path], tuple[PreTrainedModel, Tokenizer]]] = {
-    "gguf": gguf.load, "llama2c": llama2c.load, "llmc": llmc.load, "hf": hf.load,
-}
 
-
-@dataclass
-class LoadedModel:
-    """A loaded model, its tokenizer, and where it came from (JSON-able, for reports and saved files)."""
-
-    model: torch.nn.Module
-    tokenizer: Tokenizer
-    source: dict
-
-
-def load_model(spec: str) -> LoadedModel:
-    """The model named by ``spec`` (a short name or a path), in float32 and eval mode.
-
-    A short name of a model potq trained (``nanogpt-shakespeare``) or a path to any potq folder
-    is read by :func:`potq.storage.load`, so every command takes it like a source model.
-    """
-    name, path = resolve(spec)
-    from potq.storage import is_potq_folder, load  # storage builds on this module: import on use
-
-    if is_potq_folder(path):
-        return load(path)
-    kind = _loader_kind(path)
-    model, tokenizer = LOADERS[kind](path)
-    check_vocabulary(tokenizer, model.config.to_dict(), str(path))
-    files = hf.weight_files(path) if path.is_dir() else [path]
-    source = {"name": name, "path": str(path), "sha256": sha256_of_files(files), "loader": kind}
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
-
-
-def architecture(model: torch.nn.Module) -> dict:
-    """A JSON-able description from which :func:`build_model` makes an empty model of the same shape."""
-    if not isinstance(model, PreTrainedModel):
-        raise PotqError(f"cannot describe a {type(model).__name__}; potq handles transformers models only")
-    return {"family": "hf", "config": model.config.to_dict()}
-
-
-def build_model(arch: dict) -> torch.nn.Module:
-    """An eval-mode float32 model of ``arch`` (from :func:`architecture`) with uninitialised weights."""
-    config = arch.get("config") if arch.get("family") == "hf" else None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or \
-            config["model_type"] not in hf.SUPPORTED_MODELS:
-        raise PotqError("the saved architecture is not a {'family': 'hf'} LLaMA or GPT-2 description; "
-                        "re-save the model with this potq")
-    try:
-        config = hf.plain_outputs(AutoConfig.for_model(**config))
-        return hf.empty_model(config)
-    except Exception as exc:  # transformers' config validators raise types of their own
-        raise PotqError(f"cannot rebuild the saved architecture ({hf.first_line(exc)}); re-save the model") from None
-
-
-def check_vocabulary(tokenizer: Tokenizer, config: dict, source: str) -> None:
-    """A tokenizer may not produce ids the embedding has no row for (an index error at the first
-    unlucky token otherwise), nor name BOS/EOS ids outside it."""
-    rows = config.get("vocab_size")
-    if not isinstance(rows, int):
-        return
-    if tokenizer.vocab_size > rows:
-        raise PotqError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
-                        f"only {rows} rows; use the model's own tokenizer")
-    for name, token in (("BOS", tokenizer.bos_id), ("EOS", tokenizer.eos_id)):
-        if token is not None and not (isinstance(token, int) and 0 <= token < rows):
-            raise PotqError(f"{source}: the tokenizer's {name} id {token!r} is outside the vocabulary of {rows}")
-
-
-def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's transformer blocks in order, the unit block-wise quantization works on."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in hf.SUPPORTED_MODELS:
-        raise PotqError(f"potq does not know the blocks of a {type(model).__name__}; "
-                        f"supported model types: {', '.join(hf.SUPPORTED_MODELS)}")
-    return model.get_submodule(hf.SUPPORTED_MODELS[model_type].blocks)
-
-
-def _loader_kind(path: Path) -> str:
-    """Which loader reads ``path``, from its suffix, or from ``config.json`` for a folder."""
-    if path.is_dir():
-        if not (path / hf.CONFIG_FILE).is_file():
-            raise PotqError(f"{path} is a folder without {hf.CONFIG_FILE}; give a Hugging Face model folder, "
-                            "a .gguf file or a llama2.c .bin checkpoint")
-        return "hf"
-    kinds = {".gguf": "gguf", ".bin": "llama2c"}
-    if path.suffix.lower() not in kinds:
-        raise PotqError(f"{path}: unknown model file type; give a .gguf file, a llama2.c or llm.c .bin "
-                        "checkpoint or a Hugging Face model folder")
-    if kinds[path.suffix.lower()] == "llama2c" and llmc.is_llmc(path):
-        return "llmc"
-    return kinds[path.suffix.lower()]
+def __getattr__(name: str) -> Any:
+    if name in __all__ or name == "LOADERS":
+        return getattr(importlib.import_module("potq.models.loading"), name)
+    raise AttributeError(f"module 'potq.models' has no attribute {name!r}")
