@@ -72,7 +72,7 @@ def run_demo(model: str, max_windows: int, out: Path, threads: int) -> None:
         s = summary(folder)
         print(f"  {label}: quantized in {seconds:.1f} s -> {folder}")
         rows.append({"label": label, "lm": potq.load(folder), "bpw": s["bits_per_quantized_weight"],
-                     "mib": s["file_bytes"] / 2**20})
+                     "mib": s["file_bytes"] / 2**20, "float_mib": s["float_bytes"] / 2**20})
     steps.next()
     for row in rows:
         r = perplexity(row["lm"].model, row["lm"].tokenizer, "wikitext2", ctx=CTX, max_windows=max_windows,
@@ -129,9 +129,9 @@ def _print_summary(rows: list[dict], peer: dict | None, dtype: str, threads: int
           f"decoded to float to be computed. The price is quality: perplexity {pot['ppl']:.1f} against "
           f"uniform's {uniform['ppl']:.1f} and float's {r0['ppl']:.1f} (docs/research.md: how far PoT recipes "
           f"close that gap).")
-    print("Both files keep the tied embedding/output head in float32 (113 MiB of SmolLM2's 49152x576 table): "
-          "`--quantize-embeddings` packs it too, at a further perplexity cost; `potq info FOLDER` shows where "
-          "the bytes are.")
+    print(f"Of each file, {pot['float_mib']:.0f} MiB are float tensors, almost all the tied embedding/output "
+          "head: `--quantize-embeddings` packs it too, at a further perplexity cost; `potq info FOLDER` shows "
+          "where the bytes are.")
     print(f"\nGreedy continuations of {PROMPT!r}:")
     for row in rows:
         print(f"  [{row['label']}] {PROMPT + row['text']!r}")
