@@ -1,0 +1,92 @@
+"""The README's headline table: quality, size and speed of potq's best rows beside uniform and llama.cpp.
+
+    .venv/bin/python benchmarks/headline.py && .venv/bin/python benchmarks/readme_tables.py
+
+Reads what the measuring scripts stored — perplexities and sizes from
+docs/results/smollm2-135m-runs.json (benchmarks/ppl_table.py), decoding speeds from
+docs/results/speed.json (`potq bench`, every speed from one run on one machine) — and measures
+nothing itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+# (row in the perplexity store, its label, the decoding variant of speed.json that packs it the same way)
+ROWS = [
+    ("float", "float (Q4_1-expanded)", "float32"),
+    ("llama.cpp:Q4_0", "llama.cpp Q4_0", "peer:Q4_0"),
+    ("llama.cpp:Q3_K_M", "llama.cpp Q3_K_M", "peer:Q3_K_M"),
+    ("uniform:4:awq", "uniform 4-bit AWQ, G128", None),
+    ("pot:4:grid:64,objective=act", "PoT 4-bit grid-searched scales, G64", "pot4"),
+    ("uniform:3:omniquant", "uniform 3-bit OmniQuant, G128", None),
+    ("pot:3:twostep:64", "PoT 3-bit two-step, G64", "pot3"),
+]
+
+
+# (what a user wants, the row in the perplexity store, the options that make it)
+RECIPES = [
+    ("PoT, smallest error at about 3.25 bits", "pot:3:twostep:64", "--format pot --bits 3 --group-size 64 --method twostep"),
+    ("PoT 4-bit, fast", "pot:4:grid:64,objective=act",
+     "--format pot --bits 4 --group-size 64 --method grid --objective act"),
+    ("uniform, best 4-bit", "uniform:4:awq", "--format uniform --bits 4 --method awq"),
+    ("uniform, best 3-bit", "uniform:3:omniquant", "--format uniform --bits 3 --method omniquant"),
+    ("a quick baseline", "uniform:4", "--format uniform --bits 4 --method rtn"),
+]
+
+
+def recipes(runs: dict) -> list[str]:
+    """The recipe table of the README's "quantize your own model": each command with what it cost
+    and gave on SmolLM2-135M."""
+    lines = ["# Recipes: what each command costs and gives on SmolLM2-135M", "",
+             "`.venv/bin/python benchmarks/headline.py` (from the store of `benchmarks/ppl_table.py`)", "",
+             "| you want | `potq quantize MODEL -o OUT` with | quantize time | bits/weight | WikiText-2 ppl |",
+             "| --- | --- | --- | --- | --- |"]
+    machines = set()
+    for goal, row, options in RECIPES:
+        r = runs[row]
+        if r.get("machine"):
+            machines.add(r["machine"])
+        minutes = r["quantize_seconds"] / 60
+        took = f"{minutes:.0f} min" if minutes >= 1 else f"{r['quantize_seconds']:.0f} s"
+        lines.append(f"| {goal} | `{options}` | {took} | {r['bits_per_weight']:.3f} | {r['wikitext2']['ppl']:.2f} |")
+    lines += ["", f"Note: times are wall time on 2 cores ({'; '.join(sorted(machines))}); perplexity on the full "
+              "WikiText-2 test set at context 2048 (`potq eval OUT --max-windows 8` gives a quick estimate)."]
+    return lines
+
+
+def main() -> None:
+    runs = json.loads((RESULTS / "smollm2-135m-runs.json").read_text())
+    speed = json.loads((RESULTS / "speed.json").read_text())
+    lines = ["# Headline: SmolLM2-135M", "",
+             "`.venv/bin/python benchmarks/headline.py` (from the stores of `benchmarks/ppl_table.py` and "
+             "`potq bench`)", "",
+             "| model | bits/weight (incl. scales) | file MiB | WikiText-2 ppl | decode tok/s |",
+             "| --- | --- | --- | --- | --- |"]
+    for row, label, variant in ROWS:
+        r = runs[row]
+        mib = f"{r['file_bytes'] / 2**20:.1f}" if r.get("file_bytes") else "–"
+        if variant is None:
+            tok_s = "–"
+        elif variant.startswith("peer:"):
+            tok_s = f"{speed['peer'][variant[5:]]['tokens_per_s']:.1f}"
+        else:
+            tok_s = f"{speed['decode'][variant]['tokens_per_s']:.1f}"
+        mark = "†" if r["wikitext2"].get("dtype") == "bf16" else ""
+        lines.append(f"| {label} | {r['bits_per_weight']:.3f} | {mib} | {r['wikitext2']['ppl']:.2f}{mark} | {tok_s} |")
+    lines += ["", f"Note: perplexity on the full WikiText-2 test set at context 2048, in fp32 († in bf16 autocast). "
+              f"Decoding: {speed['new_tokens']} greedy "
+              f"tokens after a {speed['prompt_tokens']}-token prompt, batch 1, {speed['threads']} threads on "
+              f"{speed['cpu']}, all rows in one run; a PoT row's speed is that of its bits at G128 (the packing "
+              "the speed run measured); uniform rows were not timed (potq computes them from float weights, "
+              "at about float speed). potq's files keep the embedding/output head in float32; llama.cpp's "
+              "quantize it."]
+    (RESULTS / "headline.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "recipes.md").write_text("\n".join(recipes(runs)) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
