@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("docs/results/speed.md"), help="the report to write")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="what PoT is good for, in about 3 minutes: 4-bit PoT beside 4-bit uniform at "
+    p = sub.add_parser("demo", help="what PoT is good for, in a few minutes: 4-bit PoT beside 4-bit uniform at "
                                     "the same size — perplexity, size on disk, decoding speed against float")
     p.add_argument("--model", default="smollm2-135m", help=model_help)
     p.add_argument("--max-windows", type=int, default=4,
