@@ -36,6 +36,11 @@ for _name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(_name).setLevel(logging.ERROR)
 
 
+from potq import interop as _interop  # noqa: E402 - after the logging set-up; imports nothing heavy
+
+_interop.install()  # transformers' AutoModelForCausalLM then opens potq folders
+
+
 def __getattr__(name: str) -> Any:
     if name == "eval":
         return importlib.import_module("potq.eval")

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from potq import __version__
+from potq import __version__, interop
 from potq.errors import PotqError, first_line
 from potq.formats import FORMATS, get_format
 from potq.formats.grouping import num_groups
@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "potq.json"
-FOLDER_FILES = (WEIGHTS_FILE, MANIFEST_FILE, TOKENIZER_FILE, SPECIALS_FILE)
+FOLDER_FILES = (WEIGHTS_FILE, MANIFEST_FILE, TOKENIZER_FILE, SPECIALS_FILE, interop.CONFIG_FILE,
+                interop.TOKENIZER_CONFIG_FILE)
+DIGESTED_FILES = (TOKENIZER_FILE, SPECIALS_FILE, interop.CONFIG_FILE, interop.TOKENIZER_CONFIG_FILE)
 FILE_FORMAT_VERSION = 2  # 2: safetensors metadata digests (potq.json, roles, content)
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 # safetensors metadata keys
@@ -76,8 +78,12 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
     tmp = temp_folder(out)
     try:
         tokenizer.save(tmp)
-        files = {name: _file_digest(tmp / name) for name in (TOKENIZER_FILE, SPECIALS_FILE)}
-        manifest = json.dumps(_manifest(model, source or {}, aliases, files), indent=1).encode()
+        description = _manifest(model, source or {}, aliases, {})
+        (tmp / interop.CONFIG_FILE).write_text(json.dumps(interop.folder_config(description), indent=1))
+        (tmp / interop.TOKENIZER_CONFIG_FILE).write_text(json.dumps(interop.tokenizer_config(
+            *(None if i is None else tokenizer.backend.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id)))))
+        description["files"] = {name: _file_digest(tmp / name) for name in DIGESTED_FILES}
+        manifest = json.dumps(description, indent=1).encode()
         metadata = {"potq": __version__, META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
                     META_ROLES: json.dumps(tensor_roles(json.loads(manifest)), sort_keys=True),
                     META_CONTENT: content_digest(sorted(tensors.items()))}
@@ -391,7 +397,7 @@ def verify(path: str | os.PathLike, skeleton: bool = True) -> Checked:
 def _tokenizer(checked: Checked) -> Tokenizer:
     """The folder's tokenizer, its files checked against the digests in ``potq.json`` first."""
     files = checked.manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {TOKENIZER_FILE, SPECIALS_FILE}:
+    if not isinstance(files, dict) or set(files) != set(DIGESTED_FILES):
         raise PotqError(f"{checked.folder / MANIFEST_FILE} does not record the tokenizer's digests; it is corrupt")
     for name, digest in files.items():
         if _file_digest(checked.folder / name) != digest:

@@ -10,7 +10,8 @@ import potq
 from potq.engine.blocks import capture_inputs, input_statistic, outputs
 from potq.eval.data import calibration_batch
 from potq.formats import get_format
-from potq.methods.awq import ALPHAS, _fold, scaling_groups, search_clip, search_scale
+from potq.methods.awq import ALPHAS, search_clip, search_scale
+from potq.models.arch import fold_groups
 from potq.models import transformer_blocks
 from potq.nn import QuantLinear
 
@@ -31,11 +32,12 @@ def test_chosen_alpha_is_the_grid_minimum_and_folding_is_exact(stories_float, ca
     model = copy.deepcopy(stories_float.model)
     block, data, targets = block0(model, calib)
     mean_abs = input_statistic(block, data, lambda x: x.abs().sum(0))
-    previous, names = scaling_groups(block)[0]
+    fold = fold_groups(block, data.inputs[0], data.kwargs)[0]
+    names = fold.names
     s, alpha, errors = search_scale(block, data, targets, names, mean_abs[names[0]], get_format(name, 3), 32)
     assert len(errors) == len(ALPHAS) and alpha == float(ALPHAS[int(torch.tensor(errors).argmin())])
     assert min(errors) <= errors[0]  # α = 0 (no scaling, plain round-to-nearest) is on the grid
-    _fold(previous, block, names, s)
+    fold.apply(block, s)
     for folded, target in zip(outputs(block, data), targets):
         torch.testing.assert_close(folded, target, rtol=1e-4, atol=1e-5)
 

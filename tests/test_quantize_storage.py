@@ -41,7 +41,8 @@ def test_save_load_gives_bit_identical_logits(stories, tmp_path):
     before = logits(stories)
     folder = potq.save(stories, tmp_path / "m")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "model.safetensors", "potq.json", "tokenizer.json", "tokenizer_specials.json"]
+        "config.json", "model.safetensors", "potq.json", "tokenizer.json", "tokenizer_config.json",
+        "tokenizer_specials.json"]
     loaded = potq.load(folder)
     assert torch.equal(logits(loaded), before)
     assert loaded.tokenizer.encode("Once upon a time") == stories.tokenizer.encode("Once upon a time")

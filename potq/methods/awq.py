@@ -26,38 +26,10 @@ from potq.errors import PotqError
 from potq.formats import Format
 from potq.formats.grouping import to_groups
 from potq.formats.weights import QuantizedWeight, fake_quantize, init_qparams, quantize_weight
+from potq.models.arch import fold_groups
 
 ALPHAS = torch.arange(20) / 20  # 0, 0.05, …, 0.95 (the reference grid)
 CLIPS = 1 - torch.arange(20) / 40  # 1.0, 0.975, …, 0.525
-
-
-def scaling_groups(block: nn.Module) -> list[tuple[nn.Module, list[str]]]:
-    """``(previous module, linears sharing its output)`` of a LLaMA-style block."""
-    needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
-    if not all(hasattr(block, n) for n in needed):
-        raise PotqError(f"awq does not know where to fold scales in a {type(block).__name__}: "
-                        "it supports LLaMA-style blocks (SmolLM2, stories260K, Llama)")
-    attn, mlp = block.self_attn, block.mlp
-    groups = [(block.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
-    if attn.v_proj.weight.shape[0] == attn.o_proj.weight.shape[1]:  # not with grouped-query attention
-        groups.append((attn.v_proj, ["self_attn.o_proj"]))
-    groups.append((block.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]))
-    groups.append((mlp.up_proj, ["mlp.down_proj"]))
-    return groups
-
-
-def _fold(previous: nn.Module, block: nn.Module, names: list[str], s: Tensor) -> None:
-    """``previous`` output channel c ÷ s_c, each linear's input column c × s_c: the float block
-    computes exactly the same function."""
-    with torch.no_grad():
-        if isinstance(previous, nn.Linear):
-            previous.weight.div_(s[:, None])
-            if previous.bias is not None:
-                previous.bias.div_(s)
-        else:  # a norm layer with a per-channel weight
-            previous.weight.div_(s)
-        for name in names:
-            block.get_submodule(name).weight.mul_(s)
 
 
 def search_scale(block: nn.Module, data: BlockData, targets: list[Tensor], names: list[str], mean_abs: Tensor,
@@ -101,10 +73,16 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     def step(index: int, block: nn.Module, data: BlockData, targets: list[Tensor]) -> None:
         chosen = {}
         mean_abs = input_statistic(block, data, lambda x: x.abs().sum(0))  # folding keeps every input
-        for previous, names in scaling_groups(block):
-            s, alpha, errors = search_scale(block, data, targets, names, mean_abs[names[0]], fmt, config.group_size)
-            _fold(previous, block, names, s)
-            chosen["+".join(n.split(".")[-1] for n in names)] = {"alpha": alpha, "error": min(errors)}
+        folds = fold_groups(block, data.inputs[0], data.kwargs)
+        unscaled = sorted(set(block_linears(block)) - {n for f in folds for n in f.names})
+        if unscaled and index == 0 and progress:
+            tqdm.write(f"awq: no equivalent rescaling feeds {', '.join(unscaled)} in this architecture; "
+                       "those layers get the clipping search only")
+        for fold in folds:
+            s, alpha, errors = search_scale(block, data, targets, fold.names, mean_abs[fold.names[0]], fmt,
+                                            config.group_size)
+            fold.apply(block, s)
+            chosen["+".join(n.split(".")[-1] for n in fold.names)] = {"alpha": alpha, "error": min(errors)}
         tokens = _sample_tokens(block, data, clip_tokens) if clip else {}
         quantized = {}
         for name, module in block_linears(block).items():

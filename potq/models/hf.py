@@ -7,8 +7,8 @@ kind of module; this file also owns the shared "empty model" step the other load
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,23 +19,10 @@ from transformers.initialization import no_init_weights
 from transformers.pytorch_utils import Conv1D
 
 from potq.errors import PotqError, first_line
+from potq.models.arch import check_supported
 from potq.models.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
-
-
-class Family(NamedTuple):
-    """A model family potq quantizes: its causal-LM class and where its transformer blocks live."""
-
-    class_name: str
-    blocks: str
-
-
-# config.model_type -> family
-SUPPORTED_MODELS = {
-    "llama": Family("LlamaForCausalLM", "model.layers"),
-    "gpt2": Family("GPT2LMHeadModel", "transformer.h"),
-}
 
 
 def empty_model(config: PretrainedConfig, linear: bool = True) -> PreTrainedModel:
@@ -145,15 +132,36 @@ def _check_weights(folder: Path, config: PretrainedConfig, files: list[Path]) ->
     except Exception as exc:  # any failure of transformers to build the config's model: a bad config
         raise PotqError(f"{folder / CONFIG_FILE} describes no buildable model ({first_line(exc)}); fix it") from None
     prefix = f"{skeleton.base_model_prefix}."
+    names: dict[int, list[str]] = {}  # a tied weight (the output head) is one parameter under two names
+    for name, parameter in skeleton.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name.removeprefix(prefix))
+    tied = {name for group in names.values() for name in group[1:]}
     expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    present = {k.removeprefix(prefix): v for k, v in present.items()}
-    if config.tie_word_embeddings:
-        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    expected = {k: v for k, v in expected.items() if k not in tied}
+    rename = _renaming(skeleton)
+    present = {rename(k).removeprefix(prefix): v for k, v in present.items()}
     ignored = {k for k in present for pattern in skeleton._keys_to_ignore_on_load_unexpected or []
                if re.search(pattern, k)}
     check_tensors(expected, {k: v for k, v in present.items() if k in expected or k not in ignored},
-                  str(folder), allowed_extra={"lm_head.weight"} if config.tie_word_embeddings else set())
+                  str(folder), allowed_extra=tied)
     check_memory(2 * float_bytes(expected), f"loading {folder}")
+
+
+def _renaming(skeleton: PreTrainedModel) -> Callable[[str], str]:
+    """A checkpoint key -> the name transformers loads it as (its own renaming rules, e.g.
+    GPT-NeoX's ``embed_out`` -> ``lm_head``), so the check compares like with like."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    rules = [(re.compile(source), target) for rule in get_model_conversion_mapping(skeleton)
+             if isinstance(rule, WeightRenaming) for source, target in zip(rule.source_patterns, rule.target_patterns)]
+
+    def rename(key: str) -> str:
+        for source, target in rules:
+            key = source.sub(target, key)
+        return key
+
+    return rename
 
 
 def _config(folder: Path) -> PretrainedConfig:
@@ -164,10 +172,7 @@ def _config(folder: Path) -> PretrainedConfig:
     from potq.limits import check_config, load_json_object, read_small_file
 
     raw = load_json_object(read_small_file(folder / CONFIG_FILE, "the config"), str(folder / CONFIG_FILE))
-    model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODELS:
-        supported = ", ".join(family.class_name for family in SUPPORTED_MODELS.values())
-        raise PotqError(f"{folder} holds a {model_type!r} model; potq supports {supported}")
+    check_supported(raw.get("model_type"), str(folder))
     check_config(raw, str(folder / CONFIG_FILE))
     try:
         return plain_outputs(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))

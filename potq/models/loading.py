@@ -17,6 +17,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from potq.errors import PotqError
 from potq.limits import check_vocabulary
+from potq.models import arch as decoder
 from potq.models import gguf, hf, llama2c, llmc
 from potq.models.registry import SHORT_NAMES, resolve
 from potq.models.tokenizer import Tokenizer
@@ -68,10 +69,9 @@ def architecture(model: torch.nn.Module) -> dict:
 def build_model(arch: dict) -> torch.nn.Module:
     """An eval-mode float32 model of ``arch`` (from :func:`architecture`) with uninitialised weights."""
     config = arch.get("config") if arch.get("family") == "hf" else None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or \
-            config["model_type"] not in hf.SUPPORTED_MODELS:
-        raise PotqError("the saved architecture is not a {'family': 'hf'} LLaMA or GPT-2 description; "
-                        "re-save the model with this potq")
+    if not isinstance(config, dict):
+        raise PotqError("the saved architecture is not a {'family': 'hf'} description; re-save the model with this potq")
+    decoder.check_supported(config.get("model_type"), "the saved architecture")
     try:
         config = hf.plain_outputs(AutoConfig.for_model(**config))
         return hf.empty_model(config)
@@ -81,11 +81,7 @@ def build_model(arch: dict) -> torch.nn.Module:
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's transformer blocks in order, the unit block-wise quantization works on."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in hf.SUPPORTED_MODELS:
-        raise PotqError(f"potq does not know the blocks of a {type(model).__name__}; "
-                        f"supported model types: {', '.join(hf.SUPPORTED_MODELS)}")
-    return model.get_submodule(hf.SUPPORTED_MODELS[model_type].blocks)
+    return decoder.decoder_blocks(model)
 
 
 def _loader_kind(path: Path) -> str:
