@@ -99,7 +99,10 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
 
 
 def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous copies of every tensor, storing a tensor that aliases an earlier one once."""
+    """Contiguous copies of every tensor, storing a tensor that aliases an earlier one once, and a
+    float tensor outside the packed layers in the narrowest float type that holds it exactly."""
+    packed = {f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, PackedWeight)
+              for part in ("codes", "scales", "zeros", "bias")}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple], str] = {}
@@ -109,8 +112,21 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             aliases[name] = seen[key]
         else:
             seen[key] = name
-            tensors[name] = t.detach().contiguous()
+            tensors[name] = t.detach().contiguous() if name in packed else narrowest_exact(t.detach().contiguous())
     return tensors, aliases
+
+
+def narrowest_exact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as bf16 or fp16 where that holds every value exactly, else unchanged: a model
+    that came as bf16 (or fp16) keeps its embeddings and norms at that size on disk — never
+    inflated to the float32 potq computes in — and nothing is rounded."""
+    if tensor.dtype != torch.float32:
+        return tensor
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = tensor.to(dtype)
+        if torch.equal(narrow.to(torch.float32), tensor):
+            return narrow
+    return tensor
 
 
 def _file_digest(path: Path) -> str:

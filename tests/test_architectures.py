@@ -106,3 +106,21 @@ def test_transformers_opens_a_packed_folder_after_import_potq(kind, folders, tmp
     without = subprocess.run([sys.executable, "-c", "from transformers import AutoModelForCausalLM; "
                               f"AutoModelForCausalLM.from_pretrained({str(folder)!r})"], capture_output=True, text=True)
     assert without.returncode != 0 and "model type `potq`" in without.stderr  # refused, never random weights
+
+
+def test_a_bf16_model_stays_bf16_and_the_packed_folder_is_smaller(stories_float, tmp_path):
+    from safetensors import safe_open
+
+    tiny_model("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    stories_float.tokenizer.backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    lm = potq.load_model(str(tmp_path / "hf"))
+    potq.quantize_(lm, potq.PoTConfig(3, 32), progress=False)
+    with torch.inference_mode():
+        logits = lm.model(IDS).logits
+    folder = potq.save(lm, tmp_path / "packed")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+    source = sum(p.stat().st_size for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert (folder / "model.safetensors").stat().st_size < source
+    with torch.inference_mode():
+        assert torch.equal(potq.load(folder).model(IDS).logits, logits)
