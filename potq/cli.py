@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -274,21 +275,26 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from potq.storage import FOLDER_FILES, MANIFEST_FILE
 
     check_output(Path(args.output), args.overwrite, MANIFEST_FILE, FOLDER_FILES)  # before an hour of work
-    lm = potq.load_model(args.model)
-    start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "decay", "grad", "objective", "damp",
                                                "act_order", "static_groups", "clip", "steps", "batch_size", "scales")
                 if getattr(args, k, None) is not None}
+    if _stream(args, config, settings):
+        return
+    lm = potq.load_model(args.model)
+    start = time.perf_counter()
     if args.method == "qat":  # a checkpoint beside the output lets an interrupted run resume
         settings["state_dir"] = str(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"))
+    resume_dir = Path(args.output).with_name(f".{Path(args.output).name}.blocks-ckpt")  # block-wise runs
     if METHODS[args.method].needs_calibration(settings):
         from potq.eval.perplexity import max_positions
 
         calib_len = args.calib_len or min(256, max_positions(lm.model) or 256)
         settings.update(calib_samples=args.calib_samples, calib_len=calib_len, seed=args.seed)
-    potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, **settings)
+    potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, resume_dir=str(resume_dir),
+                   **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output, overwrite=args.overwrite)
+    shutil.rmtree(resume_dir, ignore_errors=True)
     if args.report:
         print(f"report -> {write_report(args.report, build_report(lm.model, args.model, seconds))}")
     s = summary(args.output)
@@ -297,6 +303,33 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                   f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight (incl. scales), "
                   f"{s['file_bytes'] / 2**20:.1f} MiB on disk",
             {"output": str(args.output), "method": args.method, "seconds": seconds, **s})
+
+
+def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict) -> bool:
+    """Quantize a Hugging Face folder block by block from its files (:mod:`potq.stream`) where the
+    method allows: the float model is never built, so a model larger than memory fits."""
+    from potq.info import summary
+    from potq.models.hf import CONFIG_FILE, weight_files
+    from potq.models.registry import resolve
+    from potq.paths import sha256_of_files
+    from potq.storage import is_potq_folder
+    from potq.stream import stream_quantize, streams
+
+    name, path = resolve(args.model)
+    if not (path.is_dir() and (path / CONFIG_FILE).is_file() and not is_potq_folder(path)) or args.report or \
+            not streams(args.method, settings, args.quantize_embeddings):
+        return False
+    source = {"name": name, "path": str(path), "sha256": sha256_of_files(weight_files(path)), "loader": "hf"}
+    start = time.perf_counter()
+    stream_quantize(path, config, args.method, settings, Path(args.output), source, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    s = summary(args.output)
+    _report(args, f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
+                  f"({args.method}, streamed block by block) in {seconds:.1f} s -> {args.output}\n"
+                  f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight (incl. scales), "
+                  f"{s['file_bytes'] / 2**20:.1f} MiB on disk",
+            {"output": str(args.output), "method": args.method, "seconds": seconds, "streamed": True, **s})
+    return True
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -414,8 +447,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_qat(args: argparse.Namespace) -> None:
-    import shutil
-
     cmd_quantize(args)
     shutil.rmtree(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"), ignore_errors=True)
 

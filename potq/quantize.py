@@ -12,9 +12,11 @@ import inspect
 import json
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from potq.config import QuantConfig
+from potq.engine import resume
 from potq.errors import PotqError
 from potq.eval.data import training_batch
 from potq.eval.perplexity import max_positions
@@ -66,7 +68,7 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> dict[str, Qua
 
 def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
               calib_samples: int = 32, calib_len: int = 512, seed: int = 0, embeddings: bool = False,
-              **settings: Any) -> nn.Module:
+              resume_dir: str | None = None, **settings: Any) -> nn.Module:
     """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns the module.
 
     ``embeddings=True`` also quantizes the embedding tables (see :func:`quantize_embeddings_`),
@@ -78,6 +80,10 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     half of C4 (a char model trained here: the train split of its text; never evaluation text)
     unless ``calibration=ids`` is given; 32×512 is the fast
     default on 2-core CPUs (the thesis uses 128×2048).
+
+    ``resume_dir``: a block-wise method checkpoints every finished block there, and a run of the
+    same quantization killed before it finished goes on from its last block
+    (:mod:`potq.engine.resume`); the folder is the caller's to remove when the result is saved.
     """
     module, tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
     if any(isinstance(m, PackedWeight) for m in module.modules()):
@@ -102,7 +108,12 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
                 else "c4 calibration half (c4_validation_2k.jsonl documents 0-999)")
         calibration_info = {"data": data, "samples": calib_samples, "seqlen": calib_len, "seed": seed}
         settings["calibration"] = training_batch(tokenizer, source, calib_samples, calib_len, seed)
-    quantized = chosen.run(module, layers, config, **settings)
+    source = model.source if isinstance(model, LoadedModel) else {}
+    fingerprint = (method, config.to_dict(), embeddings, source.get("sha256"),
+                   {k: v for k, v in settings.items() if k not in _UI_SETTINGS and _is_json(v)},
+                   settings.get("calibration", torch.zeros(0)))
+    with resume.checkpointing(resume_dir, *fingerprint):
+        quantized = chosen.run(module, layers, config, **settings)
     for name, qw in quantized.items():
         module.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
     effective = {**_defaults(chosen.run), **settings, **getattr(module, "potq_report", {}).get("settings", {})}

@@ -179,13 +179,22 @@ def tensor_roles(manifest: dict[str, Any]) -> dict[str, str]:
     return roles
 
 
-def content_digest(tensors: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in the order given (sorted by name)."""
-    digest = hashlib.sha256()
-    for name, tensor in tensors:
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """sha256 of one tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def combine_digests(digests: dict[str, str]) -> str:
+    """One digest over per-tensor digests in name order: the same whatever order the tensors were
+    written or read in (a streamed save writes them block by block)."""
+    return hashlib.sha256("".join(f"{name}:{digests[name]}\n" for name in sorted(digests)).encode()).hexdigest()
+
+
+def content_digest(tensors: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]]) -> str:
+    """The checksum of every stored tensor (see :func:`combine_digests`)."""
+    return combine_digests({name: tensor_digest(name, tensor) for name, tensor in tensors})
 
 
 # --- checking ---------------------------------------------------------------------------------
@@ -377,14 +386,13 @@ _SAFETENSORS_DTYPE = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F
 def read_tensors(checked: Checked, keep: bool = True) -> dict[str, torch.Tensor]:
     """Every stored tensor, checked against the content checksum and (scales) finite and positive;
     with ``keep=False`` nothing is kept (``potq verify`` of a model larger than memory)."""
-    digest = hashlib.sha256()
+    digests = {}
     state = {}
     try:
         with safe_open(str(checked.weights), framework="pt") as f:
             for name in sorted(f.keys()):
                 tensor = f.get_tensor(name)
-                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-                digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+                digests[name] = tensor_digest(name, tensor)
                 if name.endswith(".scales") and name[:-len(".scales")] in checked.manifest["quantized_layers"]:
                     scales = tensor.float()
                     if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
@@ -394,7 +402,7 @@ def read_tensors(checked: Checked, keep: bool = True) -> dict[str, torch.Tensor]
                     state[name] = tensor
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise PotqError(f"{checked.weights} cannot be read ({first_line(exc)}); the file is corrupt") from None
-    if digest.hexdigest() != checked.metadata.get(META_CONTENT):
+    if combine_digests(digests) != checked.metadata.get(META_CONTENT):
         raise PotqError(f"{checked.weights}: the tensor bytes do not match their checksum; the file is "
                         "corrupt, quantize the model again")
     return state

@@ -124,3 +124,28 @@ def test_a_bf16_model_stays_bf16_and_the_packed_folder_is_smaller(stories_float,
     assert (folder / "model.safetensors").stat().st_size < source
     with torch.inference_mode():
         assert torch.equal(potq.load(folder).model(IDS).logits, logits)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3_text", "opt"])
+@pytest.mark.parametrize("method", ["rtn", "grid"])
+def test_a_streamed_quantization_equals_the_in_memory_one(kind, method, folders, tmp_path):
+    from safetensors import safe_open
+
+    from potq.cli import main
+
+    lm = potq.load_model(str(folders[kind]))
+    potq.quantize_(lm, potq.PoTConfig(3, 32), method=method, progress=False)
+    memory = potq.save(lm, tmp_path / "memory")
+    assert main(["quantize", str(folders[kind]), "--format", "pot", "--bits", "3", "--group-size", "32",
+                 "--method", method, "-o", str(tmp_path / "streamed"), "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["streamed"] is True
+    manifests = [json.loads((f / "potq.json").read_text()) for f in (memory, tmp_path / "streamed")]
+    for m in manifests:
+        m.pop("created")
+    assert manifests[0] == manifests[1]
+    with safe_open(str(memory / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "streamed" / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert a.get_tensor(key).dtype == b.get_tensor(key).dtype and torch.equal(a.get_tensor(key), b.get_tensor(key))
+    potq.storage.verify(tmp_path / "streamed")

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import potq
 from potq.cli import main
 from potq.errors import PotqError
 from potq.storage import verify
-from tests.hostile import resign, safetensors_header_size
+from tests.hostile import resign
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]])
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from potq.engine import resume
 from potq.errors import PotqError
 from potq.formats.weights import QuantizedWeight
 from potq.models import transformer_blocks
@@ -138,10 +139,16 @@ def commit(block: nn.Module, chosen: dict[str, QuantizedWeight], layers: dict[st
     """Overwrite each linear of ``block`` with its quantized weight, so the blocks after it see
     the quantized outputs, and file it in ``result`` under its model-wide name."""
     by_module = {id(m): name for name, m in layers.items()}
+    checkpoint = resume.active()
+    if checkpoint is not None:  # the blocks a resumed run skipped: their entries, restored
+        result.update(checkpoint.pending)
+        checkpoint.pending = {}
     for local, qw in chosen.items():
         module = block.get_submodule(local)
         module.weight.data.copy_(qw.dequantize())
         result[by_module[id(module)]] = qw
+        if checkpoint is not None:
+            checkpoint.committed[by_module[id(module)]] = qw
 
 
 BlockMethod = Callable[[int, nn.Module, BlockData, list[Tensor]], None]
@@ -158,9 +165,25 @@ def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size
     data = capture_inputs(model, ids, batch_size)
     float_data = BlockData(list(data.inputs), data.kwargs) if target == "float-stream" else None
     blocks = transformer_blocks(model)
-    for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
+    checkpoint = resume.active()  # see potq.engine.resume: a killed run goes on from its last block
+    restored = checkpoint.restore(blocks) if checkpoint is not None else None
+    start = 0
+    if restored is not None:
+        start = checkpoint.done
+        data = BlockData(restored[0], data.kwargs)
+        float_data = None if restored[1] is None else BlockData(restored[1], data.kwargs)
+        if progress:
+            tqdm.write(f"resuming after block {start - 1} (checkpoint {checkpoint.folder})")
+    bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc="blocks", unit="block",
+               disable=not progress)
+    for index in bar:
+        block = blocks[index]
         wanted = outputs(block, float_data or data) if targets or float_data is not None else []
         method(index, block, data, wanted)
         data = BlockData(outputs(block, data), data.kwargs)
         if float_data is not None:
             float_data = BlockData(wanted, data.kwargs)
+        # the last block is never checkpointed: a resumed run always runs at least one block, whose
+        # commit files the restored blocks' entries in the method's result
+        if checkpoint is not None and index < len(blocks) - 1:
+            checkpoint.save(index, block, data.inputs, None if float_data is None else float_data.inputs)

@@ -22,7 +22,6 @@ from tqdm import tqdm
 from potq.config import QuantConfig
 from potq.engine.blocks import (BlockData, block_linears, commit, each_input, input_statistic, output_error,
                                 run_blockwise)
-from potq.errors import PotqError
 from potq.formats import Format
 from potq.formats.grouping import to_groups
 from potq.formats.weights import QuantizedWeight, fake_quantize, init_qparams, quantize_weight

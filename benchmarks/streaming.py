@@ -1,0 +1,108 @@
+"""Peak memory of a streamed quantization: a random-init model with Llama-2-7B's shapes.
+
+    .venv/bin/python benchmarks/streaming.py             # -> docs/results/streaming.md
+
+Writes (once, under out/streaming/) a Hugging Face folder of bf16 safetensors shards with
+Llama-2-7B's shapes (32 blocks, d 4096, ffn 11008, vocab 32000; random weights: memory and time
+do not depend on the values), then runs `potq quantize --method rtn` and `--method grid` on it in
+a fresh process each, and records each run's peak resident memory (the kernel's max RSS of the
+process, from GNU time) and time per block. The float model would take 27 GB in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "out" / "streaming"
+SHAPES = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def make_model(folder: Path) -> None:
+    """The 7B-shaped folder, one shard per block (each shard written and freed on its own)."""
+    from transformers import LlamaConfig
+
+    if (folder / "done").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(**SHAPES, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False).save_pretrained(folder)
+    d, f, v = SHAPES["hidden_size"], SHAPES["intermediate_size"], SHAPES["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    save_file({"model.embed_tokens.weight": rand(v, d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16),
+               "lm_head.weight": rand(v, d)}, str(folder / "model-00000.safetensors"))
+    for i in range(SHAPES["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        block = {p + "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+                 p + "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+                 **{p + f"self_attn.{n}.weight": rand(d, d) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                 p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
+                 p + "mlp.down_proj.weight": rand(d, f)}
+        save_file(block, str(folder / f"model-{i + 1:05d}.safetensors"))
+        print(f"  shard {i + 1}/{SHAPES['num_hidden_layers']}", flush=True)
+    _write_tokenizer(folder)
+    (folder / "done").write_text("")
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A tokenizer of at most the model's vocabulary: SmolLM2's would be too large, stories260K's fits."""
+    import potq
+
+    potq.load_model("stories260k").tokenizer.backend.save(str(folder / "tokenizer.json"))
+
+
+def run(folder: Path, method: str) -> dict:
+    """One streamed quantization in a fresh process; its own peak RSS from GNU time."""
+    out = WORK / f"packed-{method}"
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "POTQ_MAXRSS_KIB %M", sys.executable, "-m", "potq.cli", "quantize",
+                           str(folder), "--format", "pot", "--bits", "3", "--method", method, "-o", str(out),
+                           "--overwrite", "--quiet", "--json"], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-1000:])
+    seconds = time.perf_counter() - start
+    peak_kib = int(proc.stderr.rsplit("POTQ_MAXRSS_KIB", 1)[1].split()[0])
+    result = json.loads(proc.stdout)
+    return {"method": method, "seconds": seconds, "per_block_s": result["seconds"] / SHAPES["num_hidden_layers"],
+            "peak_rss_gib": peak_kib / 2**20, "packed_gib": result["file_bytes"] / 2**30}
+
+
+def main() -> None:
+    folder = WORK / "llama2-7b-shaped"
+    print("[1/3] writing the 7B-shaped bf16 model (once)", flush=True)
+    make_model(folder)
+    source_gib = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**30
+    rows = []
+    for i, method in enumerate(("rtn", "grid"), 2):
+        print(f"[{i}/3] potq quantize --method {method} (streamed)", flush=True)
+        rows.append(run(folder, method))
+    lines = ["# Streaming: a model larger than memory", "", "`.venv/bin/python benchmarks/streaming.py`", "",
+             f"A random-init model with Llama-2-7B's shapes as bf16 safetensors shards ({source_gib:.1f} GiB on "
+             f"disk; in float32 it would need {source_gib * 2:.1f} GiB), quantized to 3-bit PoT (G128) by "
+             f"`potq quantize` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores.", "",
+             "| method | peak RSS (GiB) | time (min) | per block (s) | packed file (GiB) |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['peak_rss_gib']:.2f} | {r['seconds'] / 60:.1f} | {r['per_block_s']:.1f} | "
+                     f"{r['packed_gib']:.2f} |")
+    lines += ["", "Note: peak RSS is the child process's maximum resident set (getrusage); the packed file keeps "
+              "the float embedding and head in bf16, as the source has them."]
+    (ROOT / "docs" / "results" / "streaming.md").write_text("\n".join(lines) + "\n")
+    (ROOT / "docs" / "results" / "streaming.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

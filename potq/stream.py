@@ -1,0 +1,219 @@
+"""Quantizing a model larger than memory: one block at a time, from memory-mapped safetensors.
+
+For a Hugging Face folder and a method that quantizes each layer on its own (``rtn``, ``grid``
+with its plain weight objective), the whole float model never exists:
+
+1. the architecture is built on the meta device (no memory) and checked against the files;
+2. each tensor is read from its memory-mapped shard when its turn comes — a block's linears,
+   quantized by the method's own code, then dropped; the float tensors outside the blocks
+   (embeddings, norms, head) one at a time;
+3. the packed result is written as it is made (:class:`SafetensorsWriter`: the header, with every
+   offset, first; the content checksum filled in at the end).
+
+Peak memory is about one block in float32 plus one float tensor, whatever the number of blocks.
+The folder is the same as :func:`potq.quantize_` + :func:`potq.save` write in memory — the same
+tensors, byte for byte, and the same ``potq.json`` but its time stamp (tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from potq.config import QuantConfig
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
+PLACEHOLDER = "0" * 64
+
+
+def streams(method: str, settings: dict[str, Any], embeddings: bool) -> bool:
+    """Whether ``method`` quantizes each layer on its own, with no data, so it can stream."""
+    return not embeddings and (method == "rtn" or method == "grid" and settings.get("objective", "mse") == "mse")
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor in a fixed order: the header (names, dtypes,
+    shapes, offsets, metadata) first, each tensor's bytes as it comes, and at :meth:`close` the
+    metadata values that were placeholders (a checksum known only at the end)."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
+                 metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for name, dtype, shape, nbytes in entries:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header, self.order, self.stream = raw, [e[0] for e in entries], path.open("wb")
+        self.sizes = {name: nbytes for name, _, _, nbytes in entries}
+        self.stream.write(struct.pack("<Q", len(raw)) + raw)
+        self.next = 0
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        if self.order[self.next] != name:
+            raise RuntimeError(f"expected tensor {self.order[self.next]}, got {name}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != self.sizes[name]:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes, the header says {self.sizes[name]}")
+        self.stream.write(data.tobytes())
+        self.next += 1
+
+    def close(self, fill: dict[str, str]) -> None:
+        """Replace each placeholder (of the same length as its value) in the header."""
+        header = self.header
+        for placeholder, value in fill.items():
+            if len(placeholder) != len(value) or header.count(placeholder.encode()) != 1:
+                raise RuntimeError("a metadata placeholder must be unique and as long as its value")
+            header = header.replace(placeholder.encode(), value.encode())
+        self.stream.seek(8)
+        self.stream.write(header)
+        self.stream.close()
+
+
+class _Source:
+    """The tensors of a Hugging Face folder by the names the model uses, read one at a time."""
+
+    def __init__(self, folder: Path, skeleton: nn.Module, rename: Any) -> None:
+        from potq.models.hf import weight_files
+
+        prefix = f"{skeleton.base_model_prefix}."
+        self.where: dict[str, tuple[Path, str]] = {}
+        for file in weight_files(folder):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    self.where[rename(key).removeprefix(prefix)] = (file, key)
+        self.prefix = prefix
+
+    def read(self, name: str) -> Tensor:
+        file, key = self.where[name.removeprefix(self.prefix)]
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(key).to(torch.float32)
+
+
+def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: dict[str, Any], out: Path,
+                    source: dict, progress: bool = True) -> Path:
+    """Quantize the Hugging Face ``folder`` with ``method`` block by block into the potq folder
+    ``out`` (checked free by the caller), never holding more than a block in float."""
+    from potq import interop, storage
+    from potq.methods import get_method
+    from potq.models import hf
+    from potq.nn import QuantLinear
+    from potq.outputs import publish, temp_folder
+    from potq.quantize import _defaults, _is_json, _UI_SETTINGS, quantizable_layers
+
+    hf_config = hf._config(folder)
+    hf._check_weights(folder, hf_config, hf.weight_files(folder), whole_model=False)
+    tokenizer = hf._tokenizer(folder, hf_config)
+    from potq.limits import check_vocabulary
+
+    check_vocabulary(tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, hf_config.to_dict(), str(folder))
+    with torch.device("meta"):
+        original = hf.empty_model(hf_config, linear=False)
+        model = hf.empty_model(hf_config)
+    conv1d = {name for name, m in original.named_modules() if type(m).__name__ == "Conv1D"}
+    reader = _Source(folder, original, hf._renaming(original))
+    chosen = get_method(method)
+    layers = quantizable_layers(model)
+    fmt = config.make_format()
+    with torch.device("meta"):
+        for name, layer in layers.items():
+            model.set_submodule(name, QuantLinear(layer.in_features, layer.out_features, fmt, config.group_size,
+                                                  bias=layer.bias is not None))
+    effective = {**_defaults(chosen.run), **settings}
+    model.potq_meta = {**config.to_dict(), "embeddings": False, "method": method,  # quantize_'s order
+                       "method_settings": {k: v for k, v in effective.items() if k not in _UI_SETTINGS and _is_json(v)},
+                       "calibration": None}
+    tensors, aliases = _plan(model)
+    packed = {f"{name}.{part}" for name in layers for part in ("codes", "scales", "zeros", "bias")}
+
+    def read_float(name: str) -> Tensor:
+        tensor = reader.read(name)
+        return tensor.t().contiguous() if name.rsplit(".", 1)[0] in conv1d else tensor
+
+    dtypes = {name: storage.narrowest_exact(read_float(name)).dtype for name in tensors if name not in packed}
+    entries = [(name, _SAFETENSORS_DTYPES[dtypes.get(name, t.dtype)], tuple(t.shape),
+                t.numel() * (dtypes.get(name, t.dtype)).itemsize) for name, t in tensors.items()]
+    tmp = temp_folder(out)
+    try:
+        tokenizer.save(tmp)
+        description = storage._manifest(model, source, aliases, {})
+        (tmp / interop.CONFIG_FILE).write_text(json.dumps(interop.folder_config(description), indent=1))
+        (tmp / interop.TOKENIZER_CONFIG_FILE).write_text(json.dumps(interop.tokenizer_config(
+            *(None if i is None else tokenizer.backend.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id)))))
+        description["files"] = {name: storage._file_digest(tmp / name) for name in storage.DIGESTED_FILES}
+        manifest = json.dumps(description, indent=1).encode()
+        metadata = {"potq": description["potq_version"],
+                    storage.META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
+                    storage.META_ROLES: json.dumps(storage.tensor_roles(description), sort_keys=True),
+                    storage.META_CONTENT: PLACEHOLDER}
+        writer = SafetensorsWriter(tmp / storage.WEIGHTS_FILE, entries, metadata)
+        digests: dict[str, str] = {}
+        by_layer = {name: [t for t in tensors if t.rsplit(".", 1)[0] == name] for name in layers}
+        run = lambda linears: chosen.run(None, linears, config, progress=False, **settings)  # noqa: E731
+        for name, tensor in _tensors_in_order(tensors, layers, by_layer, read_float, run, fmt, progress):
+            tensor = tensor if name in packed else storage.narrowest_exact(tensor)
+            digests[name] = storage.tensor_digest(name, tensor)
+            writer.write(name, tensor)
+        writer.close({PLACEHOLDER: storage.combine_digests(digests)})
+        (tmp / storage.MANIFEST_FILE).write_bytes(manifest)
+        publish(tmp, out)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _plan(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors to store (meta tensors, in state-dict order) and the aliases of tied ones."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            aliases[name] = seen[id(parameter)]
+        seen.setdefault(id(parameter), name)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in aliases:
+            tensors[name] = tensor
+    return tensors, aliases
+
+
+def _tensors_in_order(tensors: dict[str, Tensor], layers: dict[str, nn.Module], by_layer: dict[str, list[str]],
+                      read_float: Any, run: Any, fmt: Any, progress: bool) -> Iterator[tuple[str, Tensor]]:
+    """Every stored tensor in ``tensors``' order: a packed layer's tensors made by the method from
+    the layer's float weight, read when the layer's first tensor comes; float tensors as read."""
+    from potq.nn import QuantLinear
+
+    made: dict[str, Tensor] = {}
+    owner = {t: layer for layer, names in by_layer.items() for t in names}
+    bar = tqdm(total=len(layers), desc=f"stream {fmt!r}", unit="layer", disable=not progress)
+    for name in tensors:
+        layer = owner.get(name)
+        if layer is None:
+            yield name, read_float(name)
+            continue
+        if name not in made:
+            weight = read_float(f"{layer}.weight")
+            bias = read_float(f"{layer}.bias") if tensors.get(f"{layer}.bias") is not None else None
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias, requires_grad=False)
+            qw = run({layer: linear})[layer]
+            made.update({f"{layer}.{k}": v for k, v in QuantLinear.from_quantized(qw, bias).state_dict().items()
+                         if v is not None})
+            bar.update(1)
+        yield name, made.pop(name)
+    bar.close()
