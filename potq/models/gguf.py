@@ -74,8 +74,11 @@ def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
     architecture against the tensors present before any tensor is dequantized."""
     reader = _open(path)
     architecture = _field(reader, "general.architecture")
+    if architecture in VIA_TRANSFORMERS:
+        return _load_via_transformers(reader, path, architecture)
     if architecture != "llama":
-        raise PotqError(f"{path} is a {architecture!r} GGUF; potq loads only the 'llama' architecture")
+        raise PotqError(f"{path} is a {architecture!r} GGUF; potq loads the architectures "
+                        f"{', '.join(['llama', *VIA_TRANSFORMERS])}")
     config = _config(reader, path)
     for tensor in reader.tensors:
         if tensor.tensor_type not in EXPANDED_TYPES:
@@ -85,6 +88,40 @@ def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
     llama.check_shapes(config, {_torch_name(t.name, path): _torch_shape(t) for t in reader.tensors}, str(path))
     tokenizer = _tokenizer(reader, path)
     return llama.build_llama(config, _weights(reader, path), str(path)), tokenizer
+
+
+# GGUF architectures read through transformers' own GGUF loader (``from_pretrained(gguf_file=...)``),
+# which maps their tensor names, undoes llama.cpp's layouts and dequantizes every type the gguf
+# package knows; potq's own loader above stays for 'llama' (it builds no float copy twice).
+VIA_TRANSFORMERS = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+
+def _load_via_transformers(reader: GGUFReader, path: Path, architecture: str) -> tuple[PreTrainedModel, Tokenizer]:
+    """A non-'llama' GGUF through transformers, after potq's own checks: the header's sizes within
+    the hard limits, and the float model's memory (transformers builds it whole) available."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potq.limits import check_memory
+    from potq.models.arch import check_supported
+    from potq.models.hf import as_linear_layers, plain_outputs
+
+    for key, hi in (("block_count", MAX_LAYERS), ("embedding_length", MAX_WIDTH), ("feed_forward_length", MAX_WIDTH),
+                    ("attention.head_count", MAX_WIDTH)):
+        _number(reader, f"{architecture}.{key}", hi)
+    check_memory(3 * 4 * sum(int(t.n_elements) for t in reader.tensors), f"loading {path}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     local_files_only=True, trust_remote_code=False)
+        backend = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                trust_remote_code=False)
+    except Exception as exc:  # transformers' GGUF reader raises many types for a file it cannot map
+        raise PotqError(f"{path}: transformers cannot read this {architecture!r} GGUF ({first_line(exc)})") from None
+    check_supported(model.config.model_type, str(path))
+    plain_outputs(model.config)
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", backend.bos_token_id is not None))
+    tokenizer = Tokenizer(backend.backend_tokenizer, backend.bos_token_id, backend.eos_token_id, add_bos=add_bos)
+    return as_linear_layers(model).eval(), tokenizer
 
 
 # Smallest encodings of a metadata entry (key length, one-byte key, type, a one-byte value) and of a
