@@ -456,6 +456,8 @@ def load(path: str | os.PathLike) -> "LoadedModel":
     check_memory(_load_bytes(checked), f"loading {checked.folder}")
     tokenizer = _tokenizer(checked)
     state = read_tensors(checked)
+    # The float layers the packed ones replace are allocated uninitialised and never written, so
+    # their pages never become resident: loading costs the packed model, not the float one.
     model = _skeleton(checked.manifest, checked.folder)
     for name, target in checked.manifest.get("aliases", {}).items():
         state.setdefault(name, state[target])
@@ -471,11 +473,15 @@ def load(path: str | os.PathLike) -> "LoadedModel":
 
 
 def _load_bytes(checked: Checked) -> int:
-    """The model in memory: float tensors as float32 (how they are built), packed ones as stored."""
+    """The model in memory (float tensors as float32, packed ones as stored) and the state dict read
+    from the file beside it while it is copied in."""
     import math
 
-    sizes = {"U8": 1, "F16": 2, "BF16": 4, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
-    return 2 * sum(math.prod(shape) * sizes.get(dtype, 8) for shape, dtype in checked.header.values())
+    sizes = {"U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
+    stored = sum(math.prod(shape) * sizes.get(dtype, 8) for shape, dtype in checked.header.values())
+    built = sum(math.prod(shape) * (4 if dtype in FLOAT_DTYPES else sizes.get(dtype, 8))
+                for shape, dtype in checked.header.values())
+    return stored + built
 
 
 def _packed_layer(entry: dict[str, Any]) -> PackedWeight:
