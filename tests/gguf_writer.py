@@ -14,10 +14,10 @@ from tests.zoo import tiny_model
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "phi3"}  # zoo kind -> GGUF architecture
 
 
-def write_gguf(kind: str, path: Path, tensor_type: str = "F32"):  # noqa: ANN201
-    """``path`` holding the tiny ``kind`` model (its weights as ``tensor_type``), with stories260K's
-    512-token vocabulary; returns the model it was written from."""
-    model, arch = tiny_model(kind), ARCHS[kind]
+def write_gguf(kind: str, path: Path, tensor_type: str = "F32", model=None):  # noqa: ANN001, ANN201
+    """``path`` holding the tiny ``kind`` model (or ``model``; its weights as ``tensor_type``), with
+    stories260K's 512-token vocabulary; returns the model it was written from."""
+    model, arch = model if model is not None else tiny_model(kind), ARCHS[kind]
     c = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
