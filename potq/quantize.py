@@ -116,15 +116,22 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
         quantized = chosen.run(module, layers, config, **settings)
     for name, qw in quantized.items():
         module.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
-    effective = {**_defaults(chosen.run), **settings, **getattr(module, "potq_report", {}).get("settings", {})}
     module.potq_meta = {
         **config.to_dict(),
         "embeddings": embeddings,
         "method": method,
-        "method_settings": {k: v for k, v in effective.items() if k not in _UI_SETTINGS and _is_json(v)},
+        "method_settings": recorded_settings(chosen.run, {**settings,
+                                                          **getattr(module, "potq_report", {}).get("settings", {})}),
         "calibration": calibration_info,
     }
     return module
+
+
+def recorded_settings(run: Callable, settings: dict[str, Any]) -> dict[str, Any]:
+    """What ``potq.json`` records of a method's settings: its defaults overridden by ``settings``,
+    the JSON-able ones that change the result."""
+    effective = {**_defaults(run), **settings}
+    return {k: v for k, v in effective.items() if k not in _UI_SETTINGS and _is_json(v)}
 
 
 _UI_SETTINGS = {"progress", "state_dir"}  # how a run looks or where it keeps a checkpoint: not recorded

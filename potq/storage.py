@@ -77,17 +77,9 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
     tensors, aliases = _dedup_state_dict(model)
     tmp = temp_folder(out)
     try:
-        tokenizer.save(tmp)
-        description = _manifest(model, source or {}, aliases, {})
-        (tmp / interop.CONFIG_FILE).write_text(json.dumps(interop.folder_config(description), indent=1))
-        (tmp / interop.TOKENIZER_CONFIG_FILE).write_text(json.dumps(interop.tokenizer_config(
-            *(None if i is None else tokenizer.backend.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id)))))
-        description["files"] = {name: _file_digest(tmp / name) for name in DIGESTED_FILES}
-        manifest = json.dumps(description, indent=1).encode()
-        metadata = {"potq": __version__, META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
-                    META_ROLES: json.dumps(tensor_roles(json.loads(manifest)), sort_keys=True),
-                    META_CONTENT: content_digest(sorted(tensors.items()))}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        manifest = write_description(tmp, model, tokenizer, source or {}, aliases)
+        save_file(tensors, str(tmp / WEIGHTS_FILE),
+                  metadata=weights_metadata(manifest, content_digest(sorted(tensors.items()))))
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         publish(tmp, out)
     finally:
@@ -96,6 +88,25 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
 
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_description(folder: Path, model: nn.Module, tokenizer: Tokenizer, source: dict,
+                      aliases: dict[str, str]) -> bytes:
+    """Write the tokenizer, ``config.json`` and ``tokenizer_config.json`` into ``folder``; return the
+    bytes of ``potq.json`` describing ``model`` (written last by the caller, after the weights)."""
+    tokenizer.save(folder)
+    description = _manifest(model, source, aliases, {})
+    (folder / interop.CONFIG_FILE).write_text(json.dumps(interop.folder_config(description), indent=1))
+    specials = (None if i is None else tokenizer.backend.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id))
+    (folder / interop.TOKENIZER_CONFIG_FILE).write_text(json.dumps(interop.tokenizer_config(*specials)))
+    description["files"] = {name: _file_digest(folder / name) for name in DIGESTED_FILES}
+    return json.dumps(description, indent=1).encode()
+
+
+def weights_metadata(manifest: bytes, content: str) -> dict[str, str]:
+    """The safetensors metadata that ties the weights to ``manifest`` (see docs/format.md)."""
+    return {"potq": __version__, META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
+            META_ROLES: json.dumps(tensor_roles(json.loads(manifest)), sort_keys=True), META_CONTENT: content}
 
 
 def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

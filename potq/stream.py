@@ -17,7 +17,6 @@ tensors, byte for byte, and the same ``potq.json`` but its time stamp (tested).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -104,16 +103,16 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
                     source: dict, progress: bool = True) -> Path:
     """Quantize the Hugging Face ``folder`` with ``method`` block by block into the potq folder
     ``out`` (checked free by the caller), never holding more than a block in float."""
-    from potq import interop, storage
+    from potq import storage
     from potq.methods import get_method
     from potq.models import hf
     from potq.nn import QuantLinear
     from potq.outputs import publish, temp_folder
-    from potq.quantize import _defaults, _is_json, _UI_SETTINGS, quantizable_layers
+    from potq.quantize import quantizable_layers, recorded_settings
 
-    hf_config = hf._config(folder)
-    hf._check_weights(folder, hf_config, hf.weight_files(folder), whole_model=False)
-    tokenizer = hf._tokenizer(folder, hf_config)
+    hf_config = hf.read_config(folder)
+    hf.check_weights(folder, hf_config, hf.weight_files(folder), whole_model=False)
+    tokenizer = hf.folder_tokenizer(folder, hf_config)
     from potq.limits import check_vocabulary
 
     check_vocabulary(tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, hf_config.to_dict(), str(folder))
@@ -121,7 +120,7 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
         original = hf.empty_model(hf_config, linear=False)
         model = hf.empty_model(hf_config)
     conv1d = {name for name, m in original.named_modules() if type(m).__name__ == "Conv1D"}
-    reader = _Source(folder, original, hf._renaming(original))
+    reader = _Source(folder, original, hf.renaming(original))
     chosen = get_method(method)
     layers = quantizable_layers(model)
     fmt = config.make_format()
@@ -129,10 +128,8 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
         for name, layer in layers.items():
             model.set_submodule(name, QuantLinear(layer.in_features, layer.out_features, fmt, config.group_size,
                                                   bias=layer.bias is not None))
-    effective = {**_defaults(chosen.run), **settings}
     model.potq_meta = {**config.to_dict(), "embeddings": False, "method": method,  # quantize_'s order
-                       "method_settings": {k: v for k, v in effective.items() if k not in _UI_SETTINGS and _is_json(v)},
-                       "calibration": None}
+                       "method_settings": recorded_settings(chosen.run, settings), "calibration": None}
     tensors, aliases = _plan(model)
     packed = {f"{name}.{part}" for name in layers for part in ("codes", "scales", "zeros", "bias")}
 
@@ -145,18 +142,8 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
                 t.numel() * (dtypes.get(name, t.dtype)).itemsize) for name, t in tensors.items()]
     tmp = temp_folder(out)
     try:
-        tokenizer.save(tmp)
-        description = storage._manifest(model, source, aliases, {})
-        (tmp / interop.CONFIG_FILE).write_text(json.dumps(interop.folder_config(description), indent=1))
-        (tmp / interop.TOKENIZER_CONFIG_FILE).write_text(json.dumps(interop.tokenizer_config(
-            *(None if i is None else tokenizer.backend.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id)))))
-        description["files"] = {name: storage._file_digest(tmp / name) for name in storage.DIGESTED_FILES}
-        manifest = json.dumps(description, indent=1).encode()
-        metadata = {"potq": description["potq_version"],
-                    storage.META_MANIFEST: hashlib.sha256(manifest).hexdigest(),
-                    storage.META_ROLES: json.dumps(storage.tensor_roles(description), sort_keys=True),
-                    storage.META_CONTENT: PLACEHOLDER}
-        writer = SafetensorsWriter(tmp / storage.WEIGHTS_FILE, entries, metadata)
+        manifest = storage.write_description(tmp, model, tokenizer, source, aliases)
+        writer = SafetensorsWriter(tmp / storage.WEIGHTS_FILE, entries, storage.weights_metadata(manifest, PLACEHOLDER))
         digests: dict[str, str] = {}
         by_layer = {name: [t for t in tensors if t.rsplit(".", 1)[0] == name] for name in layers}
         run = lambda linears: chosen.run(None, linears, config, progress=False, **settings)  # noqa: E731

@@ -92,9 +92,9 @@ def load(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
     """The model and tokenizer of a Hugging Face folder, read from disk only: no code from the
     folder runs (``trust_remote_code=False``), only safetensors are read, and the tensors are
     checked against the config before the model is allocated."""
-    config = _config(folder)
+    config = read_config(folder)
     files = weight_files(folder)
-    _check_weights(folder, config, files)
+    check_weights(folder, config, files)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, config=config, local_files_only=True, dtype=torch.float32, output_loading_info=True,
@@ -105,10 +105,10 @@ def load(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
     if info["missing_keys"]:  # transformers would run them randomly initialised; wrong shapes raise above
         missing = ", ".join(sorted(info["missing_keys"])[:3])
         raise PotqError(f"{folder} lacks weights ({missing}...); re-save the model")
-    return as_linear_layers(model).eval(), _tokenizer(folder, config)
+    return as_linear_layers(model).eval(), folder_tokenizer(folder, config)
 
 
-def _check_weights(folder: Path, config: PretrainedConfig, files: list[Path], whole_model: bool = True) -> None:
+def check_weights(folder: Path, config: PretrainedConfig, files: list[Path], whole_model: bool = True) -> None:
     """The safetensors headers hold every tensor the config's model needs, of the right shape,
     and no block the config does not have — checked on a meta-device skeleton, and the memory
     the model needs checked against what is available, before anything is allocated."""
@@ -138,7 +138,7 @@ def _check_weights(folder: Path, config: PretrainedConfig, files: list[Path], wh
     tied = {name for group in names.values() for name in group[1:]}
     expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in skeleton.state_dict().items()}
     expected = {k: v for k, v in expected.items() if k not in tied}
-    rename = _renaming(skeleton)
+    rename = renaming(skeleton)
     present = {rename(k).removeprefix(prefix): v for k, v in present.items()}
     ignored = {k for k in present for pattern in skeleton._keys_to_ignore_on_load_unexpected or []
                if re.search(pattern, k)}
@@ -148,7 +148,7 @@ def _check_weights(folder: Path, config: PretrainedConfig, files: list[Path], wh
         check_memory(2 * float_bytes(expected), f"loading {folder}")
 
 
-def _renaming(skeleton: PreTrainedModel) -> Callable[[str], str]:
+def renaming(skeleton: PreTrainedModel) -> Callable[[str], str]:
     """A checkpoint key -> the name transformers loads it as (its own renaming rules, e.g.
     GPT-NeoX's ``embed_out`` -> ``lm_head``), so the check compares like with like."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -165,7 +165,7 @@ def _renaming(skeleton: PreTrainedModel) -> Callable[[str], str]:
     return rename
 
 
-def _config(folder: Path) -> PretrainedConfig:
+def read_config(folder: Path) -> PretrainedConfig:
     """The folder's config, or an error unless it describes a model class potq supports.
 
     The JSON is read and checked by potq first (size, limits, ``model_type``), so transformers
@@ -181,7 +181,7 @@ def _config(folder: Path) -> PretrainedConfig:
         raise PotqError(f"cannot read {folder / CONFIG_FILE} ({first_line(exc)}); fix or re-save it") from None
 
 
-def _tokenizer(folder: Path, config: PretrainedConfig) -> Tokenizer:
+def folder_tokenizer(folder: Path, config: PretrainedConfig) -> Tokenizer:
     """The folder's ``tokenizer.json`` with BOS/EOS from the config (a GPT-2 folder without one
     gets GPT-2's BPE from the shared folder).
 
