@@ -92,3 +92,19 @@ def test_uneven_multiplier_grid_uses_binary_search():
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-9)
     with pytest.raises(ValueError, match="increasing"):
         group_errors(w, fmt, 32, uneven.flip(0))
+
+
+@pytest.mark.parametrize("name", ["pot", "uniform"])
+def test_the_row_chunked_search_is_the_whole_search(name, monkeypatch):
+    import potq.methods.grid as grid
+    from potq.formats import get_format
+
+    torch.manual_seed(0)
+    w, fmt = torch.randn(300, 96), get_format(name, 3)
+    whole_qp, whole_b = grid.search_scales(w, fmt, 32)
+    monkeypatch.setattr(grid, "ROW_CHUNK", 64)
+    chunked_qp, chunked_b = grid.search_scales(w, fmt, 32)
+    assert torch.equal(chunked_qp.scale, whole_qp.scale) and torch.equal(chunked_b, whole_b)
+    assert (whole_qp.zero is None) == (chunked_qp.zero is None)
+    if whole_qp.zero is not None:
+        assert torch.equal(chunked_qp.zero, whole_qp.zero)

@@ -109,11 +109,18 @@ def _grid_counter(multipliers: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda v: torch.searchsorted(betas, v, right=True)
 
 
+ROW_CHUNK = 1024  # rows searched at once: the exact PoT search keeps float64 histograms per group
+
+
 def search_scales(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor = MULTIPLIERS,
                   column_weight: Tensor | None = None) -> tuple[QParams, Tensor]:
     """The best parameters of every group and the chosen multiplier ``b*`` ``[rows, groups]``."""
     if group_size == PER_TENSOR:
         raise ValueError("the grid search is per group; use a group size or -1 (per channel)")
+    if w.shape[0] > ROW_CHUNK:  # rows are independent: the same result, a fraction of the working memory
+        parts = [search_scales(rows, fmt, group_size, multipliers, column_weight) for rows in w.split(ROW_CHUNK)]
+        zero = None if parts[0][0].zero is None else torch.cat([qp.zero for qp, _ in parts])
+        return QParams(torch.cat([qp.scale for qp, _ in parts]), zero), torch.cat([b for _, b in parts])
     errors = group_errors(w, fmt, group_size, multipliers, column_weight)
     best = multipliers[errors.argmin(dim=0)]  # first minimum on ties: the smaller b
     return init_qparams(w, fmt, group_size, clip=best), best
