@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -394,11 +394,11 @@ _SAFETENSORS_DTYPE = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F
                       torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
 
 
-def read_tensors(checked: Checked, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Every stored tensor, checked against the content checksum and (scales) finite and positive;
-    with ``keep=False`` nothing is kept (``potq verify`` of a model larger than memory)."""
+def read_tensors(checked: Checked, visit: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """Read every stored tensor once, in name order, handing each to ``visit`` (then dropping it):
+    each is checked (scales finite and positive) as it comes, and all of them against the content
+    checksum at the end — so a model is filled tensor by tensor, never holding a second copy."""
     digests = {}
-    state = {}
     try:
         with safe_open(str(checked.weights), framework="pt") as f:
             for name in sorted(f.keys()):
@@ -409,14 +409,13 @@ def read_tensors(checked: Checked, keep: bool = True) -> dict[str, torch.Tensor]
                     if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
                         raise PotqError(f"{checked.weights}: {name} holds a scale that is not finite and "
                                         "positive; the file is corrupt")
-                if keep:
-                    state[name] = tensor
+                if visit is not None:
+                    visit(name, tensor)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise PotqError(f"{checked.weights} cannot be read ({first_line(exc)}); the file is corrupt") from None
     if combine_digests(digests) != checked.metadata.get(META_CONTENT):
         raise PotqError(f"{checked.weights}: the tensor bytes do not match their checksum; the file is "
                         "corrupt, quantize the model again")
-    return state
 
 
 def verify(path: str | os.PathLike, skeleton: bool = True) -> Checked:
@@ -424,7 +423,7 @@ def verify(path: str | os.PathLike, skeleton: bool = True) -> Checked:
     checksum, scales finite and positive, and the tokenizer against the model's vocabulary
     (``skeleton=False``: ``potq info``'s quick form, which skips only the model build)."""
     checked = inspect(path, skeleton)
-    read_tensors(checked, keep=False)
+    read_tensors(checked)
     _tokenizer(checked)
     return checked
 
@@ -466,13 +465,20 @@ def load(path: str | os.PathLike) -> "LoadedModel":
     checked = inspect(path)
     check_memory(_load_bytes(checked), f"loading {checked.folder}")
     tokenizer = _tokenizer(checked)
-    state = read_tensors(checked)
-    # The float layers the packed ones replace are allocated uninitialised and never written, so
-    # their pages never become resident: loading costs the packed model, not the float one.
+    # The float layers the packed ones replace, and the packed buffers, are allocated uninitialised:
+    # the pages of the first are never written, those of the second once, by the copy below.
     model = _skeleton(checked.manifest, checked.folder)
+    targets = model.state_dict(keep_vars=True)  # the model's own tensors (inspect checked the names)
+    aliases: dict[str, list[str]] = {}
     for name, target in checked.manifest.get("aliases", {}).items():
-        state.setdefault(name, state[target])
-    model.load_state_dict(state, strict=True)
+        aliases.setdefault(target, []).append(name)
+
+    def fill(name: str, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            for key in (name, *aliases.get(name, [])):
+                targets[key].copy_(tensor)
+
+    read_tensors(checked, fill)
     model.eval()
     manifest = checked.manifest
     model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "options", "method",

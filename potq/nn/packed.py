@@ -37,9 +37,10 @@ class PackedWeight(nn.Module):
         self.cache_weight = cache_weight
         groups = num_groups(in_features, group_size)
         row_bytes = packed_row_bytes(in_features, fmt.bits)
-        self.register_buffer("codes", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8)
+        # uninitialised: a layer is always filled (by a method's result or a file) before it is used
+        self.register_buffer("codes", torch.empty(out_features, row_bytes, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.uint8)
                              if fmt.has_zero else None)
         self._weight: Tensor | None = None
 
