@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -400,22 +401,43 @@ def read_tensors(checked: Checked, visit: Callable[[str, torch.Tensor], None] | 
     checksum at the end — so a model is filled tensor by tensor, never holding a second copy."""
     digests = {}
     try:
-        with safe_open(str(checked.weights), framework="pt") as f:
-            for name in sorted(f.keys()):
-                tensor = f.get_tensor(name)
-                digests[name] = tensor_digest(name, tensor)
-                if name.endswith(".scales") and name[:-len(".scales")] in checked.manifest["quantized_layers"]:
-                    scales = tensor.float()
-                    if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
-                        raise PotqError(f"{checked.weights}: {name} holds a scale that is not finite and "
-                                        "positive; the file is corrupt")
-                if visit is not None:
-                    visit(name, tensor)
-    except (SafetensorError, OSError, RuntimeError) as exc:
+        for name, tensor in _tensors_read(checked.weights):
+            digests[name] = tensor_digest(name, tensor)
+            if name.endswith(".scales") and name[:-len(".scales")] in checked.manifest["quantized_layers"]:
+                scales = tensor.float()
+                if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
+                    raise PotqError(f"{checked.weights}: {name} holds a scale that is not finite and "
+                                    "positive; the file is corrupt")
+            if visit is not None:
+                visit(name, tensor)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise PotqError(f"{checked.weights} cannot be read ({first_line(exc)}); the file is corrupt") from None
     if combine_digests(digests) != checked.metadata.get(META_CONTENT):
         raise PotqError(f"{checked.weights}: the tensor bytes do not match their checksum; the file is "
                         "corrupt, quantize the model again")
+
+
+_TORCH_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F32": torch.float32, "F64": torch.float64, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+def _tensors_read(weights: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` in name order, each read with a plain ``pread`` into its own memory:
+    unlike safetensors' memory map, the file's pages do not stay mapped into the process, so a
+    load's resident memory is the model's, not the model's plus the file's."""
+    with weights.open("rb") as stream:
+        (size,) = struct.unpack("<Q", stream.read(8))
+        header = json.loads(stream.read(size))
+        start = 8 + size
+        for name in sorted(k for k in header if k != "__metadata__"):
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            data = bytearray(os.pread(stream.fileno(), end - begin, start + begin))
+            if len(data) != end - begin:
+                raise OSError(f"{name} is cut short")
+            dtype = _TORCH_DTYPES[entry["dtype"]]
+            tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            yield name, tensor.reshape(entry["shape"])
 
 
 def verify(path: str | os.PathLike, skeleton: bool = True) -> Checked:
