@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,10 +85,7 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         publish(tmp, out)
     finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
     return out
 
 
@@ -386,12 +384,12 @@ def _check_header(skeleton: nn.Module, manifest: dict[str, Any], header: dict, w
                             f"{tuple(want.shape)}: quantize the model again")
         allowed = FLOAT_DTYPES if want.is_floating_point() and want.dtype != torch.float16 else None
         if allowed is None:
-            allowed = (_SAFETENSORS_DTYPE.get(want.dtype, str(want.dtype)),)
+            allowed = (SAFETENSORS_DTYPES.get(want.dtype, str(want.dtype)),)
         if dtype not in allowed:
             raise PotqError(f"{weights}: tensor {key} is {dtype}, expected {' or '.join(allowed)}; it is corrupt")
 
 
-_SAFETENSORS_DTYPE = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16",
+SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
 
 

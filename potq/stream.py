@@ -18,6 +18,7 @@ tensors, byte for byte, and the same ``potq.json`` but its time stamp (tested).
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,6 @@ from tqdm import tqdm
 
 from potq.config import QuantConfig
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 PLACEHOLDER = "0" * 64
 
 
@@ -138,7 +138,7 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
         return tensor.t().contiguous() if name.rsplit(".", 1)[0] in conv1d else tensor
 
     dtypes = {name: storage.narrowest_exact(read_float(name)).dtype for name in tensors if name not in packed}
-    entries = [(name, _SAFETENSORS_DTYPES[dtypes.get(name, t.dtype)], tuple(t.shape),
+    entries = [(name, storage.SAFETENSORS_DTYPES[dtypes.get(name, t.dtype)], tuple(t.shape),
                 t.numel() * (dtypes.get(name, t.dtype)).itemsize) for name, t in tensors.items()]
     tmp = temp_folder(out)
     try:
@@ -155,10 +155,7 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
         (tmp / storage.MANIFEST_FILE).write_bytes(manifest)
         publish(tmp, out)
     finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
     return out
 
 
