@@ -22,6 +22,8 @@ from potq.errors import PotqError
 from potq.paths import write_text_atomic
 
 if TYPE_CHECKING:
+    import torch
+
     from potq.config import QuantConfig
 
 
@@ -112,6 +114,11 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
+                   help=f"where {what} runs: auto (default) = the GPU when PyTorch sees one, else the CPU")
+
+
 def _add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help=f"{what} as JSON: to FILE, or alone on stdout (nothing else there) when no FILE is given")
@@ -130,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model and save it as a potq folder")
     p.add_argument("model", help=model_help)
     _add_quant_args(p)
+    _add_device_arg(p, "the quantization")
     _add_output_args(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -144,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first K windows (a quick estimate; a full set can take an hour)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast where the hardware has native bf16, else fp32")
+    _add_device_arg(p, "the evaluation")
     _add_json_arg(p, "the result")
     p.set_defaults(func=cmd_eval)
 
@@ -158,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="packed PoT layers: the fused CPU kernel (default) or the pure-PyTorch path")
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s and which path computed the layers after the text")
+    _add_device_arg(p, "the model")
     _add_json_arg(p, "the prompt, text and speed")
     p.set_defaults(func=cmd_generate)
 
@@ -188,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per window (default 256, or the model's context when shorter)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the training windows (default 0)")
     p.add_argument("--report", type=Path, default=None, help="write the settings, wall time and loss history here")
+    _add_device_arg(p, "the training")
     _add_output_args(p)
     p.set_defaults(func=cmd_qat, method="qat")
 
@@ -256,6 +267,8 @@ def _version() -> str:
 
 def quant_config(args: argparse.Namespace) -> "QuantConfig":
     """The QuantConfig of the format flags (``--epsilon`` becomes the format's option)."""
+    import torch
+
     from potq.config import QuantConfig
 
     options = {} if args.epsilon is None else {"epsilon": args.epsilon}
@@ -268,7 +281,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from potq.methods import METHODS
     from potq.report import build_report, write_report
 
+    from potq import devices
+
     config = quant_config(args)  # validate before loading
+    device = devices.resolve(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise PotqError(f"--batch-size must be at least 1, got {args.batch_size}")
     from potq.outputs import check_output
@@ -278,9 +294,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "decay", "grad", "objective", "damp",
                                                "act_order", "static_groups", "clip", "steps", "batch_size", "scales")
                 if getattr(args, k, None) is not None}
-    if _stream(args, config, settings):
+    if _stream(args, config, settings, device):
         return
-    lm = potq.load_model(args.model)
+    lm = potq.load_model(args.model, lazy=METHODS[args.method].blockwise(settings))  # blocks read in turn
     start = time.perf_counter()
     if args.method == "qat":  # a checkpoint beside the output lets an interrupted run resume
         settings["state_dir"] = str(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"))
@@ -291,7 +307,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         calib_len = args.calib_len or min(256, max_positions(lm.model) or 256)
         settings.update(calib_samples=args.calib_samples, calib_len=calib_len, seed=args.seed)
     potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, resume_dir=str(resume_dir),
-                   **settings)
+                   device=device, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output, overwrite=args.overwrite)
     shutil.rmtree(resume_dir, ignore_errors=True)
@@ -305,9 +321,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             {"output": str(args.output), "method": args.method, "seconds": seconds, **s})
 
 
-def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict) -> bool:
+def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict, device: "torch.device") -> bool:
     """Quantize a Hugging Face folder block by block from its files (:mod:`potq.stream`) where the
     method allows: the float model is never built, so a model larger than memory fits."""
+    from potq import devices
     from potq.info import summary
     from potq.models.hf import CONFIG_FILE, weight_files
     from potq.models.registry import resolve
@@ -321,7 +338,8 @@ def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict) -> 
         return False
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(weight_files(path)), "loader": "hf"}
     start = time.perf_counter()
-    stream_quantize(path, config, args.method, settings, Path(args.output), source, progress=not args.quiet)
+    with devices.using(device):
+        stream_quantize(path, config, args.method, settings, Path(args.output), source, progress=not args.quiet)
     seconds = time.perf_counter() - start
     s = summary(args.output)
     _report(args, f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
@@ -336,9 +354,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from potq.eval import perplexity
     from potq.eval.data import home_dataset
     from potq.eval.perplexity import max_positions
+    from potq.devices import resolve
     from potq.models import load_model
 
+    device = resolve(args.device)
     lm = load_model(args.model)
+    lm.model.to(device)
     dataset = args.dataset or home_dataset(lm.source)
     ctx = args.ctx or min(2048, max_positions(lm.model) or 2048)
     if args.dataset is None:
@@ -353,9 +374,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from potq.eval import generate
     from potq.kernels import fused
+    from potq.devices import resolve
     from potq.models import load_model
 
+    device = resolve(args.device)
     lm = load_model(args.model)
+    lm.model.to(device)
     to_screen = args.json != "-"
     if to_screen:
         print(args.prompt, end="", flush=True)

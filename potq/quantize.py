@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from potq import devices
 from potq.config import QuantConfig
 from potq.engine import resume
 from potq.errors import PotqError
@@ -68,7 +69,7 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> dict[str, Qua
 
 def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
               calib_samples: int = 32, calib_len: int = 512, seed: int = 0, embeddings: bool = False,
-              resume_dir: str | None = None, **settings: Any) -> nn.Module:
+              resume_dir: str | None = None, device: str | torch.device | None = None, **settings: Any) -> nn.Module:
     """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns the module.
 
     ``embeddings=True`` also quantizes the embedding tables (see :func:`quantize_embeddings_`),
@@ -84,12 +85,20 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     ``resume_dir``: a block-wise method checkpoints every finished block there, and a run of the
     same quantization killed before it finished goes on from its last block
     (:mod:`potq.engine.resume`); the folder is the caller's to remove when the result is saved.
+
+    ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``): where the method computes; the model stays in
+    memory where it is and the packed result is on the CPU (see :mod:`potq.devices`). ``None``:
+    the device of the model's parameters.
     """
     module, tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
     if any(isinstance(m, PackedWeight) for m in module.modules()):
         raise PotqError("this model is already quantized: load the float model to quantize it again")
     chosen = get_method(method)
     _check_settings(method, chosen.run, settings)
+    lazy = getattr(module, "potq_lazy", None)
+    if lazy is not None and not chosen.blockwise(settings):
+        raise PotqError(f"method {method!r} needs the whole model in memory: load it without lazy=True "
+                        "(rtn and grid stream through potq.stream.stream_quantize)")
     layers = quantizable_layers(module)
     if not layers:
         raise PotqError(f"{type(module).__name__} has no linear layers in its transformer blocks to quantize")
@@ -112,10 +121,14 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     fingerprint = (method, config.to_dict(), embeddings, source.get("sha256"),
                    {k: v for k, v in settings.items() if k not in _UI_SETTINGS and _is_json(v)},
                    settings.get("calibration", torch.zeros(0)))
-    with resume.checkpointing(resume_dir, *fingerprint):
+    device = next(module.parameters()).device if device is None else device
+    with resume.checkpointing(resume_dir, *fingerprint), devices.using(device):
         quantized = chosen.run(module, layers, config, **settings)
-    for name, qw in quantized.items():
-        module.set_submodule(name, QuantLinear.from_quantized(qw, layers[name].bias))
+    if lazy is not None:
+        del module.potq_lazy  # every block is in memory now, packed
+    home = next(module.parameters()).device
+    for name in list(quantized):  # popped: a streamed model never holds unpacked and packed codes of all layers
+        module.set_submodule(name, QuantLinear.from_quantized(quantized.pop(name), layers[name].bias).to(home))
     module.potq_meta = {
         **config.to_dict(),
         "embeddings": embeddings,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from potq.config import QuantConfig
+from potq.errors import PotqError
 
 PLACEHOLDER = "0" * 64
 
@@ -79,24 +80,89 @@ class SafetensorsWriter:
         self.stream.close()
 
 
-class _Source:
-    """The tensors of a Hugging Face folder by the names the model uses, read one at a time."""
+class HFTensors:
+    """The tensors of a Hugging Face folder by the names potq's model uses (GPT-2's ``Conv1D``
+    weights transposed to ``nn.Linear``'s ``[out, in]``), read one at a time as float32."""
 
-    def __init__(self, folder: Path, skeleton: nn.Module, rename: Any) -> None:
-        from potq.models.hf import weight_files
+    def __init__(self, folder: Path, original: nn.Module) -> None:
+        from potq.models.hf import renaming, weight_files
 
-        prefix = f"{skeleton.base_model_prefix}."
+        prefix, rename = f"{original.base_model_prefix}.", renaming(original)
         self.where: dict[str, tuple[Path, str]] = {}
         for file in weight_files(folder):
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
                     self.where[rename(key).removeprefix(prefix)] = (file, key)
         self.prefix = prefix
+        self.conv1d = {name for name, m in original.named_modules() if type(m).__name__ == "Conv1D"}
 
     def read(self, name: str) -> Tensor:
         file, key = self.where[name.removeprefix(self.prefix)]
         with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(key).to(torch.float32)
+            tensor = f.get_tensor(key).to(torch.float32)
+        return tensor.t().contiguous() if name.rsplit(".", 1)[0] in self.conv1d else tensor
+
+
+class LazyBlocks:
+    """A model whose transformer blocks hold no weights until the block-wise engine reaches them.
+
+    :func:`potq.engine.blocks.run_blockwise` calls :meth:`fill` before a block's turn and
+    :meth:`release` after it: a data-dependent method (twostep, gptq, awq, …) then holds one
+    float block at a time, the rest of the model (embeddings, norms, head) and what the method
+    keeps of each finished block (its codes and scales, the block's small float tensors).
+    """
+
+    def __init__(self, model: nn.Module, tensors: HFTensors) -> None:
+        from potq.models import transformer_blocks
+
+        blocks = transformer_blocks(model)
+        self.prefix = next(name for name, module in model.named_modules() if module is blocks)
+        self.index = {id(block): i for i, block in enumerate(blocks)}
+        self.tensors = tensors
+
+    def fill(self, block: nn.Module) -> None:
+        """Read every parameter of ``block`` that is not in memory from the files."""
+        where = f"{self.prefix}.{self.index[id(block)]}"
+        for name, parameter in list(block.named_parameters()):
+            if parameter.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                tensor = self.tensors.read(f"{where}.{name}")
+                setattr(block.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))
+
+    def release(self, block: nn.Module) -> None:
+        """Drop the float weights of ``block``'s linears (their quantized form is the method's
+        result); norms and biases stay, they are saved as they are."""
+        for module in block.modules():
+            if isinstance(module, nn.Linear):
+                module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+
+
+def lazy_model(folder: Path) -> tuple[nn.Module, Any]:
+    """The model of the Hugging Face ``folder`` with its blocks empty (see :class:`LazyBlocks`,
+    attached as ``model.potq_lazy``) and everything else read; and its tokenizer."""
+    from accelerate import init_empty_weights
+
+    from potq.models import hf
+
+    hf_config = hf.read_config(folder)
+    hf.check_weights(folder, hf_config, hf.weight_files(folder), whole_model=False)
+    tokenizer = hf.folder_tokenizer(folder, hf_config)
+    with torch.device("meta"):
+        original = hf.empty_model(hf_config, linear=False)
+    with init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
+        model = hf.empty_model(hf_config)
+    lazy = LazyBlocks(model, HFTensors(folder, original))
+    outside = lambda: [(n, p) for n, p in model.named_parameters() if not n.startswith(f"{lazy.prefix}.")]  # noqa: E731
+    for name, parameter in outside():
+        if name.removeprefix(lazy.tensors.prefix) in lazy.tensors.where:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, nn.Parameter(lazy.tensors.read(name), requires_grad=False))
+    model.tie_weights()  # a tied head is not in the files: it becomes the token table again
+    missing = [name for name, parameter in outside() if parameter.is_meta]
+    if missing:  # check_weights compared the files with the model: only an untied copy can be left
+        raise PotqError(f"{folder} lacks {missing[0]}; re-save the model")
+    model.potq_lazy = lazy
+    return model, tokenizer
 
 
 def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: dict[str, Any], out: Path,
@@ -119,8 +185,7 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
     with torch.device("meta"):
         original = hf.empty_model(hf_config, linear=False)
         model = hf.empty_model(hf_config)
-    conv1d = {name for name, m in original.named_modules() if type(m).__name__ == "Conv1D"}
-    reader = _Source(folder, original, hf.renaming(original))
+    reader = HFTensors(folder, original)
     chosen = get_method(method)
     layers = quantizable_layers(model)
     fmt = config.make_format()
@@ -133,10 +198,7 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
     tensors, aliases = _plan(model)
     packed = {f"{name}.{part}" for name in layers for part in ("codes", "scales", "zeros", "bias")}
 
-    def read_float(name: str) -> Tensor:
-        tensor = reader.read(name)
-        return tensor.t().contiguous() if name.rsplit(".", 1)[0] in conv1d else tensor
-
+    read_float = reader.read
     dtypes = {name: storage.narrowest_exact(read_float(name)).dtype for name in tensors if name not in packed}
     entries = [(name, storage.SAFETENSORS_DTYPES[dtypes.get(name, t.dtype)], tuple(t.shape),
                 t.numel() * (dtypes.get(name, t.dtype)).itemsize) for name, t in tensors.items()]

@@ -53,3 +53,34 @@ def test_a_checkpoint_of_another_run_is_discarded(stories_float, tmp_path):
     potq.quantize_(lm, potq.PoTConfig(3, 32), method="gptq", calib_samples=4, calib_len=64, progress=False,
                    resume_dir=str(tmp_path / "ckpt"))
     assert '"another run"' not in (tmp_path / "ckpt" / "resume.json").read_text()
+
+
+@pytest.mark.parametrize("method", ["awq", "twostep"])
+def test_a_killed_lazy_run_resumes_to_the_same_bytes(stories_float, tmp_path, monkeypatch, method):
+    """The same for a model whose blocks are read from the files in turn (``lazy=True``, what
+    ``potq quantize`` does with a Hugging Face folder): restored blocks come back from the
+    checkpoint, not the source, AWQ's folded norms included."""
+    from tests.zoo import tiny_folder
+
+    folder = tiny_folder("qwen2", tmp_path / "qwen2", stories_float.tokenizer)
+
+    def run(**extra):
+        lm = potq.load_model(str(folder), lazy=True)
+        potq.quantize_(lm, potq.PoTConfig(3, 32), method=method, calib_samples=4, calib_len=32, progress=False,
+                       **SETTINGS[method], **extra)
+        return lm
+
+    reference = packed_state(run())
+    save = resume.Checkpoint.save
+
+    def killed_after_block_0(self, index, *args):
+        save(self, index, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume.Checkpoint, "save", killed_after_block_0)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume_dir=str(tmp_path / "ckpt"))
+    monkeypatch.setattr(resume.Checkpoint, "save", save)
+    state = packed_state(run(resume_dir=str(tmp_path / "ckpt")))
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)

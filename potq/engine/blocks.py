@@ -8,6 +8,14 @@ default, the float block's output on those same inputs (``target="same-input"``)
 solves exactly the thesis' per-block problem ``‖F(W, X) − F(W̃, X)‖²``. ``target="float-stream"``
 instead keeps a second, all-float stream and aims at the float model's own activations.
 Memory: one block plus its calibration activations (two or three ``[N, L, d]`` tensors).
+
+Device: the model stays where it is; each block and the activations run on
+:func:`potq.devices.current` (``--device``) for the block's turn, so a GPU needs room for one
+block, not the model.
+
+Streaming: a model loaded with ``lazy=True`` (``model.potq_lazy``, :class:`potq.stream.LazyBlocks`)
+has its blocks' weights read from the files when their turn comes and its linears' float
+weights dropped after, so a model larger than memory quantizes with any block-wise method.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from potq import devices
 from potq.engine import resume
 from potq.errors import PotqError
 from potq.formats.weights import QuantizedWeight
@@ -54,16 +63,17 @@ def capture_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> BlockData:
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    home = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for batch in ids.split(batch_size):
+            for batch in ids.to(home).split(batch_size):
                 try:
                     model(batch, use_cache=False)
                 except _Captured:
                     pass
     finally:
         handle.remove()
-    return BlockData(inputs, kwargs)
+    return BlockData(devices.to_current(inputs), devices.to_current(kwargs))
 
 
 def block_forward(block: nn.Module, x: Tensor, kwargs: dict[str, Any],
@@ -146,6 +156,7 @@ def commit(block: nn.Module, chosen: dict[str, QuantizedWeight], layers: dict[st
     for local, qw in chosen.items():
         module = block.get_submodule(local)
         module.weight.data.copy_(qw.dequantize())
+        qw = qw.to(devices.CPU)  # what the model and storage keep
         result[by_module[id(module)]] = qw
         if checkpoint is not None:
             checkpoint.committed[by_module[id(module)]] = qw
@@ -165,25 +176,35 @@ def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size
     data = capture_inputs(model, ids, batch_size)
     float_data = BlockData(list(data.inputs), data.kwargs) if target == "float-stream" else None
     blocks = transformer_blocks(model)
+    lazy = getattr(model, "potq_lazy", None)
     checkpoint = resume.active()  # see potq.engine.resume: a killed run goes on from its last block
-    restored = checkpoint.restore(blocks) if checkpoint is not None else None
+    restored = checkpoint.restore(blocks, assign=lazy is not None) if checkpoint is not None else None
     start = 0
     if restored is not None:
         start = checkpoint.done
-        data = BlockData(restored[0], data.kwargs)
-        float_data = None if restored[1] is None else BlockData(restored[1], data.kwargs)
+        data = BlockData(devices.to_current(restored[0]), data.kwargs)
+        float_data = None if restored[1] is None else BlockData(devices.to_current(restored[1]), data.kwargs)
         if progress:
             tqdm.write(f"resuming after block {start - 1} (checkpoint {checkpoint.folder})")
+        for block in blocks[:start] if lazy is not None else []:
+            lazy.release(block)
     bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc="blocks", unit="block",
                disable=not progress)
     for index in bar:
         block = blocks[index]
+        if lazy is not None:
+            lazy.fill(block)
+        home = next(block.parameters()).device
+        block.to(devices.current())
         wanted = outputs(block, float_data or data) if targets or float_data is not None else []
         method(index, block, data, wanted)
         data = BlockData(outputs(block, data), data.kwargs)
+        block.to(home)
         if float_data is not None:
             float_data = BlockData(wanted, data.kwargs)
         # the last block is never checkpointed: a resumed run always runs at least one block, whose
         # commit files the restored blocks' entries in the method's result
         if checkpoint is not None and index < len(blocks) - 1:
             checkpoint.save(index, block, data.inputs, None if float_data is None else float_data.inputs)
+        if lazy is not None:
+            lazy.release(block)

@@ -74,8 +74,9 @@ class Checkpoint:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, self.folder / name)
 
-    def restore(self, blocks: nn.ModuleList) -> tuple[list[Tensor], list[Tensor] | None] | None:
-        """Put the finished blocks back; the inputs of the first unfinished one (None: nothing done)."""
+    def restore(self, blocks: nn.ModuleList, assign: bool = False) -> tuple[list[Tensor], list[Tensor] | None] | None:
+        """Put the finished blocks back (``assign``: as new tensors, for blocks that hold none); the
+        inputs of the first unfinished one (None: nothing done)."""
         if self.done == 0:
             return None
         for index in range(self.done):
@@ -85,7 +86,8 @@ class Checkpoint:
 
             with safe_open(str(path), framework="pt") as f:
                 formats = json.loads(f.metadata()["formats"])
-            blocks[index].load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("block.")})
+            blocks[index].load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("block.")},
+                                          assign=assign)
             for name, (fmt, bits, group) in formats.items():
                 self.pending[name] = QuantizedWeight(get_format(fmt, bits), group, tensors[f"qw.{name}.codes"],
                                                      tensors[f"qw.{name}.scale"], tensors.get(f"qw.{name}.zero"))

@@ -162,7 +162,7 @@ class Format(ABC):
     def levels(self, qp: QParams) -> Tensor:
         """Every value each group can represent, ``[rows, groups, 2**bits]`` (tests, plots)."""
         rows, groups = qp.scale.shape
-        codes = torch.arange(2**self.bits).expand(rows, groups, -1)
+        codes = torch.arange(2**self.bits, device=qp.scale.device).expand(rows, groups, -1)
         return self.decode(codes, qp)
 
     def bits_per_weight(self, group_size: int) -> float:

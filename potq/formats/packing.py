@@ -28,11 +28,11 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return codes.clone()
     rows, n = codes.shape
-    shifts = torch.arange(bits, dtype=torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
     nbytes = packed_row_bytes(n, bits)
     stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits))
-    return (stream.reshape(rows, nbytes, 8).to(torch.int32) * _BIT_WEIGHTS).sum(-1).to(torch.uint8)
+    return (stream.reshape(rows, nbytes, 8).to(torch.int32) * _BIT_WEIGHTS.to(codes.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -45,7 +45,7 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         )
     if bits == 8:
         return packed.clone()
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(rows, nbytes * 8)[:, : n * bits]
-    weights = 2 ** torch.arange(bits, dtype=torch.int32)
+    weights = 2 ** torch.arange(bits, dtype=torch.int32, device=packed.device)
     return (stream.reshape(rows, n, bits).to(torch.int32) * weights).sum(-1).to(torch.uint8)

@@ -44,6 +44,11 @@ class QuantizedWeight:
     def dequantize(self) -> Tensor:
         return dequantize(self.codes, self.qparams(), self.fmt, self.group_size)
 
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with its tensors on ``device`` (results go back to the CPU for storage)."""
+        zero = None if self.zero is None else self.zero.to(device)
+        return QuantizedWeight(self.fmt, self.group_size, self.codes.to(device), self.scale.to(device), zero)
+
     def packed_codes(self) -> Tensor:
         return pack_bits(self.codes, self.fmt.bits)
 

@@ -25,6 +25,11 @@ def _always(_settings: dict[str, Any]) -> bool:
 class Method(NamedTuple):
     run: Callable
     needs_calibration: Callable[[dict[str, Any]], bool] = _never  # given the method's settings
+    whole_model: bool = False  # trains the whole model at once (QAT), not block by block
+
+    def blockwise(self, settings: dict[str, Any]) -> bool:
+        """Whether it runs on the block-wise engine, one block at a time (so it can stream)."""
+        return self.needs_calibration(settings) and not self.whole_model
 
 
 METHODS: dict[str, Method] = {
@@ -35,7 +40,7 @@ METHODS: dict[str, Method] = {
     "gptq": Method(gptq.quantize, _always),
     "awq": Method(awq.quantize, _always),
     "omniquant": Method(omniquant.quantize, _always),  # learnable weight clipping (LWC)
-    "qat": Method(qat.quantize, _always),  # quantization-aware training on the calibration text
+    "qat": Method(qat.quantize, _always, whole_model=True),  # quantization-aware training on the calibration text
 }
 
 

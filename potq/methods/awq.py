@@ -56,7 +56,7 @@ def search_clip(w: Tensor, x: Tensor, fmt: Format, group_size: int) -> Tensor:
         dq = fake_quantize(w, fmt, group_size, init_qparams(w, fmt, group_size, clip=c))
         diff = to_groups(dq, group_size) - wg
         errors.append(torch.einsum("rgk,tgk->rgt", diff, xg).pow(2).mean(-1))
-    return CLIPS[torch.stack(errors).argmin(0)]
+    return CLIPS.to(w.device)[torch.stack(errors).argmin(0)]
 
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,

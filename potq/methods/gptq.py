@@ -41,7 +41,7 @@ def gptq_weight(w: Tensor, hessian: Tensor, fmt: Format, group_size: int, block_
     width = group_width(cols, group_size)
     static_groups = static_groups or act_order
     qp = fmt.as_stored(init_qparams(W, fmt, group_size))  # kept as is only with static groups
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
@@ -52,7 +52,7 @@ def gptq_weight(w: Tensor, hessian: Tensor, fmt: Format, group_size: int, block_
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, err_block = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        W1, err_block = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=W.device)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // width

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from potq import devices
 from potq.config import QuantConfig
 from potq.engine.blocks import BlockData, block_linears, commit, input_moments, run_blockwise
 from potq.errors import PotqError
@@ -40,7 +41,7 @@ def group_errors(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor,
     the zero padding of a ragged last group always gets weight 0, so it never counts.
     """
     wg = to_groups(w.float(), group_size)
-    ones = torch.ones(w.shape[1]) if column_weight is None else column_weight.float()
+    ones = torch.ones(w.shape[1], device=w.device) if column_weight is None else column_weight.float()
     weight = to_groups(ones[None], group_size)  # [1, groups, G], zeros on the padding
     if isinstance(fmt, PoT):
         return log_grid_errors(wg, fmt, multipliers, weight)
@@ -79,8 +80,8 @@ def log_grid_errors(wg: Tensor, fmt: PoT, multipliers: Tensor, weight: Tensor) -
     lam_mag = lam * mag.double()
     level = lambda e: float(fmt.value_of(torch.tensor(float(e)), torch.tensor(1.0), QParams(torch.tensor(1.0))))  # noqa: E731
     lo = fmt.lowest_index
-    slot = torch.arange(rows * groups).view(rows, groups, 1) * (m + 1)
-    h1 = torch.zeros(rows * groups * (m + 1), dtype=torch.float64)
+    slot = torch.arange(rows * groups, device=wg.device).view(rows, groups, 1) * (m + 1)
+    h1 = torch.zeros(rows * groups * (m + 1), dtype=torch.float64, device=wg.device)
     h2 = torch.zeros_like(h1)
     for n in range(0, lo, -1):  # the crossing from exponent n down to n − 1
         flat = (slot + crossings(x + (0.5 - n))).reshape(-1)
@@ -121,6 +122,7 @@ def search_scales(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor =
         parts = [search_scales(rows, fmt, group_size, multipliers, column_weight) for rows in w.split(ROW_CHUNK)]
         zero = None if parts[0][0].zero is None else torch.cat([qp.zero for qp, _ in parts])
         return QParams(torch.cat([qp.scale for qp, _ in parts]), zero), torch.cat([b for _, b in parts])
+    multipliers = multipliers.to(w.device)
     errors = group_errors(w, fmt, group_size, multipliers, column_weight)
     best = multipliers[errors.argmin(dim=0)]  # first minimum on ties: the smaller b
     return init_qparams(w, fmt, group_size, clip=best), best
@@ -146,7 +148,8 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     fmt = config.make_format()
     if objective == "mse":
         bar = tqdm(layers.items(), desc=f"grid {fmt!r}", unit="layer", disable=not progress)
-        return {name: searched(layer.weight.detach(), fmt, config.group_size) for name, layer in bar}
+        return {name: searched(devices.to_current(layer.weight.detach()), fmt, config.group_size).to(devices.CPU)
+                for name, layer in bar}
     if calibration is None:
         raise PotqError("objective 'act' needs calibration data: pass a LoadedModel or calibration=ids")
     result: dict[str, QuantizedWeight] = {}

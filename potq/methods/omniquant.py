@@ -50,8 +50,10 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
         started = time.perf_counter()
         linears = block_linears(block)
         shapes = {n: init_qparams(m.weight.detach(), fmt, config.group_size).scale.shape for n, m in linears.items()}
-        top = {n: torch.full(shape, INIT, requires_grad=True) for n, shape in shapes.items()}
-        bottom = {n: torch.full(shape, INIT, requires_grad=True) for n, shape in shapes.items()} if fmt.has_zero else {}
+        device = next(block.parameters()).device
+        top = {n: torch.full(shape, INIT, requires_grad=True, device=device) for n, shape in shapes.items()}
+        bottom = ({n: torch.full(shape, INIT, requires_grad=True, device=device) for n, shape in shapes.items()}
+                  if fmt.has_zero else {})
 
         def clipped(name: str, weight: Tensor) -> QParams:
             low = torch.sigmoid(bottom[name]) if bottom else None

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from potq import devices
 from potq.config import QuantConfig
 from potq.errors import PotqError
 from potq.formats import Format, QParams
@@ -98,6 +99,8 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     if batch_size < 1:
         raise PotqError(f"batch_size must be at least 1, got {batch_size}")
     fmt = config.make_format()
+    home = next(model.parameters()).device
+    model.to(devices.current())  # QAT trains the whole model: all of it goes to the device
     wrapped = {}
     for name, layer in layers.items():
         qp = starting_scales(layer.weight.detach(), fmt, config.group_size)
@@ -107,12 +110,13 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
                              eval_every=max(1, steps // 10), eval_batches=4, seed=seed,
                              keep_best=True)
     try:
-        result = train(model, window_sampler(calibration, batch_size), settings,
+        result = train(model, window_sampler(calibration.to(devices.current()), batch_size), settings,
                        state_dir=Path(state_dir) if state_dir else None, progress=progress)
-        quantized = {name: layer.quantized() for name, layer in wrapped.items()}
+        quantized = {name: layer.quantized().to(devices.CPU) for name, layer in wrapped.items()}
     finally:  # the caller swaps in packed layers by name; never leave wrappers behind on failure
         for name, layer in layers.items():
             model.set_submodule(name, layer)
+        model.to(home)
     model.eval()
     model.potq_report = {"settings": {"scales": scales, "steps": steps, "lr": lr, "batch_size": batch_size},
                          "training": result.to_dict()}

@@ -40,11 +40,16 @@ class LoadedModel:
     source: dict
 
 
-def load_model(spec: str) -> LoadedModel:
+def load_model(spec: str, lazy: bool = False) -> LoadedModel:
     """The model named by ``spec`` (a short name or a path), in float32 and eval mode.
 
     A short name of a model potq trained (``nanogpt-shakespeare``) or a path to any potq folder
     is read by :func:`potq.storage.load`, so every command takes it like a source model.
+
+    ``lazy=True``, for a Hugging Face folder: the transformer blocks stay in the files until a
+    block-wise :func:`potq.quantize_` reads them one at a time (:class:`potq.stream.LazyBlocks`),
+    so a model larger than memory quantizes; such a model is for quantizing only. Other sources
+    load whole.
     """
     name, path = resolve(spec)
     from potq.storage import is_potq_folder, load  # storage builds on this module: import on use
@@ -52,7 +57,12 @@ def load_model(spec: str) -> LoadedModel:
     if is_potq_folder(path):
         return load(path)
     kind = _loader_kind(path)
-    model, tokenizer = LOADERS[kind](path)
+    if lazy and kind == "hf":
+        from potq.stream import lazy_model
+
+        model, tokenizer = lazy_model(path)
+    else:
+        model, tokenizer = LOADERS[kind](path)
     check_vocabulary(tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, model.config.to_dict(), str(path))
     files = hf.weight_files(path) if path.is_dir() else [path]
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(files), "loader": kind}
