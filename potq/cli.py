@@ -96,6 +96,9 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
                    help="output folder (written atomically; an existing one is refused unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing potq folder at --output (never a folder holding other files)")
+    p.add_argument("--shard-size", type=float, default=5.0, metavar="GB",
+                   help="weights over this many GB go into shards with an index, as transformers writes them "
+                        "(default 5)")
     _add_json_arg(p, "the result")
 
 
@@ -267,8 +270,6 @@ def _version() -> str:
 
 def quant_config(args: argparse.Namespace) -> "QuantConfig":
     """The QuantConfig of the format flags (``--epsilon`` becomes the format's option)."""
-    import torch
-
     from potq.config import QuantConfig
 
     options = {} if args.epsilon is None else {"epsilon": args.epsilon}
@@ -285,6 +286,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     config = quant_config(args)  # validate before loading
     device = devices.resolve(args.device)
+    if not args.shard_size > 0:
+        raise PotqError(f"--shard-size must be a positive number of GB, got {args.shard_size}")
     if args.batch_size is not None and args.batch_size < 1:
         raise PotqError(f"--batch-size must be at least 1, got {args.batch_size}")
     from potq.outputs import check_output
@@ -294,6 +297,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "decay", "grad", "objective", "damp",
                                                "act_order", "static_groups", "clip", "steps", "batch_size", "scales")
                 if getattr(args, k, None) is not None}
+    if args.quiet:
+        settings["progress"] = False  # block notes too, not only the bars
     if _stream(args, config, settings, device):
         return
     lm = potq.load_model(args.model, lazy=METHODS[args.method].blockwise(settings))  # blocks read in turn
@@ -309,7 +314,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, resume_dir=str(resume_dir),
                    device=device, **settings)
     seconds = time.perf_counter() - start
-    potq.save(lm, args.output, overwrite=args.overwrite)
+    potq.save(lm, args.output, overwrite=args.overwrite, max_shard_bytes=int(args.shard_size * 1e9))
     shutil.rmtree(resume_dir, ignore_errors=True)
     if args.report:
         print(f"report -> {write_report(args.report, build_report(lm.model, args.model, seconds))}")
@@ -330,16 +335,17 @@ def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict, dev
     from potq.models.registry import resolve
     from potq.paths import sha256_of_files
     from potq.storage import is_potq_folder
-    from potq.stream import stream_quantize, streams
+    from potq.stream import readable_by_name, stream_quantize, streams
 
     name, path = resolve(args.model)
     if not (path.is_dir() and (path / CONFIG_FILE).is_file() and not is_potq_folder(path)) or args.report or \
-            not streams(args.method, settings, args.quantize_embeddings):
+            not streams(args.method, settings, args.quantize_embeddings) or not readable_by_name(path):
         return False
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(weight_files(path)), "loader": "hf"}
     start = time.perf_counter()
     with devices.using(device):
-        stream_quantize(path, config, args.method, settings, Path(args.output), source, progress=not args.quiet)
+        stream_quantize(path, config, args.method, settings, Path(args.output), source, progress=not args.quiet,
+                        max_shard_bytes=int(args.shard_size * 1e9))
     seconds = time.perf_counter() - start
     s = summary(args.output)
     _report(args, f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
@@ -453,7 +459,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{s['quantized_embedding_tables']} quantized embedding tables, "
               f"{s['bits_per_embedding_weight']:.3f} bits per embedding weight incl. scales")
     mib = 2**20
-    print(f"where the {s['file_bytes'] / mib:.1f} MiB of model.safetensors are: "
+    print(f"where the {s['file_bytes'] / mib:.1f} MiB of weights are: "
           f"codes {s['code_bytes'] / mib:.1f} MiB, scales and zero points {s['scale_bytes'] / mib:.1f} MiB, "
           f"float tensors {s['float_bytes'] / mib:.1f} MiB")
     for name, nbytes, dtype in s["largest_float_tensors"]:

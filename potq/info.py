@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from potq.storage import MANIFEST_FILE, WEIGHTS_FILE, header_shapes, read_manifest
+from potq.storage import MANIFEST_FILE, header_shapes, read_manifest, weight_files
 
 _DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 
@@ -85,7 +85,7 @@ def summary(folder: str | Path) -> dict[str, Any]:
         "code_bytes": code_bytes,
         "scale_bytes": q_bytes + e_bytes - code_bytes,
         "largest_float_tensors": [list(f) for f in floats[:3] if f[1] >= 2**20],
-        "file_bytes": (folder / WEIGHTS_FILE).stat().st_size,
+        "file_bytes": sum(file.stat().st_size for file in weight_files(folder)),
         "folder_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
         "manifest": MANIFEST_FILE,
     }

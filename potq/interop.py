@@ -9,6 +9,16 @@ and a real transformers model, so ``model.generate`` works. Without ``import pot
 transformers refuses the folder (it does not know the model type ``potq``) instead of building a
 model with random weights.
 
+The same import registers potq with transformers' quantizer extension points
+(``register_quantization_config`` / ``register_quantizer``), so a float model can be quantized as
+transformers loads it, the way torchao's integration does::
+
+    AutoModelForCausalLM.from_pretrained(folder, quantization_config=PotqQuantization(bits=3))
+
+(data-free methods only — ``rtn`` or ``grid``; calibrated ones run through ``potq.quantize_``).
+A packed folder does not go through that route on purpose: transformers treats an unknown
+``quant_method`` as "not quantized" and would build random weights without potq.
+
 Registration waits until transformers is imported (``import potq`` alone never imports it, so the
 command line stays fast): :func:`install` registers at once if transformers is loaded, else when
 it is.
@@ -42,9 +52,10 @@ def folder_config(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def tokenizer_config(bos: str | None, eos: str | None) -> dict[str, Any]:
-    """What ``AutoTokenizer`` needs beside ``tokenizer.json``."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos}
+def tokenizer_config(bos: str | None, eos: str | None, chat_template: str | None = None) -> dict[str, Any]:
+    """What ``AutoTokenizer`` needs beside ``tokenizer.json`` (and the chat template, where the model has one)."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos}
+    return config if chat_template is None else {**config, "chat_template": chat_template}
 
 
 def _register() -> None:
@@ -71,6 +82,65 @@ def _register() -> None:
 
     AutoConfig.register(MODEL_TYPE, PotqConfig, exist_ok=True)
     AutoModelForCausalLM.register(PotqConfig, PotqForCausalLM, exist_ok=True)
+    _register_quantizer()
+
+
+def _register_quantizer() -> None:
+    """``quant_method="potq"`` for ``from_pretrained(..., quantization_config=PotqQuantization(...))``."""
+    import transformers
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    if MODEL_TYPE in AUTO_QUANTIZER_MAPPING:
+        return
+
+    @register_quantization_config(MODEL_TYPE)
+    class PotqQuantization(QuantizationConfigMixin):
+        """What to quantize to while loading: a potq format, bits, group size, a data-free method."""
+
+        def __init__(self, format: str = "pot", bits: int = 4, group_size: int = 128, method: str = "rtn",
+                     **_ignored: Any) -> None:
+            self.quant_method = MODEL_TYPE
+            self.format, self.bits, self.group_size, self.method = format, bits, group_size, method
+
+        def post_init(self) -> None:
+            from potq.config import QuantConfig
+            from potq.errors import PotqError
+
+            QuantConfig(self.format, self.bits, self.group_size)  # checks format, bits and group size
+            if self.method not in ("rtn", "grid"):
+                raise PotqError(f"quantizing while loading takes a data-free method (rtn, grid), not {self.method!r}: "
+                                "load the float model and call potq.quantize_")
+
+    @register_quantizer(MODEL_TYPE)
+    class PotqQuantizer(HfQuantizer):
+        """Loads the float weights as usual, then packs every block linear (potq.quantize_)."""
+
+        requires_calibration = False
+
+        def __init__(self, quantization_config: PotqQuantization, **kwargs: Any) -> None:
+            super().__init__(quantization_config, **kwargs)
+            quantization_config.post_init()
+
+        def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            from potq.config import QuantConfig
+            from potq.models.hf import as_linear_layers
+            from potq.quantize import quantize_
+
+            q = self.quantization_config
+            return quantize_(as_linear_layers(model), QuantConfig(q.format, q.bits, q.group_size),
+                             method=q.method, progress=False)
+
+        def is_serializable(self) -> bool:
+            return False  # potq.save(model, path, tokenizer=...) writes the packed folder
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    transformers.PotqQuantization = PotqQuantization  # type: ignore[attr-defined]
+    sys.modules[__name__].PotqQuantization = PotqQuantization  # type: ignore[attr-defined]
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Collection
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from potq import devices
 from potq.config import QuantConfig
@@ -23,7 +24,7 @@ from potq.eval.data import training_batch
 from potq.eval.perplexity import max_positions
 from potq.methods import get_method
 from potq.models import LoadedModel, transformer_blocks
-from potq.formats.weights import quantize_weight
+from potq.formats.weights import QuantizedWeight, quantize_weight
 from potq.nn import PackedWeight, QuantEmbedding, QuantLinear
 
 
@@ -43,8 +44,10 @@ def embedding_tables(model: nn.Module) -> dict[str, nn.Embedding]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
 
 
-def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> dict[str, QuantEmbedding]:
-    """Replace the embedding tables by packed ones (round-to-nearest, groups along the vector).
+def quantize_embeddings_(model: nn.Module, config: QuantConfig,
+                         names: Collection[str] | None = None) -> dict[str, QuantEmbedding]:
+    """Replace the embedding tables (those in ``names``, default all) by packed ones
+    (round-to-nearest, groups along the vector).
 
     An output head whose weight *is* the token table (tied, as in GPT-2 and SmolLM2) becomes a
     :class:`QuantLinear` sharing the table's codes, so the model stays tied and is stored once.
@@ -54,6 +57,8 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> dict[str, Qua
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     done = {}
     for name, table in embedding_tables(model).items():
+        if names is not None and name not in names:
+            continue
         packed = QuantEmbedding.from_quantized(quantize_weight(table.weight.detach(), fmt, config.group_size))
         model.set_submodule(name, packed)
         done[name] = packed
@@ -67,6 +72,36 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> dict[str, Qua
     return done
 
 
+EXACT_TABLES = QuantConfig("uniform-sym", 8, 32)  # llama.cpp's Q8_0: an fp16 scale and an int8 per 32
+
+
+def pack_exact_tables_(model: nn.Module) -> list[str]:
+    """Pack the embedding tables and an untied output head whose values lie exactly on an 8-bit
+    grid per 32 (a GGUF's Q8_0 tensors, expanded to float on load) back onto that grid, losslessly:
+    the same values in about a quarter of float32's bytes, so a model from a GGUF is not stored
+    larger than it came. A tensor that does not round-trip bit for bit stays float."""
+    fmt = EXACT_TABLES.make_format()
+
+    def exact(w: Tensor) -> QuantizedWeight | None:
+        if w.is_meta or w.shape[1] % EXACT_TABLES.group_size:  # meta: a lazy model's head, read at the end
+            return None
+        probe = w[:64].float()  # most tensors fail on their first rows: no whole-tensor work for them
+        if not torch.equal(quantize_weight(probe, fmt, EXACT_TABLES.group_size).dequantize(), probe):
+            return None
+        qw = quantize_weight(w.float(), fmt, EXACT_TABLES.group_size)
+        return qw if torch.equal(qw.dequantize(), w.float()) else None
+
+    tables = [name for name, table in embedding_tables(model).items() if exact(table.weight.detach()) is not None]
+    if tables:
+        quantize_embeddings_(model, EXACT_TABLES, tables)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is nn.Linear and (qw := exact(head.weight.detach())) is not None:  # untied: tied ones are done
+        name = next(n for n, m in model.named_modules() if m is head)
+        model.set_submodule(name, QuantLinear.from_quantized(qw, head.bias))
+        tables.append(name)
+    return tables
+
+
 def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
               calib_samples: int = 32, calib_len: int = 512, seed: int = 0, embeddings: bool = False,
               resume_dir: str | None = None, device: str | torch.device | None = None, **settings: Any) -> nn.Module:
@@ -74,6 +109,8 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
 
     ``embeddings=True`` also quantizes the embedding tables (see :func:`quantize_embeddings_`),
     first, so a data-dependent method calibrates on what the quantized model will feed its blocks.
+    Without it, a table that is exactly 8-bit already (a GGUF's Q8_0) is packed losslessly
+    (:func:`pack_exact_tables_`); other tables stay float.
 
     ``settings`` go to the method (e.g. ``progress=False``, ``epochs=10``); the JSON-able ones are
     recorded in ``model.potq_meta`` and from there in ``potq.json``. Methods that need data get
@@ -104,6 +141,8 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
         raise PotqError(f"{type(module).__name__} has no linear layers in its transformer blocks to quantize")
     if embeddings:
         quantize_embeddings_(module, config)
+    else:
+        pack_exact_tables_(module)
     calibration_info = None
     if chosen.needs_calibration(settings) and "calibration" not in settings:
         if tokenizer is None:
@@ -125,7 +164,8 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     with resume.checkpointing(resume_dir, *fingerprint), devices.using(device):
         quantized = chosen.run(module, layers, config, **settings)
     if lazy is not None:
-        del module.potq_lazy  # every block is in memory now, packed
+        lazy.finish(module)
+        del module.potq_lazy  # every block is done
     home = next(module.parameters()).device
     for name in list(quantized):  # popped: a streamed model never holds unpacked and packed codes of all layers
         module.set_submodule(name, QuantLinear.from_quantized(quantized.pop(name), layers[name].bias).to(home))

@@ -1,6 +1,8 @@
 """The potq file format: one folder per quantized model (documented in docs/format.md).
 
-``model.safetensors``  the model's state dict: per quantized linear ``<name>.codes`` (uint8,
+``model.safetensors``  the model's state dict (a model over :data:`MAX_SHARD_BYTES`: shards
+                       ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``,
+                       as transformers writes them): per quantized linear ``<name>.codes`` (uint8,
                        bit-packed rows), ``<name>.scales`` (fp16 [out, groups]), ``<name>.zeros``
                        (uint8, affine formats only); every other tensor as it is. A tensor that
                        shares storage with an earlier one (tied embeddings) is stored once. Its
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Callable, Iterator
@@ -32,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from potq import __version__, interop
@@ -50,9 +52,21 @@ if TYPE_CHECKING:
     from potq.models import LoadedModel
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+MAX_SHARD_BYTES = 5 * 10**9  # 5 GB, the Hub's habit: a file per few GB
 MANIFEST_FILE = "potq.json"
-FOLDER_FILES = (WEIGHTS_FILE, MANIFEST_FILE, TOKENIZER_FILE, SPECIALS_FILE, interop.CONFIG_FILE,
-                interop.TOKENIZER_CONFIG_FILE)
+
+
+class _FolderFiles(frozenset):
+    """The names of the files a potq folder holds (shards by their pattern)."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or isinstance(name, str) and SHARD_NAME.fullmatch(name) is not None
+
+
+FOLDER_FILES = _FolderFiles((WEIGHTS_FILE, INDEX_FILE, MANIFEST_FILE, TOKENIZER_FILE, SPECIALS_FILE,
+                             interop.CONFIG_FILE, interop.TOKENIZER_CONFIG_FILE))
 DIGESTED_FILES = (TOKENIZER_FILE, SPECIALS_FILE, interop.CONFIG_FILE, interop.TOKENIZER_CONFIG_FILE)
 FILE_FORMAT_VERSION = 2  # 2: safetensors metadata digests (potq.json, roles, content)
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -62,8 +76,9 @@ META_MANIFEST, META_ROLES, META_CONTENT = "potq_json_sha256", "potq_roles", "pot
 
 # --- saving -----------------------------------------------------------------------------------
 def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
-         source: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (quantized or not) with its tokenizer to the folder ``path``.
+         source: dict | None = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` (quantized or not) with its tokenizer to the folder ``path``; weights over
+    ``max_shard_bytes`` go into shards with an index (each shard carries the same metadata).
 
     An existing ``path`` is replaced only with ``overwrite=True`` and only when it is a potq
     folder holding nothing but potq's files (see :mod:`potq.outputs`).
@@ -80,13 +95,85 @@ def save(model: nn.Module | LoadedModel, path: str | os.PathLike, tokenizer: Tok
     tmp = temp_folder(out)
     try:
         manifest = write_description(tmp, model, tokenizer, source or {}, aliases)
-        save_file(tensors, str(tmp / WEIGHTS_FILE),
-                  metadata=weights_metadata(manifest, content_digest(sorted(tensors.items()))))
+        metadata = weights_metadata(manifest, content_digest(sorted(tensors.items())))
+        sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+        shards = shard_plan(list(sizes.items()), max_shard_bytes)
+        for file, names in shards.items():  # tensor by tensor: never the whole file's bytes in memory
+            writer = SafetensorsWriter(tmp / file, [(n, SAFETENSORS_DTYPES[tensors[n].dtype], tuple(tensors[n].shape),
+                                                     sizes[n]) for n in names], metadata)
+            for name in names:
+                writer.write(name, tensors[name])
+            writer.close({})
+        write_index(tmp, shards, sizes)
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
     return out
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor in a fixed order: the header (names, dtypes,
+    shapes, offsets, metadata) first, each tensor's bytes as it comes, and at :meth:`close` the
+    metadata values that were placeholders (a checksum known only at the end)."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
+                 metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for name, dtype, shape, nbytes in entries:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header, self.order, self.stream = raw, [e[0] for e in entries], path.open("wb")
+        self.sizes = {name: nbytes for name, _, _, nbytes in entries}
+        self.stream.write(struct.pack("<Q", len(raw)) + raw)
+        self.next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.order[self.next] != name:
+            raise RuntimeError(f"expected tensor {self.order[self.next]}, got {name}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != self.sizes[name]:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes, the header says {self.sizes[name]}")
+        self.stream.write(data.tobytes())
+        self.next += 1
+
+    def close(self, fill: dict[str, str]) -> None:
+        """Replace each placeholder (of the same length as its value) in the header."""
+        header = self.header
+        for placeholder, value in fill.items():
+            if len(placeholder) != len(value) or header.count(placeholder.encode()) != 1:
+                raise RuntimeError("a metadata placeholder must be unique and as long as its value")
+            header = header.replace(placeholder.encode(), value.encode())
+        self.stream.seek(8)
+        self.stream.write(header)
+        self.stream.close()
+
+
+def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> dict[str, list[str]]:
+    """``{file: tensor names}``: one ``model.safetensors``, or consecutive runs of tensors of at most
+    ``max_shard_bytes`` each (a bigger tensor alone) as numbered shards."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if groups[-1] and used + nbytes > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += nbytes
+    if len(groups) == 1:
+        return {WEIGHTS_FILE: groups[0]}
+    return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": names for i, names in enumerate(groups, 1)}
+
+
+def write_index(folder: Path, shards: dict[str, list[str]], sizes: dict[str, int]) -> None:
+    """``model.safetensors.index.json`` for a sharded save (nothing for one file)."""
+    if list(shards) != [WEIGHTS_FILE]:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {name: file for file, names in shards.items() for name in names}}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=1))
 
 
 def write_description(folder: Path, model: nn.Module, tokenizer: Tokenizer, source: dict,
@@ -97,7 +184,8 @@ def write_description(folder: Path, model: nn.Module, tokenizer: Tokenizer, sour
     description = _manifest(model, source, aliases, {})
     (folder / interop.CONFIG_FILE).write_text(json.dumps(interop.folder_config(description), indent=1))
     specials = (None if i is None else tokenizer.backend.id_to_token(i) for i in (tokenizer.bos_id, tokenizer.eos_id))
-    (folder / interop.TOKENIZER_CONFIG_FILE).write_text(json.dumps(interop.tokenizer_config(*specials)))
+    (folder / interop.TOKENIZER_CONFIG_FILE).write_text(json.dumps(interop.tokenizer_config(*specials,
+                                                                                         tokenizer.chat_template)))
     description["files"] = {name: _file_digest(folder / name) for name in DIGESTED_FILES}
     return json.dumps(description, indent=1).encode()
 
@@ -276,26 +364,68 @@ class Checked:
     manifest: dict[str, Any]
     header: dict[str, tuple[tuple[int, ...], str]]
     metadata: dict[str, str]
+    files: list[Path]
 
     @property
     def weights(self) -> Path:
-        return self.folder / WEIGHTS_FILE
+        """The weights as a person names them: the file, or the index of the shards."""
+        return self.folder / (WEIGHTS_FILE if self.files == [self.folder / WEIGHTS_FILE] else INDEX_FILE)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """``model.safetensors``, or the shards the index names — numbered 1..N of N, in the folder
+    (the index is data: no other name, hence no other path, is accepted)."""
+    if not (folder / INDEX_FILE).exists():
+        return [folder / WEIGHTS_FILE]
+    index = load_json_object(read_small_file(folder / INDEX_FILE, "the shard index"), str(folder / INDEX_FILE))
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PotqError(f"{folder / INDEX_FILE} has no weight_map; it is corrupt")
+    names = sorted(set(map(str, weight_map.values())))
+    matches = [SHARD_NAME.fullmatch(name) for name in names]
+    if not all(matches) or [(int(m[1]), int(m[2])) for m in matches] != [(i, len(names)) for i in
+                                                                          range(1, len(names) + 1)]:
+        raise PotqError(f"{folder / INDEX_FILE} names shards other than model-00001-of-{len(names):05d}"
+                        ".safetensors ...; it is corrupt")
+    return [folder / name for name in names]
 
 
 def header_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` from the safetensors header, without reading any tensor."""
-    return _read_header(Path(path) / WEIGHTS_FILE)[0]
+    """``{name: (shape, dtype)}`` from the safetensors header(s), without reading any tensor."""
+    return _read_header(weight_files(Path(path)))[0]
 
 
-def _read_header(weights: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
-    if not weights.is_file():
-        raise PotqError(f"{weights} is missing or not a regular file: quantize the model again")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-            return header, f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PotqError(f"{weights} is corrupt ({first_line(exc)}): quantize the model again") from None
+def _read_header(files: list[Path]) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    """Every shard's tensors (each name in one shard only, where the index says) and their common
+    metadata (every shard carries the same)."""
+    header: dict[str, tuple[tuple[int, ...], str]] = {}
+    metadata: dict[str, str] | None = None
+    placed = _index_map(files)
+    for weights in files:
+        if not weights.is_file():
+            raise PotqError(f"{weights} is missing or not a regular file: quantize the model again")
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                part = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise PotqError(f"{weights} is corrupt ({first_line(exc)}): quantize the model again") from None
+        if (metadata is not None and meta != metadata) or set(part) & set(header) or \
+                (placed is not None and any(placed.get(k) != weights.name for k in part)):
+            raise PotqError(f"{weights} does not belong with the other shards of its folder; it is corrupt")
+        header.update(part)
+        metadata = meta
+    if placed is not None and set(placed) != set(header):
+        raise PotqError(f"{files[0].parent / INDEX_FILE} does not list the tensors of its shards; it is corrupt")
+    return header, metadata or {}
+
+
+def _index_map(files: list[Path]) -> dict[str, str] | None:
+    """The index's ``{tensor: shard}`` (None for an unsharded folder); :func:`weight_files` checked it."""
+    if files == [files[0].parent / WEIGHTS_FILE]:
+        return None
+    index = load_json_object(read_small_file(files[0].parent / INDEX_FILE, "the shard index"), "the shard index")
+    return {str(k): str(v) for k, v in index["weight_map"].items()}
 
 
 def inspect(path: str | os.PathLike, skeleton: bool = True) -> Checked:
@@ -306,8 +436,9 @@ def inspect(path: str | os.PathLike, skeleton: bool = True) -> Checked:
     nothing of the model."""
     folder = Path(path)
     manifest, raw = _read_manifest(folder)
-    header, metadata = _read_header(folder / WEIGHTS_FILE)
-    weights = folder / WEIGHTS_FILE
+    files = weight_files(folder)
+    header, metadata = _read_header(files)
+    weights = Checked(folder, manifest, header, metadata, files).weights
     if metadata.get(META_MANIFEST) != hashlib.sha256(raw).hexdigest():
         raise PotqError(f"{folder / MANIFEST_FILE} is not the description {weights.name} was saved with "
                         "(digest mismatch): it was edited or mixed up; quantize the model again")
@@ -327,7 +458,7 @@ def inspect(path: str | os.PathLike, skeleton: bool = True) -> Checked:
             for key, want in expected_layer_tensors(name, entry).items():
                 if header.get(key) != want:
                     raise PotqError(f"{weights}: tensor {key} is {header.get(key)}, expected {want}; it is corrupt")
-    return Checked(folder, manifest, header, metadata)
+    return Checked(folder, manifest, header, metadata, files)
 
 
 def _skeleton(manifest: dict[str, Any], folder: Path) -> nn.Module:
@@ -399,7 +530,7 @@ def read_tensors(checked: Checked, visit: Callable[[str, torch.Tensor], None] | 
     checksum at the end — so a model is filled tensor by tensor, never holding a second copy."""
     digests = {}
     try:
-        for name, tensor in _tensors_read(checked.weights):
+        for name, tensor in _tensors_read(checked.files):
             digests[name] = tensor_digest(name, tensor)
             if name.endswith(".scales") and name[:-len(".scales")] in checked.manifest["quantized_layers"]:
                 scales = tensor.float()
@@ -419,23 +550,29 @@ _TORCH_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF1
                  "F32": torch.float32, "F64": torch.float64, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 
 
-def _tensors_read(weights: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` in name order, each read with a plain ``pread`` into its own memory:
-    unlike safetensors' memory map, the file's pages do not stay mapped into the process, so a
-    load's resident memory is the model's, not the model's plus the file's."""
-    with weights.open("rb") as stream:
-        (size,) = struct.unpack("<Q", stream.read(8))
-        header = json.loads(stream.read(size))
-        start = 8 + size
-        for name in sorted(k for k in header if k != "__metadata__"):
-            entry = header[name]
+def _tensors_read(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` in name order over all shards, each read with a plain ``pread`` into its
+    own memory: unlike safetensors' memory map, the file's pages do not stay mapped into the
+    process, so a load's resident memory is the model's, not the model's plus the file's."""
+    streams = [file.open("rb") for file in files]
+    try:
+        where: dict[str, tuple[int, dict, int]] = {}
+        for stream in streams:
+            (size,) = struct.unpack("<Q", stream.read(8))
+            header = json.loads(stream.read(size))
+            where.update({k: (stream.fileno(), v, 8 + size) for k, v in header.items() if k != "__metadata__"})
+        for name in sorted(where):
+            fd, entry, start = where[name]
             begin, end = entry["data_offsets"]
-            data = bytearray(os.pread(stream.fileno(), end - begin, start + begin))
+            data = bytearray(os.pread(fd, end - begin, start + begin))
             if len(data) != end - begin:
                 raise OSError(f"{name} is cut short")
             dtype = _TORCH_DTYPES[entry["dtype"]]
             tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             yield name, tensor.reshape(entry["shape"])
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 def verify(path: str | os.PathLike, skeleton: bool = True) -> Checked:

@@ -8,7 +8,8 @@ with its plain weight objective), the whole float model never exists:
    quantized by the method's own code, then dropped; the float tensors outside the blocks
    (embeddings, norms, head) one at a time;
 3. the packed result is written as it is made (:class:`SafetensorsWriter`: the header, with every
-   offset, first; the content checksum filled in at the end).
+   offset, first; the content checksum filled in at the end), in shards with an index when it is
+   larger than :data:`potq.storage.MAX_SHARD_BYTES`.
 
 Peak memory is about one block in float32 plus one float tensor, whatever the number of blocks.
 The folder is the same as :func:`potq.quantize_` + :func:`potq.save` write in memory — the same
@@ -17,9 +18,8 @@ tensors, byte for byte, and the same ``potq.json`` but its time stamp (tested).
 
 from __future__ import annotations
 
-import json
+import ctypes
 import shutil
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,44 +40,14 @@ def streams(method: str, settings: dict[str, Any], embeddings: bool) -> bool:
     return not embeddings and (method == "rtn" or method == "grid" and settings.get("objective", "mse") == "mse")
 
 
-class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor in a fixed order: the header (names, dtypes,
-    shapes, offsets, metadata) first, each tensor's bytes as it comes, and at :meth:`close` the
-    metadata values that were placeholders (a checksum known only at the end)."""
+def readable_by_name(folder: Path) -> bool:
+    """Whether the folder's tensors are the model's own, name for name (so potq can read them one
+    at a time). Not for MoE checkpoints: they store each expert apart, the model fuses them, and
+    transformers does the conversion on a whole load."""
+    from potq.models import hf
+    from potq.models.arch import is_moe
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]],
-                 metadata: dict[str, str]) -> None:
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        for name, dtype, shape, nbytes in entries:
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.header, self.order, self.stream = raw, [e[0] for e in entries], path.open("wb")
-        self.sizes = {name: nbytes for name, _, _, nbytes in entries}
-        self.stream.write(struct.pack("<Q", len(raw)) + raw)
-        self.next = 0
-
-    def write(self, name: str, tensor: Tensor) -> None:
-        if self.order[self.next] != name:
-            raise RuntimeError(f"expected tensor {self.order[self.next]}, got {name}")
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes != self.sizes[name]:
-            raise RuntimeError(f"{name}: {data.nbytes} bytes, the header says {self.sizes[name]}")
-        self.stream.write(data.tobytes())
-        self.next += 1
-
-    def close(self, fill: dict[str, str]) -> None:
-        """Replace each placeholder (of the same length as its value) in the header."""
-        header = self.header
-        for placeholder, value in fill.items():
-            if len(placeholder) != len(value) or header.count(placeholder.encode()) != 1:
-                raise RuntimeError("a metadata placeholder must be unique and as long as its value")
-            header = header.replace(placeholder.encode(), value.encode())
-        self.stream.seek(8)
-        self.stream.write(header)
-        self.stream.close()
+    return not is_moe(hf.read_config(folder))
 
 
 class HFTensors:
@@ -129,12 +99,40 @@ class LazyBlocks:
                 tensor = self.tensors.read(f"{where}.{name}")
                 setattr(block.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))
 
+    def fill_outside(self, model: nn.Module, skip: nn.Module | None = None) -> None:
+        """Read every parameter outside the blocks that is not in memory (but ``skip``'s)."""
+        for name, parameter in list(model.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            if name.startswith(f"{self.prefix}.") or not parameter.is_meta or model.get_submodule(owner) is skip:
+                continue
+            if name.removeprefix(self.tensors.prefix) in self.tensors.where:
+                setattr(model.get_submodule(owner), leaf, nn.Parameter(self.tensors.read(name), requires_grad=False))
+        model.tie_weights()  # a tied head is not in the files: it becomes the token table again
+        missing = [name for name, parameter in model.named_parameters() if parameter.is_meta
+                   and not name.startswith(f"{self.prefix}.") and model.get_submodule(name.rpartition(".")[0]) is not skip]
+        if missing:  # check_weights compared the files with the model: only an untied copy can be left
+            raise PotqError(f"{self.tensors.prefix}{missing[0]} is missing from the files; re-save the model")
+
+    def finish(self, model: nn.Module) -> None:
+        """Once every block is done: read what was left in the files (the output head)."""
+        self.fill_outside(model)
+
     def release(self, block: nn.Module) -> None:
         """Drop the float weights of ``block``'s linears (their quantized form is the method's
         result); norms and biases stay, they are saved as they are."""
         for module in block.modules():
             if isinstance(module, nn.Linear):
                 module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+        _return_free_memory()
+
+
+def _return_free_memory() -> None:
+    """Hand the block's freed pages back to the system (glibc keeps freed heap memory otherwise,
+    and a long run's resident size creeps up block by block); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def lazy_model(folder: Path) -> tuple[nn.Module, Any]:
@@ -152,21 +150,15 @@ def lazy_model(folder: Path) -> tuple[nn.Module, Any]:
     with init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
         model = hf.empty_model(hf_config)
     lazy = LazyBlocks(model, HFTensors(folder, original))
-    outside = lambda: [(n, p) for n, p in model.named_parameters() if not n.startswith(f"{lazy.prefix}.")]  # noqa: E731
-    for name, parameter in outside():
-        if name.removeprefix(lazy.tensors.prefix) in lazy.tensors.where:
-            owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, nn.Parameter(lazy.tensors.read(name), requires_grad=False))
-    model.tie_weights()  # a tied head is not in the files: it becomes the token table again
-    missing = [name for name, parameter in outside() if parameter.is_meta]
-    if missing:  # check_weights compared the files with the model: only an untied copy can be left
-        raise PotqError(f"{folder} lacks {missing[0]}; re-save the model")
+    head = model.get_output_embeddings()
+    untied = head is not None and head.weight is not model.get_input_embeddings().weight
+    lazy.fill_outside(model, skip=head if untied else None)  # an untied head is not used until the end
     model.potq_lazy = lazy
     return model, tokenizer
 
 
 def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: dict[str, Any], out: Path,
-                    source: dict, progress: bool = True) -> Path:
+                    source: dict, progress: bool = True, max_shard_bytes: int | None = None) -> Path:
     """Quantize the Hugging Face ``folder`` with ``method`` block by block into the potq folder
     ``out`` (checked free by the caller), never holding more than a block in float."""
     from potq import storage
@@ -205,15 +197,22 @@ def stream_quantize(folder: Path, config: QuantConfig, method: str, settings: di
     tmp = temp_folder(out)
     try:
         manifest = storage.write_description(tmp, model, tokenizer, source, aliases)
-        writer = SafetensorsWriter(tmp / storage.WEIGHTS_FILE, entries, storage.weights_metadata(manifest, PLACEHOLDER))
+        metadata = storage.weights_metadata(manifest, PLACEHOLDER)
+        shards = storage.shard_plan([(e[0], e[3]) for e in entries], max_shard_bytes or storage.MAX_SHARD_BYTES)
+        file_of = {name: file for file, names in shards.items() for name in names}
+        writers = {file: storage.SafetensorsWriter(tmp / file, [e for e in entries if file_of[e[0]] == file], metadata)
+                   for file in shards}
+        writer_of = {name: writers[file] for name, file in file_of.items()}
+        storage.write_index(tmp, shards, {e[0]: e[3] for e in entries})
         digests: dict[str, str] = {}
         by_layer = {name: [t for t in tensors if t.rsplit(".", 1)[0] == name] for name in layers}
-        run = lambda linears: chosen.run(None, linears, config, progress=False, **settings)  # noqa: E731
+        run = lambda linears: chosen.run(None, linears, config, **{**settings, "progress": False})  # noqa: E731
         for name, tensor in _tensors_in_order(tensors, layers, by_layer, read_float, run, fmt, progress):
             tensor = tensor if name in packed else storage.narrowest_exact(tensor)
             digests[name] = storage.tensor_digest(name, tensor)
-            writer.write(name, tensor)
-        writer.close({PLACEHOLDER: storage.combine_digests(digests)})
+            writer_of[name].write(name, tensor)
+        for writer in writers.values():
+            writer.close({PLACEHOLDER: storage.combine_digests(digests)})
         (tmp / storage.MANIFEST_FILE).write_bytes(manifest)
         publish(tmp, out)
     finally:

@@ -1,7 +1,7 @@
 """Every decoder class potq supports, as a tiny random model built with transformers' own classes
 (tests/zoo.py): loaded from a Hugging Face folder, quantized by every method, saved, reloaded
 with the same logits, and generating; AWQ's folds found from the modules keep each block's
-function; MoE and unknown classes are refused in one line."""
+function; MoE experts are quantized one by one; unknown classes are refused in one line."""
 
 from __future__ import annotations
 
@@ -70,14 +70,11 @@ def test_found_folds_keep_the_block_function(kind):
         torch.testing.assert_close(after, target, rtol=1e-3, atol=1e-4)
 
 
-def test_moe_and_unknown_classes_are_refused_in_one_line(stories_float, tmp_path):
+def test_unknown_classes_are_refused_in_one_line(stories_float, tmp_path):
     import transformers as T
 
-    for config, words in ((T.MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2),
-                           ("MixtralForCausalLM", "mixture-of-experts")),
-                          (T.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                        intermediate_size=64), ("'bert'", "LlamaForCausalLM"))):
+    for config, words in ((T.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=64), ("'bert'", "LlamaForCausalLM")),):
         folder = tmp_path / config.model_type
         folder.mkdir()
         (folder / "config.json").write_text(config.to_json_string())
@@ -162,9 +159,11 @@ def test_a_lazily_loaded_model_quantizes_to_the_same_tensors(kind, method, folde
                 **({"epochs": 1} if method == "twostep" else {})}
     lazy = potq.load_model(str(folders[kind]), lazy=True)
     blocks = transformer_blocks(lazy.model)
-    assert all(p.is_meta for p in blocks.parameters())
-    assert not any(p.is_meta for name, p in lazy.model.named_parameters() if not name.startswith(
-        next(n for n, m in lazy.model.named_modules() if m is blocks)))
+    moe = kind in ("mixtral", "qwen3_moe")  # MoE checkpoints store experts apart: read whole by transformers
+    assert all(p.is_meta != moe for p in blocks.parameters())
+    head = lazy.model.get_output_embeddings()  # read at the end: quantizing never uses it
+    assert not any(p.is_meta for name, p in lazy.model.named_parameters() if p is not head.weight and
+                   not name.startswith(next(n for n, m in lazy.model.named_modules() if m is blocks)))
     whole = potq.load_model(str(folders[kind]))
     for lm in (lazy, whole):
         potq.quantize_(lm, potq.PoTConfig(3, 32), method=method, **settings)
@@ -172,5 +171,116 @@ def test_a_lazily_loaded_model_quantizes_to_the_same_tensors(kind, method, folde
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), (kind, method, key)
-    with pytest.raises(PotqError, match="whole model"):
-        potq.quantize_(potq.load_model(str(folders[kind]), lazy=True), potq.PoTConfig(3, 32), method="rtn")
+    if not moe:
+        with pytest.raises(PotqError, match="whole model"):
+            potq.quantize_(potq.load_model(str(folders[kind]), lazy=True), potq.PoTConfig(3, 32), method="rtn")
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_every_expert_is_quantized_and_the_router_stays_float(kind, folders):
+    """The fused 3-D experts become a linear per expert that computes what transformers' module
+    does; each is packed (its own codes), the router keeps its float weight."""
+    from potq.models.experts import ExpertLinears
+    from potq.nn import QuantLinear
+
+    fused = tiny_model(kind)
+    with torch.inference_mode():
+        expected = fused(IDS).logits
+    lm = potq.load_model(str(folders[kind]))
+    with torch.inference_mode():
+        torch.testing.assert_close(lm.model(IDS).logits, expected, rtol=0, atol=1e-6)
+    moe = transformer_blocks(lm.model)[0].mlp
+    assert isinstance(moe.experts, ExpertLinears) and len(moe.experts.experts) == 4
+    potq.quantize_(lm, potq.PoTConfig(3, 32), method="gptq", calib_samples=4, calib_len=32, progress=False)
+    packed = [m for m in moe.experts.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 8 and len({m.codes.data_ptr() for m in packed}) == 8
+    assert isinstance(moe.gate.weight, torch.nn.Parameter) and moe.gate.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "twostep", "grid"])
+def test_an_expert_no_calibration_token_reaches_is_still_quantized(method, folders):
+    """With the router forced away from expert 3, that expert gets no statistics: every method
+    still quantizes it (GPTQ as rounding, AWQ without clipping) instead of failing or zeroing it."""
+    from potq.nn import QuantLinear
+
+    class NeverThree(torch.nn.Module):  # the router, with expert 3's picks sent to expert 0
+        def __init__(self, router: torch.nn.Module) -> None:
+            super().__init__()
+            self.router = router
+
+        def forward(self, hidden: torch.Tensor) -> tuple:
+            logits, scores, index = self.router(hidden)
+            return logits, scores, torch.where(index == 3, torch.zeros_like(index), index)
+
+    lm = potq.load_model(str(folders["mixtral"]))
+    for block in transformer_blocks(lm.model):
+        block.mlp.gate = NeverThree(block.mlp.gate)
+    settings = {"epochs": 1} if method == "twostep" else {"objective": "act"} if method == "grid" else {}
+    potq.quantize_(lm, potq.PoTConfig(3, 32), method=method, calib_samples=4, calib_len=32, progress=False,
+                   **settings)
+    expert = transformer_blocks(lm.model)[0].mlp.experts.experts[3]
+    assert isinstance(expert.down_proj, QuantLinear)
+    assert expert.down_proj.dequantize().abs().sum() > 0
+
+
+def test_a_large_model_is_saved_in_shards_with_an_index(folders, tmp_path):
+    """Over the shard size, the packed weights go into numbered shards and an index, in memory and
+    streamed alike; the folder loads, verifies and opens in transformers as one file would; a
+    shard that is missing or from another save is refused in one line."""
+    from safetensors import safe_open
+
+    from potq import storage
+    from potq.info import summary
+    from potq.stream import stream_quantize
+
+    lm = potq.load_model(str(folders["llama"]))
+    potq.quantize_(lm, potq.PoTConfig(3, 32), progress=False)
+    with torch.inference_mode():
+        logits = lm.model(IDS).logits
+    one = potq.save(lm, tmp_path / "one")
+    sharded = potq.save(lm, tmp_path / "sharded", max_shard_bytes=100_000)
+    streamed = stream_quantize(folders["llama"], potq.PoTConfig(3, 32), "rtn", {}, tmp_path / "streamed",
+                               lm.source, progress=False, max_shard_bytes=100_000)
+    for folder in (sharded, streamed):
+        files = storage.weight_files(folder)
+        assert len(files) > 1 and (folder / storage.INDEX_FILE).is_file() and not (folder / "model.safetensors").exists()
+        index = json.loads((folder / storage.INDEX_FILE).read_text())["weight_map"]
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                assert all(index[k] == file.name for k in f.keys())
+        storage.verify(folder)
+        with torch.inference_mode():
+            assert torch.equal(potq.load(folder).model(IDS).logits, logits)
+    assert summary(sharded)["file_bytes"] > 0.9 * summary(one)["file_bytes"]
+    other = potq.load_model(str(folders["llama"]))
+    potq.quantize_(other, potq.PoTConfig(3, 32), method="grid", progress=False)
+    foreign = storage.weight_files(potq.save(other, tmp_path / "other", max_shard_bytes=100_000))
+    files = storage.weight_files(sharded)
+    files[1].write_bytes(foreign[1].read_bytes())
+    with pytest.raises(PotqError, match="does not belong"):
+        potq.load(sharded)
+    files[1].unlink()
+    with pytest.raises(PotqError, match="missing"):
+        potq.load(sharded)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3_text", "mixtral"])
+def test_transformers_quantizes_while_loading_through_potqs_quantizer(kind, folders):
+    """``from_pretrained(folder, quantization_config=PotqQuantization(...))``: transformers' own
+    quantizer extension point; the result is potq's packed model, as ``potq.quantize_`` makes it."""
+    import transformers as T
+
+    from potq import interop
+    from potq.nn import QuantLinear
+
+    model = T.AutoModelForCausalLM.from_pretrained(
+        folders[kind], quantization_config=interop.PotqQuantization(bits=3, group_size=32), dtype=torch.float32)
+    reference = potq.load_model(str(folders[kind]))
+    potq.quantize_(reference, potq.PoTConfig(3, 32), progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == \
+        sum(isinstance(m, QuantLinear) for m in reference.model.modules()) > 0
+    with torch.inference_mode():
+        assert torch.equal(model(IDS).logits, reference.model(IDS).logits)
+    with pytest.raises(PotqError, match="data-free"):
+        T.AutoModelForCausalLM.from_pretrained(folders[kind], quantization_config=interop.PotqQuantization(
+            bits=3, method="gptq"))

@@ -203,3 +203,11 @@ def test_help_is_fast_and_every_option_has_help():
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
             assert action.help, f"potq {name} {action.option_strings or action.dest} has no help text"
+
+
+def test_quiet_json_is_alone_on_stdout_for_a_block_wise_method(capsys, tmp_path):
+    """Per-block notes go to stderr and --quiet silences them, so ``--json`` alone is parseable."""
+    code = main(["quantize", "stories260k", "--method", "twostep", "--epochs", "1", "--calib-samples", "4",
+                 "--calib-len", "64", "-o", str(tmp_path / "q"), "--quiet", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["method"] == "twostep" and "block 0" not in err

@@ -237,16 +237,18 @@ def test_bad_inputs(tmp_path: Path, stories: LoadedModel) -> None:
     expect_error(str(tmp_path / "folder"), "config.json")
 
 
-def write_gguf(path: Path, architecture_name: str, kind: str = "IQ4_NL") -> None:
-    """A minimal LLaMA-shaped GGUF whose only tensor (2 rows of 256) is stored as ``kind``: IQ4_NL
-    (8 blocks of 18 bytes a row) is a type potq does not expand, Q4_K (one 144-byte block) one it does."""
+def write_gguf(path: Path, architecture_name: str, kind: str = "Q8_1") -> None:
+    """A minimal LLaMA-shaped GGUF whose only tensor (2 rows of 256) is stored as ``kind``: Q8_1
+    (llama.cpp's activation type) is one potq does not expand, Q4_K one it does."""
     writer = gguf.GGUFWriter(str(path), architecture_name)
     writer.add_block_count(1)
     writer.add_embedding_length(256)
     writer.add_feed_forward_length(256)
     writer.add_head_count(4)
     writer.add_token_list(["a", "b"])
-    writer.add_tensor("token_embd.weight", np.zeros((2, 144), np.uint8), raw_dtype=gguf.GGMLQuantizationType[kind])
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    writer.add_tensor("token_embd.weight", np.zeros((2, 256 // block * nbytes), np.uint8),
+                      raw_dtype=gguf.GGMLQuantizationType[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -257,7 +259,7 @@ def test_unsupported_gguf(tmp_path: Path) -> None:
     write_gguf(tmp_path / "gpt2.gguf", "gpt2")
     expect_error(str(tmp_path / "gpt2.gguf"), "'gpt2'", "llama")
     write_gguf(tmp_path / "k.gguf", "llama")
-    expect_error(str(tmp_path / "k.gguf"), "IQ4_NL", "Q4_1", "Q3_K")
+    expect_error(str(tmp_path / "k.gguf"), "Q8_1", "IQ4_NL", "Q3_K")
     write_gguf(tmp_path / "k4.gguf", "llama", "Q4_K")  # llama.cpp's k-quants expand: only the blocks are missing
     expect_error(str(tmp_path / "k4.gguf"), "lacks", "model.layers.0")
 

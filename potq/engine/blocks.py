@@ -20,6 +20,7 @@ weights dropped after, so a model larger than memory quantizes with any block-wi
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -151,13 +152,13 @@ def commit(block: nn.Module, chosen: dict[str, QuantizedWeight], layers: dict[st
     by_module = {id(m): name for name, m in layers.items()}
     checkpoint = resume.active()
     if checkpoint is not None:  # the blocks a resumed run skipped: their entries, restored
-        result.update(checkpoint.pending)
+        result.update({name: qw.compact() for name, qw in checkpoint.pending.items()})
         checkpoint.pending = {}
     for local, qw in chosen.items():
         module = block.get_submodule(local)
         module.weight.data.copy_(qw.dequantize())
-        qw = qw.to(devices.CPU)  # what the model and storage keep
-        result[by_module[id(module)]] = qw
+        qw = qw.to(devices.CPU)  # what the model and storage keep, codes bit-packed until then
+        result[by_module[id(module)]] = qw.compact()
         if checkpoint is not None:
             checkpoint.committed[by_module[id(module)]] = qw
 
@@ -185,7 +186,7 @@ def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size
         data = BlockData(devices.to_current(restored[0]), data.kwargs)
         float_data = None if restored[1] is None else BlockData(devices.to_current(restored[1]), data.kwargs)
         if progress:
-            tqdm.write(f"resuming after block {start - 1} (checkpoint {checkpoint.folder})")
+            tqdm.write(f"resuming after block {start - 1} (checkpoint {checkpoint.folder})", file=sys.stderr)
         for block in blocks[:start] if lazy is not None else []:
             lazy.release(block)
     bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc="blocks", unit="block",

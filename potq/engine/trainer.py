@@ -12,6 +12,7 @@ makes the loss jump as codes flip, so a later epoch can be worse than an earlier
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
@@ -72,4 +73,5 @@ def record_block(blocks: list[dict], index: int, history: list[float], started: 
                    "seconds": time.perf_counter() - started})
     if progress:
         tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
-                   f"({100 * (min(history) / history[0] - 1):+.1f} %) in {blocks[-1]['seconds']:.0f} s")
+                   f"({100 * (min(history) / history[0] - 1):+.1f} %) in {blocks[-1]['seconds']:.0f} s",
+                   file=sys.stderr)

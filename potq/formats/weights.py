@@ -52,6 +52,45 @@ class QuantizedWeight:
     def packed_codes(self) -> Tensor:
         return pack_bits(self.codes, self.fmt.bits)
 
+    def compact(self) -> "CompactWeight":
+        """The same weight holding its codes bit-packed (3 bits a weight, not 8) until used."""
+        return CompactWeight(self.fmt, self.group_size, self.packed_codes(), self.scale, self.zero, self.shape[1])
+
+
+class CompactWeight(QuantizedWeight):
+    """A :class:`QuantizedWeight` whose codes stay bit-packed: what the block-wise engine keeps of
+    every finished layer until the model is packed, so a large model's results take their packed
+    size rather than a byte per weight."""
+
+    def __init__(self, fmt: Format, group_size: int, packed: Tensor, scale: Tensor, zero: Tensor | None,
+                 in_features: int) -> None:
+        super().__init__(fmt, group_size, packed, scale, zero)
+        self.in_features = in_features
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scale.shape[0], self.in_features
+
+    def unpacked(self) -> QuantizedWeight:
+        from potq.formats.packing import unpack_bits
+
+        codes = unpack_bits(self.codes, self.fmt.bits, self.in_features)
+        return QuantizedWeight(self.fmt, self.group_size, codes, self.scale, self.zero)
+
+    def dequantize(self) -> Tensor:
+        return self.unpacked().dequantize()
+
+    def to(self, device: torch.device | str) -> "CompactWeight":
+        zero = None if self.zero is None else self.zero.to(device)
+        return CompactWeight(self.fmt, self.group_size, self.codes.to(device), self.scale.to(device), zero,
+                             self.in_features)
+
+    def packed_codes(self) -> Tensor:
+        return self.codes
+
+    def compact(self) -> "CompactWeight":
+        return self
+
 
 def init_qparams(w: Tensor, fmt: Format, group_size: int, clip: Tensor | float = 1.0,
                  clip_low: Tensor | float | None = None) -> QParams:

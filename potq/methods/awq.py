@@ -13,6 +13,7 @@ block is rounded to nearest. With ``--format pot`` this is the thesis' AWQ_POT.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
         unscaled = sorted(set(block_linears(block)) - {n for f in folds for n in f.names})
         if unscaled and index == 0 and progress:
             tqdm.write(f"awq: no equivalent rescaling feeds {', '.join(unscaled)} in this architecture; "
-                       "those layers get the clipping search only")
+                       "those layers get the clipping search only", file=sys.stderr)
         for fold in folds:
             s, alpha, errors = search_scale(block, data, targets, fold.names, mean_abs[fold.names[0]], fmt,
                                             config.group_size)
@@ -86,13 +87,14 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
         quantized = {}
         for name, module in block_linears(block).items():
             w = module.weight.detach()
-            ratio = search_clip(w, tokens[name], fmt, config.group_size) if clip else 1.0
+            ratio = search_clip(w, tokens[name], fmt, config.group_size) if name in tokens else 1.0  # unrouted expert
             quantized[name] = quantize_weight(w, fmt, config.group_size,
                                               init_qparams(w, fmt, config.group_size, clip=ratio))
         commit(block, quantized, layers, result)
         blocks.append({"block": index, "groups": chosen})
         if progress:
-            tqdm.write(f"block {index}: α " + ", ".join(f"{k} {v['alpha']:.2f}" for k, v in chosen.items()))
+            alphas = ", ".join(f"{k} {v['alpha']:.2f}" for k, v in chosen.items())
+            tqdm.write(f"block {index}: α {alphas}", file=sys.stderr)
 
     run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
     return result

@@ -82,8 +82,11 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
 
     def step(_index: int, block: nn.Module, data: BlockData, _targets: list[Tensor]) -> None:
         hessians = input_hessians(block, data)
+        linears = block_linears(block)
+        for n, m in linears.items():  # an MoE expert no calibration token reached: GPTQ with H = I is rounding
+            hessians.setdefault(n, torch.eye(m.in_features, device=m.weight.device))
         commit(block, {n: gptq_weight(m.weight, hessians[n], fmt, config.group_size, block_size, damp, act_order,
-                                      static_groups) for n, m in block_linears(block).items()}, layers, result)
+                                      static_groups) for n, m in linears.items()}, layers, result)
 
     run_blockwise(model, calibration, step, batch_size=batch_size, targets=False, progress=progress)
     return result

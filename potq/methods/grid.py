@@ -156,7 +156,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
 
     def step(_index: int, block: nn.Module, data: BlockData, _targets: list[Tensor]) -> None:
         moments = input_moments(block, data)
-        commit(block, {n: searched(m.weight.detach(), fmt, config.group_size, moments[n])
+        commit(block, {n: searched(m.weight.detach(), fmt, config.group_size, moments.get(n))
                        for n, m in block_linears(block).items()}, layers, result)
 
     run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)

@@ -3,8 +3,8 @@
 Everything the methods and storage need to know about a transformers causal LM comes from here:
 
 - **which architectures** potq takes (:data:`ARCHITECTURES`, by ``config.model_type``) — each one a
-  line, tested on a tiny random model of its class; MoE classes (experts stored as fused 3-D
-  parameters) are refused in one line until their experts can be quantized;
+  line, tested on a tiny random model of its class; the fused 3-D experts of MoE classes become a
+  linear per expert (:mod:`potq.models.experts`);
 - **where the blocks are** (:func:`decoder_blocks`): the module list holding
   ``num_hidden_layers`` blocks, found by looking, whatever the family calls it;
 - **what may be folded where** (:func:`fold_groups`): which module's output channels feed which
@@ -32,19 +32,22 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
-    "gpt_neox": "GPTNeoXForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-NOT_YET = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def check_supported(model_type: Any, where: str) -> str:
     """``model_type`` if potq takes it, else one line naming what it does take."""
     if isinstance(model_type, str) and model_type in ARCHITECTURES:
         return model_type
-    if isinstance(model_type, str) and model_type in NOT_YET:
-        raise PotqError(f"{where} is a {NOT_YET[model_type]}: mixture-of-experts models (experts stored as fused "
-                        "3-D parameters) are not supported yet")
     raise PotqError(f"{where} holds a {model_type!r} model; potq supports {', '.join(ARCHITECTURES.values())}")
+
+
+def is_moe(config: Any) -> bool:
+    """Whether the config's blocks route tokens to experts. Their checkpoints store each expert
+    apart while the model fuses them, so such a model is read whole by transformers, not streamed
+    tensor by tensor by potq."""
+    return bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
 
 
 def num_layers(config: Any) -> int:
@@ -137,6 +140,7 @@ def fold_groups(block: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> list[Fol
             _, after = _linear_inputs(block, x, kwargs)
             block.load_state_dict(state)
             names = [n for n, t in after.items() if n != name and t.shape[-1] == width
+                     and n in before and t.shape == before[n].shape  # an expert may see other tokens
                      and torch.allclose(t * s, before[n], rtol=1e-4, atol=1e-5 * before[n].abs().max().item())]
             if not names:
                 continue

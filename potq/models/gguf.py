@@ -23,9 +23,11 @@ from potq.errors import PotqError, first_line
 from potq.limits import MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, whole_number
 from potq.models.tokenizer import Tokenizer
 
-# llama.cpp's legacy and k-quant types (so a llama.cpp-quantized file can be evaluated as a peer)
-EXPANDED_TYPES = {GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
-                                                          "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+# llama.cpp's legacy, k- and i-quant types (any llama.cpp-quantized file is read, and can be evaluated as a peer)
+EXPANDED_TYPES = {GGMLQuantizationType[name] for name in (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
+    "MXFP4")}  # every type the gguf package dequantizes (tested)
 GLOBAL_TENSORS = {"token_embd.weight": llama.EMBEDDING, "output_norm.weight": llama.FINAL_NORM,
                   "output.weight": llama.CLASSIFIER}
 BLOCK_TENSORS = {
@@ -93,7 +95,7 @@ def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
 # GGUF architectures read through transformers' own GGUF loader (``from_pretrained(gguf_file=...)``),
 # which maps their tensor names, undoes llama.cpp's layouts and dequantizes every type the gguf
 # package knows; potq's own loader above stays for 'llama' (it builds no float copy twice).
-VIA_TRANSFORMERS = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+VIA_TRANSFORMERS = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3moe")
 
 
 def _load_via_transformers(reader: GGUFReader, path: Path, architecture: str) -> tuple[PreTrainedModel, Tokenizer]:
@@ -120,8 +122,15 @@ def _load_via_transformers(reader: GGUFReader, path: Path, architecture: str) ->
     check_supported(model.config.model_type, str(path))
     plain_outputs(model.config)
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", backend.bos_token_id is not None))
-    tokenizer = Tokenizer(backend.backend_tokenizer, backend.bos_token_id, backend.eos_token_id, add_bos=add_bos)
+    tokenizer = Tokenizer(backend.backend_tokenizer, backend.bos_token_id, backend.eos_token_id, add_bos=add_bos,
+                          chat_template=_chat_template(reader))
     return as_linear_layers(model).eval(), tokenizer
+
+
+def _chat_template(reader: GGUFReader) -> str | None:
+    """The conversation template llama.cpp's converter copies into the metadata (instruct models)."""
+    template = _field(reader, "tokenizer.chat_template", None)
+    return template if isinstance(template, str) else None
 
 
 # Smallest encodings of a metadata entry (key length, one-byte key, type, a one-byte value) and of a
@@ -250,6 +259,7 @@ def _tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token", vocab.get("tokenizer_type") == "llama")
     tokenizer = llama.vocab_tokenizer(vocab, _field(reader, "general.architecture"), vocab.get("bos_token_id"),
                                       vocab.get("eos_token_id"), bool(add_bos), str(path))
+    tokenizer.chat_template = _chat_template(reader)
     if vocab.get("pre_tokenizer_type") in DIGIT_SPLIT_PRE:
         backend = tokenizer.backend
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

@@ -19,7 +19,8 @@ from transformers.initialization import no_init_weights
 from transformers.pytorch_utils import Conv1D
 
 from potq.errors import PotqError, first_line
-from potq.models.arch import check_supported
+from potq.models.arch import check_supported, is_moe
+from potq.models.experts import unfuse_experts
 from potq.models.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -57,6 +58,7 @@ def as_linear_layers(model: PreTrainedModel) -> PreTrainedModel:
     equivalent ``nn.Linear``, so every family offers quantization the same kind of layer.
 
     Applied both on load and on rebuild, so saved state dicts always hold ``[out, in]`` weights.
+    Fused MoE experts become a linear per expert the same way (:mod:`potq.models.experts`).
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, Conv1D):
@@ -67,7 +69,7 @@ def as_linear_layers(model: PreTrainedModel) -> PreTrainedModel:
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach())
             model.set_submodule(name, linear)
-    return model
+    return unfuse_experts(model)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -136,9 +138,14 @@ def check_weights(folder: Path, config: PretrainedConfig, files: list[Path], who
     for name, parameter in skeleton.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name.removeprefix(prefix))
     tied = {name for group in names.values() for name in group[1:]}
-    expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    expected = {k: v for k, v in expected.items() if k not in tied}
+    stored = skeleton.state_dict()
     rename = renaming(skeleton)
+    if is_moe(config):  # checkpoints keep each expert apart: compare with the layout transformers saves
+        from transformers.core_model_loading import revert_weight_conversion
+
+        stored, rename = revert_weight_conversion(skeleton, stored), (lambda key: key)
+    expected = {k.removeprefix(prefix): tuple(v.shape) for k, v in stored.items()}
+    expected = {k: v for k, v in expected.items() if k not in tied}
     present = {rename(k).removeprefix(prefix): v for k, v in present.items()}
     ignored = {k for k in present for pattern in skeleton._keys_to_ignore_on_load_unexpected or []
                if re.search(pattern, k)}
@@ -203,7 +210,26 @@ def folder_tokenizer(folder: Path, config: PretrainedConfig) -> Tokenizer:
     bos, eos = _single_id(config.bos_token_id), _single_id(config.eos_token_id)
     with_specials = backend.encode("a", add_special_tokens=True).ids
     add_bos = bos is not None and with_specials[:1] == [bos]
-    return Tokenizer(backend, bos, eos, add_bos=add_bos)
+    return Tokenizer(backend, bos, eos, add_bos=add_bos, chat_template=chat_template(folder))
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def chat_template(folder: Path) -> str | None:
+    """An instruct model's conversation template: ``chat_template.jinja`` (transformers 5), else the
+    ``chat_template`` string of ``tokenizer_config.json``; None for a base model."""
+    from potq.limits import MAX_TOKENIZER_BYTES, load_json_object, read_small_file
+
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        raw = read_small_file(folder / CHAT_TEMPLATE_FILE, "the chat template", MAX_TOKENIZER_BYTES)
+        return raw.decode("utf-8", errors="replace")
+    if (folder / "tokenizer_config.json").is_file():
+        config = load_json_object(read_small_file(folder / "tokenizer_config.json", "the tokenizer config",
+                                                  MAX_TOKENIZER_BYTES), str(folder / "tokenizer_config.json"))
+        template = config.get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
 def _single_id(token_id: int | list[int] | None) -> int | None:

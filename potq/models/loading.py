@@ -49,17 +49,16 @@ def load_model(spec: str, lazy: bool = False) -> LoadedModel:
     ``lazy=True``, for a Hugging Face folder: the transformer blocks stay in the files until a
     block-wise :func:`potq.quantize_` reads them one at a time (:class:`potq.stream.LazyBlocks`),
     so a model larger than memory quantizes; such a model is for quantizing only. Other sources
-    load whole.
+    (and MoE checkpoints, see :func:`potq.stream.readable_by_name`) load whole.
     """
     name, path = resolve(spec)
     from potq.storage import is_potq_folder, load  # storage builds on this module: import on use
+    from potq.stream import lazy_model, readable_by_name
 
     if is_potq_folder(path):
         return load(path)
     kind = _loader_kind(path)
-    if lazy and kind == "hf":
-        from potq.stream import lazy_model
-
+    if lazy and kind == "hf" and readable_by_name(path):
         model, tokenizer = lazy_model(path)
     else:
         model, tokenizer = LOADERS[kind](path)
