@@ -81,8 +81,10 @@ def main() -> None:
               f"tokens after a {speed['prompt_tokens']}-token prompt, batch 1, {speed['threads']} threads on "
               f"{speed['cpu']}, all rows in one run; a PoT row's speed is that of its bits at G128 (the packing "
               "the speed run measured); uniform rows were not timed (potq computes them from float weights, "
-              "at about float speed). potq's files keep the embedding/output head in float32; llama.cpp's "
-              "quantize it."]
+              "at about float speed). potq's file sizes are of folders that kept the embedding/output head "
+              "in float32 (llama.cpp's quantize it); potq now stores a table the GGUF held as Q8_0 as the same "
+              "8-bit codes, losslessly, so its files are smaller by the table's float32-to-8.5-bit difference "
+              "and its perplexity unchanged."]
     (RESULTS / "headline.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "recipes.md").write_text("\n".join(recipes(runs)) + "\n")
     print("\n".join(lines))

@@ -117,6 +117,13 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, what: str) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"{what} (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the K likeliest tokens")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (for a repeatable sample)")
+
+
 def _add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
                    help=f"where {what} runs: auto (default) = the GPU when PyTorch sees one, else the CPU")
@@ -162,10 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt")
     p.add_argument("model", help=model_help)
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the K likeliest tokens")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (for a repeatable sample)")
+    _add_sampling_args(p, 64, "tokens to generate at most")
     p.add_argument("--kernel", choices=["fused", "torch"], default="fused",
                    help="packed PoT layers: the fused CPU kernel (default) or the pure-PyTorch path")
     p.add_argument("--stats", action="store_true",
@@ -173,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p, "the model")
     _add_json_arg(p, "the prompt, text and speed")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to an instruct model with its chat template (Ctrl-C stops an answer, "
+                                    "Ctrl-D or /exit ends, /reset forgets)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--system", default=None, help="a system message that opens the conversation")
+    _add_sampling_args(p, 256, "tokens per answer at most")
+    _add_device_arg(p, "the model")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+                                     "/v1/completions, /v1/models; streaming)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--name", default=None, help="the model id clients ask for (default: the model's folder or file name)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait their turn (default 64; more get 429)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one answer may ask for (default 1024)")
+    _add_device_arg(p, "the model")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="check a potq folder (as `potq verify`), then print its format, bits per "
                                     "weight incl. scales, where the bytes are, and the per-layer table")
@@ -404,6 +427,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.json:
         _emit_json(args.json, {"prompt": args.prompt, "text": text, "tokens": tokens, "seconds": seconds,
                                "tokens_per_s": tokens / seconds, "path": path})
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from potq.chat import Sampling, chat
+    from potq.devices import resolve
+    from potq.eval.generate import check_sampling
+    from potq.models import load_model
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before loading the model
+    device = resolve(args.device)
+    lm = load_model(args.model)
+    lm.model.to(device)
+    _note("chat: Ctrl-C stops an answer, Ctrl-D or /exit ends, /reset forgets the conversation")
+    chat(lm, sampling=Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed), system=args.system)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from potq.devices import resolve
+    from potq.models import load_model
+    from potq.serve import serve
+
+    if not 0 < args.port < 65536 or args.max_queue < 1 or args.max_tokens < 1:
+        raise PotqError("--port must be 1-65535, --max-queue and --max-tokens at least 1")
+    device = resolve(args.device)
+    lm = load_model(args.model)
+    lm.model.to(device)
+    name = args.name or Path(str(args.model).rstrip("/")).name
+    _note(f"serving {name!r} at http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)")
+    serve(lm, name, args.host, args.port, args.max_queue, args.max_tokens)
 
 
 def compute_path(model) -> str:  # noqa: ANN001

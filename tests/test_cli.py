@@ -32,7 +32,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["quantize", "eval", "generate", "info", "demo", "bench"])
+@pytest.mark.parametrize("command", ["quantize", "eval", "generate", "chat", "serve", "info", "demo", "bench"])
 def test_every_subcommand_has_help(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0 and "usage: potq" in out
@@ -171,8 +171,11 @@ def test_smollm2_3bit_g128_costs_about_3_125_bits(capsys, tmp_path):
     info = json.loads((tmp_path / "info.json").read_text())
     # 3 bits + one fp16 scale per 128 weights; rows of 576 end in a 64-wide group (5 scales a row).
     assert info["bits_per_quantized_weight"] == pytest.approx(3.125, abs=0.02)
-    expected_bytes = info["quantized_weights"] * info["bits_per_quantized_weight"] / 8 + info["float_bytes"]
+    expected_bytes = (info["quantized_weights"] * info["bits_per_quantized_weight"] / 8 + info["float_bytes"]
+                      + info["embedding_bytes"])
     assert info["file_bytes"] == pytest.approx(expected_bytes, rel=0.01)
+    # the GGUF's Q8_0 token table stays 8-bit (lossless), shared by the tied head: not inflated to float
+    assert info["quantized_embedding_tables"] == 1 and info["bits_per_embedding_weight"] == pytest.approx(8.5)
 
 
 def test_catalog_names_are_the_registries():

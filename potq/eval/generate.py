@@ -76,7 +76,7 @@ def _picker(temperature: float, top_k: int | None, seed: int | None,
     return sample
 
 
-def _check_args(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
     if max_new_tokens < 1:
         raise PotqError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if temperature < 0:
@@ -108,15 +108,20 @@ def _stream_more(stream: Callable[[str], None], text: str, sent: str, final: boo
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-             stream: Callable[[str], None] | None = None) -> str:
+             stream: Callable[[str], None] | None = None, bos: bool | None = None,
+             generated: list[int] | None = None) -> str:
     """The continuation of ``prompt`` (without the prompt), stopping early at EOS.
+
+    ``bos``: whether to start the prompt with BOS (default: the tokenizer's habit; a chat
+    template writes its own). ``generated``, when given, receives the new token ids (EOS not
+    included), so a caller can count them and tell a stop from the length limit.
 
     ``stream`` receives each new piece of text as soon as it is complete (a piece ending in a
     half-decoded multi-byte character is held back until the character is whole); the pieces
     concatenate to the returned text. The model is put in eval mode.
     """
-    _check_args(max_new_tokens, temperature, top_k)
-    prompt_ids = tokenizer.encode(prompt)
+    check_sampling(max_new_tokens, temperature, top_k)
+    prompt_ids = tokenizer.encode(prompt, bos=bos)
     if not prompt_ids:
         raise PotqError("the prompt is empty and the tokenizer adds no BOS: give a prompt")
     limit = max_positions(model)
@@ -126,7 +131,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens
 
     model.eval()
     pick = _picker(temperature, top_k, seed, model_device(model))
-    new_ids: list[int] = []
+    new_ids: list[int] = [] if generated is None else generated
     sent = ""
     with torch.inference_mode():
         for token in next_tokens(model, prompt_ids, max_new_tokens, pick):
