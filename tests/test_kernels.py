@@ -71,6 +71,30 @@ def test_fused_gemv_equals_dequantize_then_matmul(name, bits, group, in_features
             assert torch.allclose(pot_gemv(x, layer, isa), reference, rtol=1e-5, atol=1e-4), isa
 
 
+@pytest.mark.parametrize("group, in_features", [(32, 576), (32, 100), (-1, 96), (16, 40), (64, 72)])
+def test_int8_gemv_equals_dequantize_then_matmul(group, in_features, fused_kernel):
+    """The symmetric 8-bit GEMV (a GGUF Q8_0 table packed back, as an output head) on every ISA,
+    ragged groups and row tails included; a decoding-sized input takes it inside the layer."""
+    from potq.kernels import fused
+    from potq.nn import QuantLinear
+
+    torch.manual_seed(in_features)
+    layer = QuantLinear.from_quantized(quantize_weight(torch.randn(29, in_features), get_format("uniform-sym", 8),
+                                                       group), torch.randn(29))
+    assert fused.serves_int8(layer)
+    width = layer.__dict__["_int8_group"]
+    for batch in (1, 4):
+        x = torch.randn(batch, in_features)
+        reference = fused.reference_gemv(x, layer)
+        for isa in fused.ISAS[fused.best_isa()]:
+            y = fused.extension().int8_gemv(x, layer.codes, layer.scales, width, isa) + layer.bias
+            assert torch.allclose(y, reference, rtol=1e-5, atol=1e-4), isa
+        with torch.inference_mode():
+            assert torch.allclose(layer(x), reference, rtol=1e-5, atol=1e-4)
+    assert not fused.serves_int8(QuantLinear.from_quantized(
+        quantize_weight(torch.randn(8, 64), get_format("uniform", 8), 32)))  # asymmetric: not this kernel
+
+
 @pytest.fixture
 def triton_device() -> torch.device:
     """Where the Triton kernel runs: the GPU, or the CPU in Triton's interpreter (conftest.py sets

@@ -279,10 +279,11 @@ KERNEL_PROBE = "from potq.kernels import fused; print(fused.extension() is not N
 @pytest.fixture
 def kernel_home(fused_kernel, tmp_path) -> Path:
     """A POTQ_HOME holding a copy of this machine's built kernel (a rebuild is then a relink)."""
+    from potq.kernels.fused import build_digest
     from potq.paths import home_dir
 
     home = tmp_path / "home"
-    shutil.copytree(home_dir() / "kernels", home / "kernels")
+    shutil.copytree(home_dir() / "kernels" / build_digest(), home / "kernels" / build_digest())
     return home
 
 

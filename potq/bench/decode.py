@@ -34,20 +34,41 @@ from potq.storage import read_manifest
 # variant -> (format bits, quantize embeddings too); None = the float model
 VARIANTS: dict[str, tuple[int, bool] | None] = {"float32": None, "pot4": (4, False), "pot3": (3, False),
                                                 "pot2": (2, False), "pot3 + embeddings": (3, True)}
+# the ablation of an 8-bit table: pot3 with the token table (and tied head) held in float32 again
+FLOAT_TABLES = "pot3, float32 table"
 
 
 def variant_folder(model: str, variant: str, cache: Path, group: int = 128) -> str:
     """The model to load for ``variant``: the float model itself, or a packed folder made once in ``cache``."""
-    spec = VARIANTS[variant]
+    spec = (3, False) if variant == FLOAT_TABLES else VARIANTS[variant]
     if spec is None:
         return model
     bits, embeddings = spec
-    folder = cache / f"{Path(model).name}-pot{bits}-g{group}{'-emb' if embeddings else ''}"
+    suffix = "-emb" if embeddings else "-float-table" if variant == FLOAT_TABLES else ""
+    folder = cache / f"{Path(model).name}-pot{bits}-g{group}{suffix}"
     if not _cached(folder):
         lm = potq.load_model(model)
         potq.quantize_(lm, potq.QuantConfig("pot", bits, group), method="rtn", embeddings=embeddings, progress=False)
+        if variant == FLOAT_TABLES:
+            _float_tables_(lm.model)
         potq.save(lm, folder, overwrite=True)
     return str(folder)
+
+
+def _float_tables_(model: torch.nn.Module) -> None:
+    """Turn packed embedding tables (and a head tied to one) back into float32 layers of the same
+    values: how potq held a GGUF's Q8_0 table before it kept such tables 8-bit."""
+    from torch import nn
+
+    from potq.nn import QuantEmbedding
+
+    head = model.get_output_embeddings()
+    for name, table in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]:
+        model.set_submodule(name, nn.Embedding.from_pretrained(table.dequantize(), freeze=True))
+    if isinstance(head, QuantLinear) and not isinstance(model.get_input_embeddings(), QuantEmbedding):
+        model.set_submodule(next(n for n, m in model.named_modules() if m is head),
+                            nn.Linear(head.in_features, head.out_features, bias=head.bias is not None))
+        model.tie_weights()
 
 
 def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:

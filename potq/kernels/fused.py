@@ -26,10 +26,11 @@ from torch import Tensor
 from potq.errors import PotqError
 from potq.formats.grouping import group_width
 from potq.formats.pot import PoT, PoTWithZero
+from potq.formats.uniform import UniformSym
 from potq.paths import home_dir
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("pot_gemv.cpp", "pot_gemv_avx2.cpp", "pot_gemv_avx512.cpp")]
+SOURCES = [CSRC / name for name in ("pot_gemv.cpp", "pot_gemv_avx2.cpp", "pot_gemv_avx512.cpp", "int8_gemv.cpp")]
 # at::parallel_for splits rows across threads only in code compiled with OpenMP (PyTorch's own
 # runtime, already loaded, serves it); without the flag it silently runs on one thread.
 OPENMP = "-fopenmp"
@@ -52,8 +53,7 @@ def extension() -> ModuleType | None:
     loaded only if its size and sha256 match what was recorded after it was built: a truncated
     or altered one is rebuilt instead of crashing the process when loaded.
     """
-    code = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
-    digest = hashlib.sha256(code + torch.__version__.encode() + BUILD_FLAGS.encode()).hexdigest()[:16]
+    digest = build_digest()
     name = f"potq_pot_gemv_{digest}"
     try:
         build = home_dir() / "kernels" / digest
@@ -62,6 +62,12 @@ def extension() -> ModuleType | None:
             return _load_checked(build, name)
     except Exception as exc:  # no compiler, no ninja, a failed compile, POTQ_HOME unusable ...: PyTorch path
         return _fallback(str(exc))
+
+
+def build_digest() -> str:
+    """The name of this kernel's build folder: a digest of its sources, torch's version and the flags."""
+    code = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
+    return hashlib.sha256(code + torch.__version__.encode() + BUILD_FLAGS.encode()).hexdigest()[:16]
 
 
 def _fallback(why: str) -> None:
@@ -177,6 +183,30 @@ def _grid(layer) -> tuple[int, int, int, bool] | None:  # noqa: ANN001
                     isinstance(fmt, PoTWithZero))
         layer.__dict__["_fused_grid"] = grid
     return grid
+
+
+def serves_int8(layer) -> bool:  # noqa: ANN001
+    """Whether the 8-bit GEMV computes this packed layer: symmetric 8-bit codes on the CPU (a
+    GGUF's Q8_0 token table, packed back losslessly, as a tied output head)."""
+    width = layer.__dict__.get("_int8_group", False)
+    if width is False:
+        fmt = layer.fmt
+        width = (group_width(layer.in_features, layer.group_size)
+                 if isinstance(fmt, UniformSym) and fmt.bits == 8 and extension() is not None else None)
+        layer.__dict__["_int8_group"] = width
+    return _enabled and width is not None and layer.codes.is_cpu
+
+
+def int8_gemv(x: Tensor, layer) -> Tensor:  # noqa: ANN001
+    """``x @ W.T (+ bias)`` for a layer :func:`serves_int8` accepted, the bytes widened in registers."""
+    flat = x.reshape(-1, layer.in_features)
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.float().contiguous()
+    y = extension().int8_gemv(flat, layer.codes, layer.scales, layer.__dict__["_int8_group"], best_isa())
+    if layer.bias is not None:
+        y += layer.bias
+    y = y.view(*x.shape[:-1], layer.out_features)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _isa(isa: str | None) -> str:

@@ -132,6 +132,8 @@ class QuantLinear(PackedWeight):
                 return fused.served_gemv(x, self)
             else:
                 w = fused.scratch_dequantize(self)
+        elif fused.serves_int8(self) and not x.requires_grad and x.numel() <= FUSED_MAX_ROWS * self.in_features:
+            return fused.int8_gemv(x, self)
         elif triton_gemv.serves(self):
             if not x.requires_grad and x.numel() <= FUSED_MAX_ROWS * self.in_features:
                 return triton_gemv.pot_gemv(x, self)

@@ -123,6 +123,8 @@ torch::Tensor elementwise_dequantize(torch::Tensor codes, torch::Tensor scales, 
   return w;
 }
 
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t group, std::string isa);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pot_gemv", &pot_gemv, "fused PoT GEMV on packed codes");
   m.def("elementwise_dequantize", &elementwise_dequantize, "the dequantization benchmark's PoT / uniform harness",
@@ -135,4 +137,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_step", &attend_step, "one token's rotary embedding, KV-cache write and attention in a block");
   m.def("silu_mul", &silu_mul, "silu(gate)·up of a stacked [rows, 2·I] gate_up");
   m.def("best_isa", &best_isa, "the widest vector ISA this CPU runs");
+  m.def("int8_gemv", &int8_gemv, "GEMV on symmetric 8-bit codes (potq's uniform-sym 8) without decoding W");
 }
