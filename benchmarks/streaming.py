@@ -137,7 +137,10 @@ def main() -> None:
                      f"{r['peak_rss_gib']:.2f} | {r['seconds'] / 60:.1f} | {per_block} | {r['packed_gib']:.2f} |")
     lines += ["", "Note: peak RSS is each command's maximum resident set (GNU time), in a fresh process; the "
               "packed file keeps the embedding and head in bf16, as the source has them. The run's own "
-              "`--json` gives the quantize time; eval reads two windows of 128 tokens."]
+              "`--json` gives the quantize time; eval reads two windows of 128 tokens. rtn and grid stream "
+              "tensor by tensor (potq/stream.py); twostep and gptq read each block from the shards in its turn "
+              "(`load_model(lazy=True)`), with the flags shown. Times are wall times on a shared machine (other "
+              "work running beside a run lengthens it); peak memory does not depend on that."]
     (ROOT / "docs" / "results" / "streaming.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

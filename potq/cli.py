@@ -358,7 +358,8 @@ def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict, dev
     from potq.models.registry import resolve
     from potq.paths import sha256_of_files
     from potq.storage import is_potq_folder
-    from potq.stream import readable_by_name, stream_quantize, streams
+    from potq.models.lazy import readable_by_name
+    from potq.stream import stream_quantize, streams
 
     name, path = resolve(args.model)
     if not (path.is_dir() and (path / CONFIG_FILE).is_file() and not is_potq_folder(path)) or args.report or \

@@ -59,6 +59,13 @@ def current() -> torch.device:
     return _current.get()
 
 
+def of(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` lives: the device of its first tensor in memory (parameters and buffers;
+    a lazily loaded model's blocks are on the meta device and do not count); the CPU if none."""
+    tensors = (*module.parameters(), *module.buffers())
+    return next((t.device for t in tensors if not t.is_meta), CPU)
+
+
 def to_current(value: Any) -> Any:
     """``value`` (a tensor, or a list/tuple/dict of them, nested) on the current device."""
     return move(value, current())

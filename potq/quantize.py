@@ -160,13 +160,15 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     fingerprint = (method, config.to_dict(), embeddings, source.get("sha256"),
                    {k: v for k, v in settings.items() if k not in _UI_SETTINGS and _is_json(v)},
                    settings.get("calibration", torch.zeros(0)))
-    device = next(module.parameters()).device if device is None else device
+    device = devices.of(module) if device is None else device
     with resume.checkpointing(resume_dir, *fingerprint), devices.using(device):
         quantized = chosen.run(module, layers, config, **settings)
     if lazy is not None:
         lazy.finish(module)
         del module.potq_lazy  # every block is done
-    home = next(module.parameters()).device
+        if not embeddings:
+            pack_exact_tables_(module)  # the head, read only now
+    home = devices.of(module)
     for name in list(quantized):  # popped: a streamed model never holds unpacked and packed codes of all layers
         module.set_submodule(name, QuantLinear.from_quantized(quantized.pop(name), layers[name].bias).to(home))
     module.potq_meta = {

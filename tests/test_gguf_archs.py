@@ -116,3 +116,19 @@ def test_a_q8_0_table_stays_8_bit_and_the_folder_is_not_larger_than_the_gguf(tmp
 def write_gguf_path(tmp_path, tensor_type: str):  # noqa: ANN001, ANN201
     write_gguf("qwen2", tmp_path / f"{tensor_type}.gguf", tensor_type)
     return tmp_path / f"{tensor_type}.gguf"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_llama_gguf_quantizes_lazily_to_the_same_tensors(method, tmp_path):
+    """``lazy=True`` on a llama GGUF: each block's tensors are dequantized from the file when the
+    engine reaches them (q/k reordered as on a whole load); the result equals the whole load's."""
+    from potq.models import transformer_blocks
+
+    write_gguf("mistral", tmp_path / "m.gguf", "Q8_0")
+    lazy = potq.load_model(str(tmp_path / "m.gguf"), lazy=True)
+    assert all(p.is_meta for p in transformer_blocks(lazy.model).parameters())
+    whole = potq.load_model(str(tmp_path / "m.gguf"))
+    for lm in (lazy, whole):
+        potq.quantize_(lm, potq.PoTConfig(3, 32), method=method, calib_samples=4, calib_len=32, progress=False)
+    a, b = lazy.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

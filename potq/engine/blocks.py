@@ -13,7 +13,7 @@ Device: the model stays where it is; each block and the activations run on
 :func:`potq.devices.current` (``--device``) for the block's turn, so a GPU needs room for one
 block, not the model.
 
-Streaming: a model loaded with ``lazy=True`` (``model.potq_lazy``, :class:`potq.stream.LazyBlocks`)
+Streaming: a model loaded with ``lazy=True`` (``model.potq_lazy``, :class:`potq.models.lazy.LazyBlocks`)
 has its blocks' weights read from the files when their turn comes and its linears' float
 weights dropped after, so a model larger than memory quantizes with any block-wise method.
 """
@@ -64,7 +64,7 @@ def capture_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> BlockData:
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    home = next(model.parameters()).device
+    home = devices.of(model)
     try:
         with torch.no_grad():
             for batch in ids.to(home).split(batch_size):

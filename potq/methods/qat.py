@@ -99,7 +99,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     if batch_size < 1:
         raise PotqError(f"batch_size must be at least 1, got {batch_size}")
     fmt = config.make_format()
-    home = next(model.parameters()).device
+    home = devices.of(model)
     model.to(devices.current())  # QAT trains the whole model: all of it goes to the device
     wrapped = {}
     for name, layer in layers.items():

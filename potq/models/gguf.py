@@ -78,6 +78,53 @@ def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
     architecture = _field(reader, "general.architecture")
     if architecture in VIA_TRANSFORMERS:
         return _load_via_transformers(reader, path, architecture)
+    config = _checked_llama(reader, path, architecture)
+    tokenizer = _tokenizer(reader, path)
+    return llama.build_llama(config, _weights(reader, path), str(path)), tokenizer
+
+
+def lazy_load(path: Path) -> tuple[PreTrainedModel, Tokenizer] | None:
+    """A ``llama`` GGUF's model with its blocks left in the file, each tensor dequantized when the
+    block-wise engine reaches it (:mod:`potq.models.lazy`); None for the architectures
+    transformers reads (they load whole)."""
+    from accelerate import init_empty_weights
+
+    from potq.models.hf import empty_model
+    from potq.models.lazy import attach
+
+    reader = _open(path)
+    architecture = _field(reader, "general.architecture")
+    if architecture in VIA_TRANSFORMERS:
+        return None
+    config = _checked_llama(reader, path, architecture)
+    tokenizer = _tokenizer(reader, path)
+    with init_empty_weights():  # parameters on the meta device, the rotary tables real
+        model = empty_model(config)
+    return attach(model, GGUFTensors(reader, path, config)), tokenizer
+
+
+class GGUFTensors:
+    """A llama GGUF's tensors by transformers name, dequantized to float32 one at a time (q and k
+    back from llama.cpp's interleaved rotary order)."""
+
+    prefix = "model."
+
+    def __init__(self, reader: GGUFReader, path: Path, config: LlamaConfig) -> None:
+        self.tensors = {_torch_name(t.name, path): t for t in reader.tensors}
+        self.where = {name.removeprefix(self.prefix): name for name in self.tensors}
+        self.heads = {llama.ATTN_Q: config.num_attention_heads, llama.ATTN_K: config.num_key_value_heads}
+
+    def read(self, name: str) -> torch.Tensor:
+        tensor = self.tensors[name]
+        values = dequantize(tensor.data, tensor.tensor_type)
+        weight = torch.from_numpy(values if values.flags.writeable else values.copy())
+        role = name.split(".", 3)[-1]
+        return llama.interleaved_to_half_split(weight, self.heads[role]) if role in self.heads else weight
+
+
+def _checked_llama(reader: GGUFReader, path: Path, architecture: str) -> LlamaConfig:
+    """The config of a ``llama`` GGUF whose tensors are all of types potq expands and of the
+    shapes the config needs (checked before any tensor is dequantized)."""
     if architecture != "llama":
         raise PotqError(f"{path} is a {architecture!r} GGUF; potq loads the architectures "
                         f"{', '.join(['llama', *VIA_TRANSFORMERS])}")
@@ -88,8 +135,7 @@ def load(path: Path) -> tuple[PreTrainedModel, Tokenizer]:
             raise PotqError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}; potq expands only "
                             f"{supported} (re-quantize the GGUF to one of them)")
     llama.check_shapes(config, {_torch_name(t.name, path): _torch_shape(t) for t in reader.tensors}, str(path))
-    tokenizer = _tokenizer(reader, path)
-    return llama.build_llama(config, _weights(reader, path), str(path)), tokenizer
+    return config
 
 
 # GGUF architectures read through transformers' own GGUF loader (``from_pretrained(gguf_file=...)``),

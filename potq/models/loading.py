@@ -46,22 +46,22 @@ def load_model(spec: str, lazy: bool = False) -> LoadedModel:
     A short name of a model potq trained (``nanogpt-shakespeare``) or a path to any potq folder
     is read by :func:`potq.storage.load`, so every command takes it like a source model.
 
-    ``lazy=True``, for a Hugging Face folder: the transformer blocks stay in the files until a
-    block-wise :func:`potq.quantize_` reads them one at a time (:class:`potq.stream.LazyBlocks`),
-    so a model larger than memory quantizes; such a model is for quantizing only. Other sources
-    (and MoE checkpoints, see :func:`potq.stream.readable_by_name`) load whole.
+    ``lazy=True``, for a Hugging Face folder or a ``llama`` GGUF: the transformer blocks stay in
+    the files until a block-wise :func:`potq.quantize_` reads them one at a time
+    (:class:`potq.models.lazy.LazyBlocks`), so a model larger than memory quantizes; such a model
+    is for quantizing only. Other sources (GGUFs read by transformers, MoE checkpoints — see
+    :func:`potq.models.lazy.readable_by_name`) load whole.
     """
     name, path = resolve(spec)
     from potq.storage import is_potq_folder, load  # storage builds on this module: import on use
-    from potq.stream import lazy_model, readable_by_name
+    from potq.models.lazy import hf_lazy_model, readable_by_name
 
     if is_potq_folder(path):
         return load(path)
     kind = _loader_kind(path)
-    if lazy and kind == "hf" and readable_by_name(path):
-        model, tokenizer = lazy_model(path)
-    else:
-        model, tokenizer = LOADERS[kind](path)
+    lazily = {"hf": lambda: hf_lazy_model(path) if readable_by_name(path) else None, "gguf": lambda: gguf.lazy_load(path)}
+    loaded = lazily[kind]() if lazy and kind in lazily else None  # None: this source loads whole
+    model, tokenizer = loaded if loaded is not None else LOADERS[kind](path)
     check_vocabulary(tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, model.config.to_dict(), str(path))
     files = hf.weight_files(path) if path.is_dir() else [path]
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(files), "loader": kind}
