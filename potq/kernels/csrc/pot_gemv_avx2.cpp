@@ -3,6 +3,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "pot_gemv_layout.h"
 
 namespace {
@@ -29,6 +31,13 @@ struct Isa {
     for (; j < n; ++j) dst[j] = static_cast<uint16_t>(_cvtss_sh(src[j], 0));
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  // 8 symmetric 8-bit codes (c − 127) as floats
+  static V widen8(const uint8_t* p) {
+    int64_t eight;
+    std::memcpy(&eight, p, 8);
+    return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(eight))), _mm256_set1_ps(127.0f));
+  }
   static float sum(V v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -79,6 +88,7 @@ struct Isa {
 }  // namespace
 
 #include "pot_gemv_rows.h"
+#include "int8_rows.h"
 #include "dequant_elementwise.h"
 #include "pot_gemv_entry.h"
 

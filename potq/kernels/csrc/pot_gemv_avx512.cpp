@@ -25,6 +25,12 @@ struct Isa {
     for (; j < n; ++j) dst[j] = static_cast<uint16_t>(_cvtss_sh(src[j], 0));
   }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  // 16 symmetric 8-bit codes (c − 127) as floats
+  static V widen8(const uint8_t* p) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), _mm512_set1_ps(127.0f));
+  }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 
   static Entries entries(const int32_t* add, const int32_t* keep, const float* pow2) {
@@ -60,6 +66,7 @@ struct Isa {
 }  // namespace
 
 #include "pot_gemv_rows.h"
+#include "int8_rows.h"
 #include "dequant_elementwise.h"
 #include "pot_gemv_entry.h"
 

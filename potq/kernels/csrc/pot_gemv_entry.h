@@ -7,6 +7,9 @@
     rows_for(A, nb, x, y, r0, r1);                                                                      \
   }                                                                                                     \
   void dequantize_##ISA(const Args& A, float* w, int64_t r0, int64_t r1) { dequantize_for(A, w, r0, r1); } \
+  void int8_rows_##ISA(const Int8Layer& L, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1) {  \
+    int8_rows_for(L, nb, x, y, r0, r1);                                                                 \
+  }                                                                                                     \
   void elementwise_##ISA(int kind, int out, const uint8_t* codes, const uint16_t* scales,                \
                          const uint8_t* zeros, void* dst, int64_t rows, int64_t n, int64_t group,         \
                          int64_t groups, const Layout& L) {                                              \

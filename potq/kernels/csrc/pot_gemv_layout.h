@@ -15,6 +15,15 @@ struct Args {
   int64_t groups, out_features;
 };
 
+// A symmetric 8-bit layer (potq's uniform-sym 8): code c = q + 127, weight (c − 127)·s per group.
+struct Int8Layer {
+  const uint8_t* codes;    // [out, in]
+  const uint16_t* scales;  // [out, groups], fp16 bit patterns
+  int64_t in, out, group, groups;
+};
+void int8_rows_avx2(const Int8Layer& L, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
+void int8_rows_avx512(const Int8Layer& L, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
+
 // Rows [r0, r1) of y[nb, out] = x[nb, in] · Wᵀ, one function per instruction set.
 void rows_avx2(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
 void rows_avx512(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
