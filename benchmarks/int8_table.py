@@ -26,7 +26,8 @@ def main() -> None:
     results = run("smollm2-135m", threads=threads, variants=VARIANTS)
     base = results[FLOAT_TABLES]["tokens_per_s"]
     lines = ["# The Q8_0 token table kept 8-bit: decoding speed", "", "`.venv/bin/python benchmarks/int8_table.py`", "",
-             f"SmolLM2-135M, pot3 G128 (rtn), {threads} threads on {machine()}; 64-token prompt, 128 greedy tokens, "
+             f"SmolLM2-135M, pot3 G128 (rtn), {threads} decoding threads; this process on {machine()}; "
+             "64-token prompt, 128 greedy tokens, "
              "each variant in its own process, in turn, 3 rounds, median shown.", "",
              "| token table / output head | decoding tok/s | vs float32 table | weights read per token (MB) | "
              "of which the head (MB) | peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|"]
