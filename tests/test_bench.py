@@ -3,7 +3,7 @@ subprocess measurement (the full report on SmolLM2 is a benchmark, not a test)."
 
 import re
 
-
+import potq
 from potq.bench import decode, dequant, gemv
 from potq.cli import main
 
@@ -80,3 +80,34 @@ def test_report_renders_again_from_its_json(tmp_path, capsys):
         assert heading in text
     assert main(["bench", "--render", "--out", str(tmp_path / "elsewhere" / "speed.md")]) not in (0, None)
     assert "run `potq bench` first" in capsys.readouterr().err
+
+
+def test_the_float_table_ablation_holds_the_same_values(tmp_path):
+    """The int8-table benchmark's baseline: the GGUF's Q8_0 table back in float32, same values, head tied."""
+    import torch
+    from torch import nn
+
+    from potq.bench.decode import _float_tables_
+    from potq.nn import QuantEmbedding
+    from tests.gguf_writer import write_gguf
+
+    write_gguf("qwen2", tmp_path / "m.gguf", "Q8_0", model=_tied_qwen2())
+    lm = potq.load_model(str(tmp_path / "m.gguf"))
+    potq.quantize_(lm, potq.PoTConfig(3, 32), progress=False)
+    packed, packed_head = lm.model.get_input_embeddings(), lm.model.get_output_embeddings()
+    assert isinstance(packed, QuantEmbedding)
+    values, head_values = packed.dequantize(), packed_head.dequantize()
+    _float_tables_(lm.model)
+    table, head = lm.model.get_input_embeddings(), lm.model.get_output_embeddings()
+    assert type(table) is nn.Embedding and torch.equal(table.weight, values)
+    assert type(head) is nn.Linear and torch.equal(head.weight, head_values)
+
+
+def _tied_qwen2():  # noqa: ANN202
+    import torch
+    import transformers as T
+
+    from tests.zoo import COMMON
+
+    torch.manual_seed(0)
+    return T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON, tie_word_embeddings=True)).eval()

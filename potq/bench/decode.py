@@ -62,13 +62,17 @@ def _float_tables_(model: torch.nn.Module) -> None:
 
     from potq.nn import QuantEmbedding
 
-    head = model.get_output_embeddings()
-    for name, table in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]:
-        model.set_submodule(name, nn.Embedding.from_pretrained(table.dequantize(), freeze=True))
-    if isinstance(head, QuantLinear) and not isinstance(model.get_input_embeddings(), QuantEmbedding):
-        model.set_submodule(next(n for n, m in model.named_modules() if m is head),
-                            nn.Linear(head.in_features, head.out_features, bias=head.bias is not None))
-        model.tie_weights()
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = isinstance(head, QuantLinear) and isinstance(table, QuantEmbedding) and head.codes is table.codes
+    for name, packed in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]:
+        model.set_submodule(name, nn.Embedding.from_pretrained(packed.dequantize(), freeze=True))
+    exact = isinstance(head, QuantLinear) and (head.fmt.name, head.fmt.bits) == ("uniform-sym", 8)
+    if tied or exact:  # a head on the table's codes shares the float table; an untied 8-bit one gets its own
+        linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        linear.weight = model.get_input_embeddings().weight if tied else nn.Parameter(head.dequantize())
+        if head.bias is not None:
+            linear.bias = nn.Parameter(head.bias.detach().clone())
+        model.set_submodule(next(n for n, m in model.named_modules() if m is head), linear)
 
 
 def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
