@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="only the fused 3-bit GEMV vs float32 on the largest linear shape (under a minute)")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp even where it is installed")
+    p.add_argument("--vs-llamacpp", action="store_true",
+                   help="only pot3 against llama.cpp Q4_0 decoding, in one run; the last line is the ratio")
     p.add_argument("--render", action="store_true",
                    help="measure nothing: write --out again from the JSON report beside it")
     p.add_argument("--out", type=Path, default=Path("docs/results/speed.md"), help="the report to write")
@@ -478,6 +480,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.quick:
         print(bench.quick(args.model, args.threads))
+    elif args.vs_llamacpp:
+        print(bench.vs_llamacpp(args.model, args.threads))
     elif args.render:
         bench.rerender(args.out)
     else:

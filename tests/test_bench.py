@@ -111,3 +111,12 @@ def _tied_qwen2():  # noqa: ANN202
 
     torch.manual_seed(0)
     return T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON, tie_word_embeddings=True)).eval()
+
+
+def test_vs_llamacpp_without_the_peer_is_one_line(capsys, monkeypatch):
+    from potq.bench import peer
+
+    monkeypatch.setattr(peer, "available", lambda: False)
+    assert main(["bench", "--vs-llamacpp", "--model", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "llama-cpp-python" in err

@@ -23,6 +23,8 @@ from potq.kernels import fused
 from potq.paths import write_text_atomic
 
 TARGETS = {"dequant": 1.5, "gemv": 4.0, "decode": 2.0, "peer": 1.5}
+# the runtime issue's decoding targets: pot3 and pot4 tokens/s against llama.cpp Q4_0's, pot3 against its bound
+RUNTIME = {"pot3": 1.3, "pot4": 1.1, "bound": 0.7}
 NOISE = ("Each ratio below comes from one run, its variants measured in turn on the same machine. The "
          "absolute speed of this shared virtual machine drifts by tens of percent from hour to hour, so a "
          "ratio close to its target can land on the other side of it in another run.")
@@ -44,6 +46,21 @@ def quick(model: str, threads: int) -> str:
     print(f"largest linear shape {shape[0]}×{shape[1]}, batch 1, {threads} threads, {fused.best_isa()} kernel: "
           f"fp32 {fp32:.1f} µs, fused pot3 {pot3:.1f} µs")
     return f"gemv pot3/fp32 speedup: {fp32 / pot3:.2f}×"
+
+
+def vs_llamacpp(model: str, threads: int, prompt_tokens: int = 64, new_tokens: int = 128) -> str:
+    """pot3's decoding speed against llama.cpp Q4_0's, measured in turn in one run (a few minutes);
+    the last line says the ratio."""
+    from potq.models.registry import resolve
+
+    source = resolve(model)[1]
+    if not peer.available() or source.suffix != ".gguf":
+        raise PotqError("--vs-llamacpp needs llama-cpp-python (pip install -e '.[peer]') and a GGUF model")
+    ours = decode.run(model, prompt_tokens, new_tokens, threads, variants=["pot3"])["pot3"]
+    theirs = peer.measure(peer.requantized(source, "Q4_0"), prompt_tokens, new_tokens, threads)
+    print(f"pot3 {ours['tokens_per_s']:.1f} tok/s, llama.cpp Q4_0 {theirs['tokens_per_s']:.1f} tok/s "
+          f"({threads} threads, {new_tokens} greedy tokens after {prompt_tokens})")
+    return f"decode pot3/llama.cpp Q4_0: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}×"
 
 
 def _verdict(measured: float, target: float, what: str) -> str:
@@ -143,10 +160,17 @@ def _verdicts(report: dict) -> list[str]:
     dec = report["decode"]
     lines.append(_verdict(dec["pot3"]["tokens_per_s"] / dec["float32"]["tokens_per_s"], TARGETS["decode"],
                           "pot3 decoding vs float32 tokens/s"))
+    bound = report["read_gb_s"] * 1e9 / dec["pot3"]["weight_bytes_per_token"]
+    lines.append(_verdict(dec["pot3"]["tokens_per_s"] / bound / RUNTIME["bound"], 1.0,
+                          "pot3 decoding at 70 % of its bandwidth bound or more (tok/s ÷ bound ÷ 0.7)"))
     if "peer" in report:
         q4 = report["peer"]["Q4_0"]["tokens_per_s"]
         lines.append(_verdict(dec["pot3"]["tokens_per_s"] / q4 * TARGETS["peer"], 1.0,
                               "pot3 decoding within 1.5× of llama.cpp Q4_0 (pot3 tok/s × 1.5 ÷ Q4_0 tok/s)"))
+        for variant in ("pot3", "pot4"):
+            if variant in dec:
+                lines.append(_verdict(dec[variant]["tokens_per_s"] / q4, RUNTIME[variant],
+                                      f"{variant} decoding vs llama.cpp Q4_0 tokens/s"))
         if "pot3 + embeddings" in dec:  # like for like: the Q4_0 file packs the embedding table (= head) too
             lines.append(_verdict(dec["pot3 + embeddings"]["tokens_per_s"] / q4 * TARGETS["peer"], 1.0,
                                   "pot3 with the embedding table (= head) packed too, as the Q4_0 file packs it, "
