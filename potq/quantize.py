@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Collection
 from typing import Any, Callable
 
 import torch
@@ -45,9 +44,9 @@ def embedding_tables(model: nn.Module) -> dict[str, nn.Embedding]:
 
 
 def quantize_embeddings_(model: nn.Module, config: QuantConfig,
-                         names: Collection[str] | None = None) -> dict[str, QuantEmbedding]:
-    """Replace the embedding tables (those in ``names``, default all) by packed ones
-    (round-to-nearest, groups along the vector).
+                         given: dict[str, QuantizedWeight] | None = None) -> dict[str, QuantEmbedding]:
+    """Replace the embedding tables by packed ones (round-to-nearest, groups along the vector);
+    with ``given``, only those tables, by the quantized weights given.
 
     An output head whose weight *is* the token table (tied, as in GPT-2 and SmolLM2) becomes a
     :class:`QuantLinear` sharing the table's codes, so the model stays tied and is stored once.
@@ -57,9 +56,10 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig,
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     done = {}
     for name, table in embedding_tables(model).items():
-        if names is not None and name not in names:
+        if given is not None and name not in given:
             continue
-        packed = QuantEmbedding.from_quantized(quantize_weight(table.weight.detach(), fmt, config.group_size))
+        qw = given[name] if given is not None else quantize_weight(table.weight.detach(), fmt, config.group_size)
+        packed = QuantEmbedding.from_quantized(qw)
         model.set_submodule(name, packed)
         done[name] = packed
         if isinstance(head, nn.Linear) and head.weight is table.weight:
@@ -85,15 +85,20 @@ def pack_exact_tables_(model: nn.Module) -> list[str]:
     def exact(w: Tensor) -> QuantizedWeight | None:
         if w.is_meta or w.shape[1] % EXACT_TABLES.group_size:  # meta: a lazy model's head, read at the end
             return None
-        probe = w[:64].float()  # most tensors fail on their first rows: no whole-tensor work for them
-        if not torch.equal(quantize_weight(probe, fmt, EXACT_TABLES.group_size).dequantize(), probe):
-            return None
-        qw = quantize_weight(w.float(), fmt, EXACT_TABLES.group_size)
-        return qw if torch.equal(qw.dequantize(), w.float()) else None
+        parts = []  # a few thousand rows at a time: a 262k-row table never has float temporaries of its size
+        for rows in w.detach().split(4096):  # most tensors fail on their first rows
+            qw = quantize_weight(rows.float(), fmt, EXACT_TABLES.group_size)
+            if not torch.equal(qw.dequantize(), rows.float()):
+                return None
+            parts.append(qw)
+        return QuantizedWeight(fmt, EXACT_TABLES.group_size, torch.cat([p.codes for p in parts]),
+                               torch.cat([p.scale for p in parts]), None)
 
-    tables = [name for name, table in embedding_tables(model).items() if exact(table.weight.detach()) is not None]
-    if tables:
-        quantize_embeddings_(model, EXACT_TABLES, tables)
+    found = {name: exact(table.weight) for name, table in embedding_tables(model).items()}
+    found = {name: qw for name, qw in found.items() if qw is not None}
+    tables = list(found)
+    if found:
+        quantize_embeddings_(model, EXACT_TABLES, found)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is nn.Linear and (qw := exact(head.weight.detach())) is not None:  # untied: tied ones are done
         name = next(n for n, m in model.named_modules() if m is head)
