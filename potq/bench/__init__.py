@@ -202,11 +202,14 @@ def _reading(report: dict) -> list[str]:
         f"has a fixed cost of some microseconds (Python, the extension call, waking threads).")
     d = report["decode"]
     pot3, flt = d["pot3"], d["float32"]
+    packed_head = pot3["head_bytes"] < flt["head_bytes"] / 2  # the GGUF's Q8_0 table kept 8-bit, as potq now does
+    head = ("the output head, kept 8-bit as the GGUF's Q8_0 token table it is (no change in perplexity) and read "
+            "by the int8 GEMV" if packed_head else "the output head, which weights-only quantization leaves in "
+            "float32 (it is the embedding table when tied)")
     lines.append(
         f"- **Decoding.** A pot3 token reads {pot3['weight_bytes_per_token'] / 1e6:.0f} MB of weights against "
-        f"float32's {flt['weight_bytes_per_token'] / 1e6:.0f} MB, but {pot3['head_bytes'] / 1e6:.0f} MB of "
-        f"those are the output head, which weights-only quantization leaves in float32 (it is the embedding "
-        f"table when tied); `pot3 + embeddings` packs it too, at a cost in perplexity (see the seed table). "
+        f"float32's {flt['weight_bytes_per_token'] / 1e6:.0f} MB; {pot3['head_bytes'] / 1e6:.0f} MB of "
+        f"those are {head}; `pot3 + embeddings` packs it in PoT, at a cost in perplexity (see the seed table). "
         f"The 'of bound' column shows how far each run is from reading its weights at full memory "
         f"bandwidth: the rest of a step is attention, norms and the fixed cost of each call (potq's decoder "
         f"stacks q/k/v and gate/up, so the model's {report['linear_layers']} linear layers take four "
@@ -214,12 +217,11 @@ def _reading(report: dict) -> list[str]:
     if pot3.get("step_ms") and flt.get("step_ms"):
         p, f = pot3["step_ms"], flt["step_ms"]
         lines.append(
-            f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.1f} ms the float32 "
-            f"output head takes {p['output head']:.1f} ms (float32's own: {f['output head']:.1f} ms), the "
-            f"packed projections {p['projections']:.1f} ms (float32's: {f['projections']:.1f} ms), attention "
-            f"{p['attention']:.1f} ms and the rest {p['other']:.1f} ms. Only the projections get faster with "
-            f"fewer weight bits; the head, attention and the rest cost the same in both models and cap the "
-            f"end-to-end ratio.")
+            f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.1f} ms the "
+            f"{'8-bit' if packed_head else 'float32'} output head takes {p['output head']:.1f} ms (float32's own: "
+            f"{f['output head']:.1f} ms), the packed projections {p['projections']:.1f} ms (float32's: "
+            f"{f['projections']:.1f} ms), attention {p['attention']:.1f} ms and the rest {p['other']:.1f} ms. "
+            f"Attention and the rest cost the same in both models and cap the end-to-end ratio.")
     if "peer" in report:
         q4 = report["peer"]["Q4_0"]
         lines.append(
