@@ -59,7 +59,7 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig,
         if given is not None and name not in given:
             continue
         qw = given[name] if given is not None else quantize_weight(table.weight.detach(), fmt, config.group_size)
-        packed = QuantEmbedding.from_quantized(qw)
+        packed = QuantEmbedding.from_quantized(qw).keep_scale_of(table)
         model.set_submodule(name, packed)
         done[name] = packed
         if isinstance(head, nn.Linear) and head.weight is table.weight:

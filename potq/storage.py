@@ -476,7 +476,9 @@ def _skeleton(manifest: dict[str, Any], folder: Path) -> nn.Module:
             raise PotqError(f"{folder / MANIFEST_FILE}: quantized layer {name} is not a "
                             f"{entry['out_features']}x{entry['in_features']} {entry.get('kind', 'linear')} of its "
                             "model; it is corrupt")
-        model.set_submodule(name, _packed_layer(entry), strict=True)
+        packed = _packed_layer(entry)
+        model.set_submodule(name, packed.keep_scale_of(original) if isinstance(packed, QuantEmbedding) else packed,
+                            strict=True)
     for name, entry in layers.items():
         if entry.get("shares"):
             model.get_submodule(name).share_from(model.get_submodule(entry["shares"]))

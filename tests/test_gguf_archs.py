@@ -132,3 +132,23 @@ def test_a_llama_gguf_quantizes_lazily_to_the_same_tensors(method, tmp_path):
         potq.quantize_(lm, potq.PoTConfig(3, 32), method=method, calib_samples=4, calib_len=32, progress=False)
     a, b = lazy.model.state_dict(), whole.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gemma3s_scaled_table_stays_scaled_when_packed(tmp_path):
+    """Gemma-3 multiplies looked-up rows by √d inside its embedding module: the packed table (the
+    lossless 8-bit one, and a saved and reloaded one) computes the same model."""
+    from potq.nn import QuantEmbedding
+    from potq.quantize import pack_exact_tables_
+
+    write_gguf("gemma3_text", tmp_path / "m.gguf", "Q8_0", as_released("gemma3_text"))
+    lm = potq.load_model(str(tmp_path / "m.gguf"))
+    with torch.no_grad():
+        before = lm.model(IDS).logits
+        assert pack_exact_tables_(lm.model)
+        assert isinstance(lm.model.get_input_embeddings(), QuantEmbedding)
+        torch.testing.assert_close(lm.model(IDS).logits, before, rtol=1e-4, atol=1e-4)
+    lm = potq.load_model(str(tmp_path / "m.gguf"))
+    potq.quantize_(lm, potq.PoTConfig(3, 32), progress=False)
+    with torch.no_grad():
+        logits = lm.model(IDS).logits
+        assert torch.equal(potq.load(potq.save(lm, tmp_path / "packed")).model(IDS).logits, logits)

@@ -148,6 +148,18 @@ class QuantEmbedding(PackedWeight):
 
     kind = "embedding"
 
+    def __init__(self, in_features: int, out_features: int, fmt: Format, group_size: int) -> None:
+        super().__init__(in_features, out_features, fmt, group_size)
+        self.register_buffer("embed_scale", None, persistent=False)
+
+    def keep_scale_of(self, original: nn.Module) -> "QuantEmbedding":
+        """Carry the output factor of a scaled embedding it replaces (Gemma-3's table multiplies the
+        looked-up rows by √d in its own forward), so the model computes what it did."""
+        scale = getattr(original, "embed_scale", None)
+        if isinstance(scale, Tensor):
+            self.embed_scale = scale.detach().clone()
+        return self
+
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight) -> "QuantEmbedding":
         rows, dim = qw.shape
@@ -161,6 +173,10 @@ class QuantEmbedding(PackedWeight):
         return self.weight_for_forward()
 
     def forward(self, ids: Tensor) -> Tensor:
+        rows = self._rows(ids)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
+
+    def _rows(self, ids: Tensor) -> Tensor:
         """Only the looked-up rows are decoded: the table stays packed."""
         if self._weight is not None:
             return F.embedding(ids, self._weight)
