@@ -125,3 +125,15 @@ def test_a_client_that_disconnects_stops_its_generation(served):
     finally:
         server.max_tokens = 64
     assert server.stats["cancelled"] == before + 1
+
+
+def test_a_stop_string_ends_the_answer_before_it(served):
+    _, base, lm = served
+    prompt = "Once upon a time"
+    full = potq.eval.generate(lm.model, lm.tokenizer, prompt, max_new_tokens=12)
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 1) if full[i:i + 2].strip())
+    for stream in (False, True):
+        answer = client(base).completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stop=[stop],
+                                                 stream=stream)
+        text = "".join(c.choices[0].text for c in answer) if stream else answer.choices[0].text
+        assert text == full[:full.find(stop)]
