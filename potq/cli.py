@@ -45,8 +45,10 @@ def _add_format_args(p: argparse.ArgumentParser, fmt: str = "pot", bits: int = 4
     p.add_argument("--bits", type=int, default=bits, help=f"bits per weight code (default {bits})")
     p.add_argument("--group-size", type=int, default=group_size,
                    help=f"input elements per scale (default {group_size}; -1 per channel, 0 per tensor)")
-    p.add_argument("--quantize-embeddings", action="store_true",
-                   help="also quantize the embedding tables (token, position, a tied output head), round-to-nearest")
+    p.add_argument("--quantize-embeddings", nargs="?", const="same", default=None, choices=("same", "int8"),
+                   help="also quantize the embedding tables (token, position, a tied output head), round-to-nearest: "
+                        "in the weights' format (same, the default), or int8 — symmetric 8-bit, G32, a small error, "
+                        "read as the output head by the 8-bit GEMV")
     p.add_argument("--epsilon", type=float, default=None,
                    help="pot-seed only: the epsilon in log2(|w|/s + epsilon) (default 1e-8)")
 
@@ -336,7 +338,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
         calib_len = args.calib_len or min(256, max_positions(lm.model) or 256)
         settings.update(calib_samples=args.calib_samples, calib_len=calib_len, seed=args.seed)
-    potq.quantize_(lm, config, method=args.method, embeddings=args.quantize_embeddings, resume_dir=str(resume_dir),
+    from potq.quantize import INT8_TABLES
+
+    embeddings = {None: False, "same": True, "int8": INT8_TABLES}[args.quantize_embeddings]
+    potq.quantize_(lm, config, method=args.method, embeddings=embeddings, resume_dir=str(resume_dir),
                    device=device, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output, overwrite=args.overwrite, max_shard_bytes=int(args.shard_size * 1e9))
@@ -365,7 +370,7 @@ def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict, dev
 
     name, path = resolve(args.model)
     if not (path.is_dir() and (path / CONFIG_FILE).is_file() and not is_potq_folder(path)) or args.report or \
-            not streams(args.method, settings, args.quantize_embeddings) or not readable_by_name(path):
+            not streams(args.method, settings, args.quantize_embeddings is not None) or not readable_by_name(path):
         return False
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(weight_files(path)), "loader": "hf"}
     start = time.perf_counter()
@@ -553,7 +558,9 @@ def cmd_pt2e(args: argparse.Namespace) -> None:
     if args.activations:
         calibration = list(training_batch(lm.tokenizer, lm.source, args.calib_batches, ctx, seed=0).split(1))
     start = time.perf_counter()
-    gm = quantize_pt2e(lm, weights, embeddings=args.quantize_embeddings, activations=args.activations,
+    if args.quantize_embeddings == "int8":
+        raise PotqError("pt2e packs the embeddings in the weights' format only: --quantize-embeddings without int8")
+    gm = quantize_pt2e(lm, weights, embeddings=args.quantize_embeddings is not None, activations=args.activations,
                        calibration=calibration)
     print(f"exported, prepared, calibrated and converted in {time.perf_counter() - start:.1f} s")
     print(graph_summary(gm))

@@ -72,7 +72,7 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig,
     return done
 
 
-EXACT_TABLES = QuantConfig("uniform-sym", 8, 32)  # llama.cpp's Q8_0: an fp16 scale and an int8 per 32
+INT8_TABLES = QuantConfig("uniform-sym", 8, 32)  # llama.cpp's Q8_0: an fp16 scale and an int8 per 32
 
 
 def pack_exact_tables_(model: nn.Module) -> list[str]:
@@ -80,25 +80,25 @@ def pack_exact_tables_(model: nn.Module) -> list[str]:
     grid per 32 (a GGUF's Q8_0 tensors, expanded to float on load) back onto that grid, losslessly:
     the same values in about a quarter of float32's bytes, so a model from a GGUF is not stored
     larger than it came. A tensor that does not round-trip bit for bit stays float."""
-    fmt = EXACT_TABLES.make_format()
+    fmt = INT8_TABLES.make_format()
 
     def exact(w: Tensor) -> QuantizedWeight | None:
-        if w.is_meta or w.shape[1] % EXACT_TABLES.group_size:  # meta: a lazy model's head, read at the end
+        if w.is_meta or w.shape[1] % INT8_TABLES.group_size:  # meta: a lazy model's head, read at the end
             return None
         parts = []  # a few thousand rows at a time: a 262k-row table never has float temporaries of its size
         for rows in w.detach().split(4096):  # most tensors fail on their first rows
-            qw = quantize_weight(rows.float(), fmt, EXACT_TABLES.group_size)
+            qw = quantize_weight(rows.float(), fmt, INT8_TABLES.group_size)
             if not torch.equal(qw.dequantize(), rows.float()):
                 return None
             parts.append(qw)
-        return QuantizedWeight(fmt, EXACT_TABLES.group_size, torch.cat([p.codes for p in parts]),
+        return QuantizedWeight(fmt, INT8_TABLES.group_size, torch.cat([p.codes for p in parts]),
                                torch.cat([p.scale for p in parts]), None)
 
     found = {name: exact(table.weight) for name, table in embedding_tables(model).items()}
     found = {name: qw for name, qw in found.items() if qw is not None}
     tables = list(found)
     if found:
-        quantize_embeddings_(model, EXACT_TABLES, found)
+        quantize_embeddings_(model, INT8_TABLES, found)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is nn.Linear and (qw := exact(head.weight.detach())) is not None:  # untied: tied ones are done
         name = next(n for n, m in model.named_modules() if m is head)
@@ -108,12 +108,14 @@ def pack_exact_tables_(model: nn.Module) -> list[str]:
 
 
 def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
-              calib_samples: int = 32, calib_len: int = 512, seed: int = 0, embeddings: bool = False,
+              calib_samples: int = 32, calib_len: int = 512, seed: int = 0, embeddings: bool | QuantConfig = False,
               resume_dir: str | None = None, device: str | torch.device | None = None, **settings: Any) -> nn.Module:
     """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns the module.
 
     ``embeddings=True`` also quantizes the embedding tables (see :func:`quantize_embeddings_`),
-    first, so a data-dependent method calibrates on what the quantized model will feed its blocks.
+    first, so a data-dependent method calibrates on what the quantized model will feed its blocks;
+    a QuantConfig instead (e.g. :data:`INT8_TABLES`, symmetric 8-bit: a tied head then runs on the
+    8-bit GEMV) quantizes them in that format.
     Without it, a table that is exactly 8-bit already (a GGUF's Q8_0) is packed losslessly
     (:func:`pack_exact_tables_`); other tables stay float.
 
@@ -145,7 +147,7 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     if not layers:
         raise PotqError(f"{type(module).__name__} has no linear layers in its transformer blocks to quantize")
     if embeddings:
-        quantize_embeddings_(module, config)
+        quantize_embeddings_(module, config if embeddings is True else embeddings)
     else:
         pack_exact_tables_(module)
     calibration_info = None
@@ -178,7 +180,7 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
         module.set_submodule(name, QuantLinear.from_quantized(quantized.pop(name), layers[name].bias).to(home))
     module.potq_meta = {
         **config.to_dict(),
-        "embeddings": embeddings,
+        "embeddings": embeddings if isinstance(embeddings, bool) else embeddings.to_dict(),
         "method": method,
         "method_settings": recorded_settings(chosen.run, {**settings,
                                                           **getattr(module, "potq_report", {}).get("settings", {})}),

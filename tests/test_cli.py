@@ -214,3 +214,31 @@ def test_quiet_json_is_alone_on_stdout_for_a_block_wise_method(capsys, tmp_path)
                  "--calib-len", "64", "-o", str(tmp_path / "q"), "--quiet", "--json"])
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out)["method"] == "twostep" and "block 0" not in err
+
+
+def test_int8_embeddings_pack_the_table_and_tied_head_in_8_bits(capsys, tmp_path, stories_float):
+    """``--quantize-embeddings int8``: the token table (and the head tied to it) as symmetric 8-bit
+    codes whatever the weights' format — a small error, read by the 8-bit GEMV — saved and reloaded."""
+    import torch
+
+    import potq
+    from potq.kernels import fused
+    from potq.nn import QuantEmbedding, QuantLinear
+    from tests.zoo import tiny_folder
+
+    folder = tiny_folder("gpt2", tmp_path / "gpt2", stories_float.tokenizer)
+    code, _, err = run(capsys, "quantize", str(folder), "--quantize-embeddings", "int8", "-o", str(tmp_path / "q"))
+    assert code == 0, err
+    lm = potq.load(tmp_path / "q")
+    table, head = lm.model.get_input_embeddings(), lm.model.get_output_embeddings()
+    assert isinstance(table, QuantEmbedding) and (table.fmt.name, table.fmt.bits, table.group_size) == ("uniform-sym", 8, 32)
+    assert isinstance(head, QuantLinear) and head.codes is table.codes and fused.serves_int8(head) == (fused.best_isa() != "none")
+    source = potq.load_model(str(folder)).model.get_input_embeddings().weight
+    error = (table.dequantize() - source).abs().max() / source.abs().max()
+    assert 0 < error < 1 / 127  # within half a step of an 8-bit grid
+    assert json.loads((tmp_path / "q" / "potq.json").read_text())["embeddings"]["bits"] == 8
+    capsys.readouterr()
+    code, _, err = run(capsys, "quantize", str(folder), "--quantize-embeddings", "int4", "-o", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "int4")
+    with torch.inference_mode():
+        assert torch.isfinite(lm.model(torch.tensor([[1, 5, 9]])).logits).all()
