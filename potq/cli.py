@@ -638,15 +638,16 @@ def main(argv: list[str] | None = None) -> int:
     global _QUIET
     from potq.threads import prefer_sleeping_threads
 
-    prefer_sleeping_threads()  # before torch is imported by any command
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # imports no torch
+    if getattr(args, "compute", True):  # reading a folder needs no thread count (nor its 0.1 s sample)
+        prefer_sleeping_threads()  # before torch is imported by the command
     _QUIET = args.quiet
     if args.quiet:
         _silence_progress_bars()
     try:
         if args.threads is not None and args.threads < 1:
             raise PotqError(f"--threads must be at least 1, got {args.threads}")
-        if getattr(args, "compute", True):  # reading a folder needs no thread count (nor its 0.1 s sample)
+        if getattr(args, "compute", True):
             from potq.threads import apply
 
             args.threads = apply(args.threads)

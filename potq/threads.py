@@ -5,10 +5,13 @@ machine where another process already keeps a core busy, every parallel region t
 thread that is not running, and spinning threads steal the time it needs: `potq generate` fell
 from 55 to 0.6 tokens/s that way. So the command line
 
-- makes OpenMP threads sleep instead of spin when idle (``OMP_WAIT_POLICY=PASSIVE``, set before
-  torch is imported, unless the user set it), and
 - by default uses only the cores that are free now: the core count less the cores other
-  processes kept busy over a short sample of ``/proc/stat`` (at least one).
+  processes kept busy over a short sample of ``/proc/stat`` (at least one), and
+- where that sample finds other work, makes OpenMP threads sleep instead of spin when idle
+  (``OMP_WAIT_POLICY=PASSIVE``, set before torch is imported, unless the user set it). On an idle
+  machine the threads keep OpenMP's short spin: decoding a small model makes hundreds of short
+  parallel calls a token, and waking sleeping threads for each halved its speed
+  (docs/results/busy-machine.md). A competitor that starts after potq does can still slow it.
 
 ``--threads N`` (or ``POTQ_THREADS``) overrides the count; measured in docs/results/busy-machine.md.
 """
@@ -21,9 +24,35 @@ import time
 SAMPLE_S = 0.1
 
 
+SET_BY_POTQ = "POTQ_SET_OMP_WAIT_POLICY"  # marks a wait policy potq chose, not the user
+
+
 def prefer_sleeping_threads() -> None:
-    """OpenMP workers sleep when idle (must run before torch is first imported)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """OpenMP workers sleep when idle where other work is running now (must run before torch is
+    first imported); a policy the user set stays."""
+    if "OMP_WAIT_POLICY" not in os.environ and _busy() >= 0.5:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ[SET_BY_POTQ] = "1"
+
+
+def user_environment() -> dict[str, str]:
+    """This process's environment without the wait policy potq chose: for a peer program that
+    should run as it would on its own (llama.cpp in the speed benchmark)."""
+    env = dict(os.environ)
+    if env.pop(SET_BY_POTQ, None):
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
+_sample: float | None = None
+
+
+def _busy() -> float:
+    """:func:`busy_cores`, sampled once per process (the wait policy and the thread count share it)."""
+    global _sample
+    if _sample is None:
+        _sample = busy_cores()
+    return _sample
 
 
 def _cpu_times() -> tuple[int, int] | None:
@@ -59,7 +88,7 @@ def default_threads() -> int:
     env = os.environ.get("POTQ_THREADS")
     if env and env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, round(available_cores() - busy_cores()))
+    return max(1, round(available_cores() - _busy()))
 
 
 def apply(threads: int | None) -> int:

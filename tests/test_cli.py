@@ -242,3 +242,23 @@ def test_int8_embeddings_pack_the_table_and_tied_head_in_8_bits(capsys, tmp_path
     assert_one_line_error(code, err, "int4")
     with torch.inference_mode():
         assert torch.isfinite(lm.model(torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def test_threads_sleep_only_where_other_work_runs(monkeypatch):
+    """The OpenMP wait policy: PASSIVE (sleeping threads) when the start-up sample finds other work,
+    OpenMP's own short spin on an idle machine, the user's choice always; a peer benchmark gets the
+    environment without the policy potq chose."""
+    from potq import threads
+
+    for busy, expected in ((1.0, "PASSIVE"), (0.0, None)):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delenv(threads.SET_BY_POTQ, raising=False)
+        monkeypatch.setattr(threads, "_sample", busy)
+        threads.prefer_sleeping_threads()
+        assert threads.os.environ.get("OMP_WAIT_POLICY") == expected
+        assert "OMP_WAIT_POLICY" not in threads.user_environment()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.delenv(threads.SET_BY_POTQ, raising=False)
+    monkeypatch.setattr(threads, "_sample", 1.0)
+    threads.prefer_sleeping_threads()
+    assert threads.os.environ["OMP_WAIT_POLICY"] == "ACTIVE" == threads.user_environment()["OMP_WAIT_POLICY"]

@@ -57,7 +57,7 @@ def vs_llamacpp(model: str, threads: int, prompt_tokens: int = 64, new_tokens: i
     if not peer.available() or source.suffix != ".gguf":
         raise PotqError("--vs-llamacpp needs llama-cpp-python (pip install -e '.[peer]') and a GGUF model")
     ours = decode.run(model, prompt_tokens, new_tokens, threads, variants=["pot3"])["pot3"]
-    theirs = peer.measure(peer.requantized(source, "Q4_0"), prompt_tokens, new_tokens, threads)
+    theirs = peer.measured(peer.requantized(source, "Q4_0"), prompt_tokens, new_tokens, threads)
     print(f"pot3 {ours['tokens_per_s']:.1f} tok/s, llama.cpp Q4_0 {theirs['tokens_per_s']:.1f} tok/s "
           f"({threads} threads, {new_tokens} greedy tokens after {prompt_tokens})")
     return f"decode pot3/llama.cpp Q4_0: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}×"

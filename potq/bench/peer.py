@@ -96,10 +96,32 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> di
 
 
 def run(source: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, dict]:
-    results = {"Q4_1 (shipped)": measure(source, prompt_tokens, new_tokens, threads)}
+    results = {"Q4_1 (shipped)": measured(source, prompt_tokens, new_tokens, threads)}
     for kind in TYPES:
-        results[kind] = measure(requantized(source, kind), prompt_tokens, new_tokens, threads)
+        results[kind] = measured(requantized(source, kind), prompt_tokens, new_tokens, threads)
     return results
+
+
+def measured(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+    """:func:`measure` in a fresh process with the user's environment — not the OpenMP wait policy
+    potq may have chosen for itself — so llama.cpp runs as it would on its own."""
+    import json
+    import subprocess
+
+    from potq.threads import user_environment
+
+    out = subprocess.run([sys.executable, "-m", "potq.bench.peer", str(path), str(prompt_tokens), str(new_tokens),
+                          str(threads)], capture_output=True, text=True, env=user_environment(), check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp on {path.name} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+
+    path, prompt, new, count = sys.argv[1:5]
+    print(json.dumps(measure(Path(path), int(prompt), int(new), int(count))))
 
 
 def markdown(results: dict[str, dict], reference: dict[str, dict]) -> list[str]:
