@@ -129,9 +129,13 @@ def _print_summary(rows: list[dict], peer: dict | None, dtype: str, threads: int
           f"decoded to float to be computed. The price is quality: perplexity {pot['ppl']:.1f} against "
           f"uniform's {uniform['ppl']:.1f} and float's {r0['ppl']:.1f} (docs/research.md: how far PoT recipes "
           f"close that gap).")
-    print(f"Of each file, {pot['float_mib']:.0f} MiB are float tensors, almost all the tied embedding/output "
-          "head: `--quantize-embeddings` packs it too, at a further perplexity cost; `potq info FOLDER` shows "
-          "where the bytes are.")
+    if pot["float_mib"] >= 1:
+        print(f"Of each file, {pot['float_mib']:.0f} MiB are float tensors, almost all the tied embedding/output "
+              "head: `--quantize-embeddings` packs it too, at a further perplexity cost; `potq info FOLDER` shows "
+              "where the bytes are.")
+    else:
+        print("The tied embedding/output head stays 8-bit, as the GGUF stored it (losslessly); `potq info FOLDER` "
+              "shows where the bytes are.")
     print(f"\nGreedy continuations of {PROMPT!r}:")
     for row in rows:
         print(f"  [{row['label']}] {PROMPT + row['text']!r}")
