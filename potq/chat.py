@@ -85,10 +85,9 @@ def chat(lm: LoadedModel, read: Callable[[str], str] = input, write: Callable[[s
             write(piece)
 
         prompt = conversation.prompt(budget)
-        bos_text = None if lm.tokenizer.bos_id is None else lm.tokenizer.backend.id_to_token(lm.tokenizer.bos_id)
-        try:  # a template that writes BOS itself gets no second one
+        try:
             generate(lm.model, lm.tokenizer, prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
-                     sampling.seed, stream=show, bos=False if bos_text and prompt.startswith(bos_text) else None)
+                     sampling.seed, stream=show, bos=lm.tokenizer.bos_for(prompt))
         except KeyboardInterrupt:
             write(" [stopped]")
         write("\n")

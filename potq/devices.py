@@ -12,6 +12,7 @@ method: a method's code is the same on both.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -62,7 +63,7 @@ def current() -> torch.device:
 def of(module: torch.nn.Module) -> torch.device:
     """Where ``module`` lives: the device of its first tensor in memory (parameters and buffers;
     a lazily loaded model's blocks are on the meta device and do not count); the CPU if none."""
-    tensors = (*module.parameters(), *module.buffers())
+    tensors = itertools.chain(module.parameters(), module.buffers())
     return next((t.device for t in tensors if not t.is_meta), CPU)
 
 
@@ -80,9 +81,3 @@ def move(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(move(v, device) for v in value)
     return value
-
-
-def synchronize() -> None:
-    """Wait for queued GPU work (timings on a GPU are otherwise of the queueing)."""
-    if current().type == "cuda":
-        torch.cuda.synchronize()

@@ -87,7 +87,6 @@ def _register() -> None:
 
 def _register_quantizer() -> None:
     """``quant_method="potq"`` for ``from_pretrained(..., quantization_config=PotqQuantization(...))``."""
-    import transformers
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -139,8 +138,7 @@ def _register_quantizer() -> None:
         def is_trainable(self) -> bool:
             return False
 
-    transformers.PotqQuantization = PotqQuantization  # type: ignore[attr-defined]
-    sys.modules[__name__].PotqQuantization = PotqQuantization  # type: ignore[attr-defined]
+    globals()["PotqQuantization"] = PotqQuantization  # potq.interop.PotqQuantization, once transformers is loaded
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

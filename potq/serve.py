@@ -139,9 +139,7 @@ class Server:
             prompt = self.lm.tokenizer.apply_chat_template(plain)
         except PotqError as exc:
             raise RequestError(400, str(exc), "messages") from None
-        tokenizer = self.lm.tokenizer
-        bos_text = None if tokenizer.bos_id is None else tokenizer.backend.id_to_token(tokenizer.bos_id)
-        return prompt, False if bos_text and prompt.startswith(bos_text) else None
+        return prompt, self.lm.tokenizer.bos_for(prompt)
 
     # --- running jobs ---------------------------------------------------------------------------
     async def run(self, job: Job, emit: Callable[[str], None]) -> tuple[str, int, str]:

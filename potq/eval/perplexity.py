@@ -63,7 +63,9 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from potq.devices import of
+
+    return of(model)
 
 
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -199,10 +199,17 @@ def serves_int8(layer) -> bool:  # noqa: ANN001
 
 def int8_gemv(x: Tensor, layer) -> Tensor:  # noqa: ANN001
     """``x @ W.T (+ bias)`` for a layer :func:`serves_int8` accepted, the bytes widened in registers."""
+    return _rows_through(x, layer, lambda flat: extension().int8_gemv(flat, layer.codes, layer.scales,
+                                                                       layer.__dict__["_int8_group"], best_isa()))
+
+
+def _rows_through(x: Tensor, layer, kernel: Callable[[Tensor], Tensor]) -> Tensor:  # noqa: ANN001
+    """``kernel`` on ``x`` as contiguous float32 rows ``[rows, in]``, plus the layer's bias, back in
+    ``x``'s shape and dtype."""
     flat = x.reshape(-1, layer.in_features)
     if flat.dtype != torch.float32 or not flat.is_contiguous():
         flat = flat.float().contiguous()
-    y = extension().int8_gemv(flat, layer.codes, layer.scales, layer.__dict__["_int8_group"], best_isa())
+    y = kernel(flat)
     if layer.bias is not None:
         y += layer.bias
     y = y.view(*x.shape[:-1], layer.out_features)
@@ -232,15 +239,8 @@ def pot_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: ANN00
 def served_gemv(x: Tensor, layer, isa: str | None = None) -> Tensor:  # noqa: ANN001
     """:func:`pot_gemv` for a layer :func:`serves` has accepted: the decoding hot path, which
     does nothing per call that need not be done per call."""
-    flat = x.reshape(-1, layer.in_features)
-    if flat.dtype != torch.float32 or not flat.is_contiguous():
-        flat = flat.float().contiguous()
-    y = extension().pot_gemv(flat, layer.codes, layer.scales, *layer.__dict__["_fused_grid"], isa or best_isa())
-    bias = layer.bias
-    if bias is not None:
-        y += bias
-    y = y.view(*x.shape[:-1], layer.out_features)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return _rows_through(x, layer, lambda flat: extension().pot_gemv(flat, layer.codes, layer.scales,
+                                                                      *layer.__dict__["_fused_grid"], isa or best_isa()))
 
 
 def bound_gemv(layer) -> Callable[[Tensor], Tensor] | None:  # noqa: ANN001

@@ -53,6 +53,12 @@ class Tokenizer:
                     "chat_template": self.chat_template}
         (folder / SPECIALS_FILE).write_text(json.dumps(specials, indent=1))
 
+    def bos_for(self, text: str) -> bool | None:
+        """Whether to add BOS when encoding ``text``: not when it already starts with the BOS token
+        (a chat template that writes it), else the model's habit (None)."""
+        bos = None if self.bos_id is None else self.backend.id_to_token(self.bos_id)
+        return False if bos and text.startswith(bos) else None
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """``messages`` (``{"role": ..., "content": ...}``) as the text the model was tuned on.
 
