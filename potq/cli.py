@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first K windows (a quick estimate; a full set can take an hour)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast where the hardware has native bf16, else fp32")
+    p.add_argument("--kernel", choices=["torch", "native"], default="torch",
+                   help="torch (default): the PyTorch forward, the reference; native: the native decoder, i.e. "
+                        "the perplexity of what `potq generate` computes (8-bit activations included)")
     _add_device_arg(p, "the evaluation")
     _add_json_arg(p, "the result")
     p.set_defaults(func=cmd_eval)
@@ -172,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=model_help)
     p.add_argument("--prompt", required=True, help="the text to continue")
     _add_sampling_args(p, 64, "tokens to generate at most")
-    p.add_argument("--kernel", choices=["fused", "torch"], default="fused",
-                   help="packed PoT layers: the fused CPU kernel (default) or the pure-PyTorch path")
+    p.add_argument("--kernel", choices=["native", "fused", "torch"], default="native",
+                   help="native (default): Llama/Mistral/Qwen2/Qwen3 decode in one C++ call per token, PoT layers "
+                        "on 8-bit activations; fused: the Python decoder with the exact fused PoT kernel; "
+                        "torch: the pure-PyTorch path")
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s and which path computed the layers after the text")
     _add_device_arg(p, "the model")
@@ -402,9 +407,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.dataset is None:
         _note(f"evaluating on {dataset} (the default for this model; --dataset picks another), ctx {ctx}")
     r = perplexity(lm.model, lm.tokenizer, dataset, ctx=ctx, max_windows=args.max_windows, dtype=args.dtype,
-                   progress=not args.quiet)
+                   progress=not args.quiet, native=args.kernel == "native")
     _report(args, f"{dataset} perplexity {r.ppl:.3f} (ctx {r.ctx}, {r.windows} of {r.total_windows} windows, "
-                  f"{r.tokens} tokens, {r.dtype}, {r.tokens_per_s:.0f} tok/s)",
+                  f"{r.tokens} tokens, {r.dtype}, {r.path} path, {r.tokens_per_s:.0f} tok/s)",
             {"model": str(args.model), **r.to_dict()})
 
 
@@ -412,7 +417,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from potq.eval import generate
     from potq.kernels import fused
     from potq.devices import resolve
-    from potq.models import load_model
+    from potq.models import load_model, native_decoder
 
     device = resolve(args.device)
     lm = load_model(args.model)
@@ -421,7 +426,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if to_screen:
         print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    with fused.enabled(args.kernel == "fused"):
+    with fused.enabled(args.kernel != "torch"), native_decoder.enabled(args.kernel == "native"):
         text = generate(lm.model, lm.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                         stream=(lambda piece: print(piece, end="", flush=True)) if to_screen else None)
@@ -471,7 +476,11 @@ def compute_path(model) -> str:  # noqa: ANN001
     from potq.kernels import fused
     from potq.nn import QuantLinear
 
+    from potq.models import native_decoder
+
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if native_decoder.unsupported(model) is None:
+        return f"native decoder: one C++ call per token ({len(packed)} packed layers)"
     if not packed:
         return "float model: PyTorch matmuls"
     served = sum(fused.serves(m) for m in packed)

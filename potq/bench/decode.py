@@ -25,6 +25,7 @@ from potq.bench.bandwidth import weight_bytes_per_token
 from potq.eval.data import eval_text
 from potq.eval.generate import next_tokens
 from potq.kernels import fused
+from potq.models import native_decoder
 from potq.models.llama_decoder import LlamaDecoder, supports
 from potq.nn import QuantLinear
 from potq.errors import PotqError
@@ -88,12 +89,17 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     packed = any(isinstance(m, QuantLinear) and fused.serves(m) for m in lm.model.modules())
     same_text = None
     if packed:  # the same greedy tokens from the pure-PyTorch path
-        with fused.enabled(False):
+        with fused.enabled(False), native_decoder.enabled(False):
             same_text = _greedy(lm.model, ids, new_tokens)[2] == tokens
     read = weight_bytes_per_token(lm.model)
+    native = native_decoder.unsupported(lm.model) is None
+    breakdown = native_breakdown if native else step_breakdown if supports(lm.model) else None
     return {"load_s": load_s, "prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s,
+            "prefill_tokens": PREFILL_TOKENS,
+            "prefill_tokens_per_s": prefill_speed(lm.model, lm.tokenizer.encode(prompt_text(PREFILL_TOKENS))[:PREFILL_TOKENS]),
+            "path": "native" if native else "python",
             "same_tokens_as_torch_path": same_text,
-            "step_ms": step_breakdown(lm.model, ids) if supports(lm.model) else None,
+            "step_ms": breakdown(lm.model, ids) if breakdown else None,
             "rss_after_load_mib": rss_loaded, "peak_rss_mib": peak,
             "threads": threads, "weight_bytes_per_token": read["total"], "head_bytes": read["head"]}
 
@@ -121,6 +127,44 @@ def step_breakdown(model: torch.nn.Module, prompt: list[int], steps: int = 32, r
         parts.update({name: per_call(fn) for name, fn in decoder.step_parts().items()})
     parts["other"] = parts["step"] - sum(v for k, v in parts.items() if k != "step")
     return parts
+
+
+def native_breakdown(model: torch.nn.Module, prompt: list[int], steps: int = 32, repeats: int = 5) -> dict[str, float]:
+    """Where a native decoding step's time goes, in milliseconds: a whole step after ``prompt``,
+    the same step without the output head (the blocks), and the difference (the head). Medians
+    of ``repeats`` timings of ``steps`` steps, each at the same position."""
+    decoder = native_decoder.NativeDecoder(model, len(prompt) + 1)
+    decoder(torch.tensor([prompt]))
+    feed, logits, at = decoder._decoder.feed, torch.empty(model.lm_head.out_features), len(prompt)
+
+    def per_step(with_head: bool) -> float:
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                feed([prompt[-1]], at, logits if with_head else None)
+            timings.append((time.perf_counter() - start) / steps * 1e3)
+        return sorted(timings)[repeats // 2]
+
+    step, blocks = per_step(True), per_step(False)
+    return {"step": step, "output head": step - blocks, "blocks": blocks}
+
+
+PREFILL_TOKENS = 512  # the runtime issue's prompt length
+
+
+def prefill_speed(model: torch.nn.Module, prompt: list[int], repeats: int = 3) -> float:
+    """Prompt tokens per second for ``prompt`` up to its first logits, through the decoder ``potq
+    generate`` uses; the median of ``repeats`` (after a warm-up prompt, so that no run pays for
+    describing the model to the native decoder)."""
+    timings = []
+    with torch.inference_mode():
+        next(next_tokens(model, prompt[:8], 1, lambda logits: 0))
+        for _ in range(repeats):
+            start = time.perf_counter()
+            next(next_tokens(model, prompt, 1, lambda logits: 0))
+            timings.append(time.perf_counter() - start)
+    return len(prompt) / sorted(timings)[repeats // 2]
 
 
 def prompt_text(tokens: int) -> str:
@@ -194,14 +238,16 @@ def markdown(results: dict[str, dict], prompt_tokens: int, new_tokens: int, read
              f"{len(first.get('rounds_tokens_per_s', [0]))} times, the median run shown. Bound = "
              f"measured read bandwidth {read_gb_s:.1f} GB/s ÷ weight bytes read per token.", "",
              "| model | decoding tok/s | vs float32 | weights read per token (MB) | bound (tok/s) | of bound "
-             "| prompt (ms) | RSS after load (MiB) | peak RSS (MiB) | greedy tokens = PyTorch path |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"| prompt (ms) | prefill of {PREFILL_TOKENS} (tok/s) | RSS after load (MiB) | peak RSS (MiB) "
+             "| greedy tokens = PyTorch path |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / base:.2f}×" if base else "–"
         mb = r["weight_bytes_per_token"] / 1e6
         bound = read_gb_s * 1e3 / mb
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {ratio} | {mb:.1f} | {bound:.1f} | "
-                     f"{r['tokens_per_s'] / bound:.0%} | {r['prompt_ms']:.0f} | {r['rss_after_load_mib']:.0f} | "
+                     f"{r['tokens_per_s'] / bound:.0%} | {r['prompt_ms']:.0f} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['rss_after_load_mib']:.0f} | "
                      f"{r['peak_rss_mib']:.0f} | {_same(r['same_tokens_as_torch_path'])} |")
     return lines
 
@@ -212,9 +258,8 @@ def breakdown_markdown(results: dict[str, dict]) -> list[str]:
     if not rows:
         return []
     parts = [k for k in next(iter(rows.values())) if k != "step"]
-    lines = ["Where a decoding step's time goes (ms per token, in the same processes; each kind of call "
-             "timed alone on stand-in inputs, 'other' = the step minus those: norms, activation, residual "
-             "adds, embedding, Python):", "",
+    lines = ["Where a decoding step's time goes (ms per token, in the same processes): the native decoder's "
+             "step with and without its output head ('blocks': every layer, attention included):", "",
              "| model | step | " + " | ".join(parts) + " |", "|---|" + "---:|" * (len(parts) + 1)]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['step']:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in parts) + " |")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from potq.bench.decode import prompt_text
+from potq.bench.decode import PREFILL_TOKENS, prompt_text
 from potq.paths import home_dir
 
 TYPES = {"Q4_0": 2, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
@@ -82,7 +82,15 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> di
 
     with _quiet_stderr():
         llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
-                              n_ctx=prompt_tokens + new_tokens + 8, verbose=False)
+                              n_ctx=max(prompt_tokens + new_tokens, PREFILL_TOKENS) + 8, n_batch=PREFILL_TOKENS,
+                              verbose=False)
+    long_prompt = llm.tokenize(prompt_text(PREFILL_TOKENS).encode(), add_bos=False)[:PREFILL_TOKENS]
+    prefill = []
+    for _ in range(3):  # the prompt alone, as potq's prefill_speed times it
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(long_prompt)
+        prefill.append(time.perf_counter() - start)
     ids = llm.tokenize(prompt_text(prompt_tokens).encode(), add_bos=False)[:prompt_tokens]
     start = time.perf_counter()
     steps = llm.generate(ids, temp=0.0, reset=True)
@@ -92,7 +100,8 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> di
     for _ in range(new_tokens):
         next(steps)
     decode_s = time.perf_counter() - start
-    return {"prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s, "file_mib": path.stat().st_size / 2**20}
+    return {"prompt_ms": prompt_s * 1e3, "tokens_per_s": new_tokens / decode_s, "file_mib": path.stat().st_size / 2**20,
+            "prefill_tokens_per_s": len(long_prompt) / sorted(prefill)[1]}
 
 
 def run(source: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, dict]:
@@ -127,8 +136,12 @@ if __name__ == "__main__":
 def markdown(results: dict[str, dict], reference: dict[str, dict]) -> list[str]:
     """The peer's rows, with potq's pot3 decoding speed relative to each."""
     pot3 = reference.get("pot3", {}).get("tokens_per_s")
-    lines = ["| llama.cpp | file (MiB) | decoding tok/s | prompt (ms) | potq pot3 / this |", "|---|---:|---:|---:|---:|"]
+    prefill = reference.get("pot3", {}).get("prefill_tokens_per_s")
+    lines = [f"| llama.cpp | file (MiB) | decoding tok/s | prompt (ms) | prefill of {PREFILL_TOKENS} (tok/s) "
+             "| potq pot3 / this, decoding | potq pot3 / this, prefill |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         ratio = f"{pot3 / r['tokens_per_s']:.2f}×" if pot3 else "–"
-        lines.append(f"| {name} | {r['file_mib']:.1f} | {r['tokens_per_s']:.2f} | {r['prompt_ms']:.0f} | {ratio} |")
+        fill = f"{prefill / r['prefill_tokens_per_s']:.2f}×" if prefill else "–"
+        lines.append(f"| {name} | {r['file_mib']:.1f} | {r['tokens_per_s']:.2f} | {r['prompt_ms']:.0f} "
+                     f"| {r['prefill_tokens_per_s']:.0f} | {ratio} | {fill} |")
     return lines

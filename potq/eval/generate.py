@@ -1,7 +1,8 @@
 """Text generation for eyeballing a quantized model: greedy or seeded sampling, with a KV cache.
 
-LLaMA models go through potq's lean decoder (:mod:`potq.models.llama_decoder`, its own KV cache);
-other transformers models through their forward with a ``DynamicCache``: either way the prompt
+Llama, Mistral, Qwen2 and Qwen3 models decode natively (:mod:`potq.models.native_decoder`: one C++
+call per token); where that cannot run, LLaMA models go through potq's lean Python decoder
+(:mod:`potq.models.llama_decoder`, its own KV cache); other transformers models through their forward with a ``DynamicCache``: either way the prompt
 is run once and every new token costs a single position; models whose ``forward`` takes no ``past_key_values`` (a plain nanoGPT) fall back to
 recomputing the whole sequence each step, which gives the same tokens, only slower.
 """
@@ -17,7 +18,7 @@ from transformers import DynamicCache
 
 from potq.errors import PotqError
 from potq.eval.perplexity import logits_of, max_positions, model_device
-from potq.models import llama_decoder
+from potq.models import llama_decoder, native_decoder
 
 if TYPE_CHECKING:
     from potq.models.tokenizer import Tokenizer
@@ -33,8 +34,10 @@ def next_tokens(model: nn.Module, prompt_ids: list[int], steps: int,
                  pick: Picker) -> Iterator[int]:
     """Up to ``steps`` tokens, each chosen by ``pick`` from the logits of the last position."""
     device = model_device(model)
-    if llama_decoder.supports(model):
-        decoder = llama_decoder.LlamaDecoder(model, len(prompt_ids) + steps)
+    native = native_decoder.unsupported(model, len(prompt_ids) + steps) is None
+    if native or llama_decoder.supports(model):
+        cls = native_decoder.NativeDecoder if native else llama_decoder.LlamaDecoder
+        decoder = cls(model, len(prompt_ids) + steps)
         logits = decoder(torch.tensor([prompt_ids], dtype=torch.long, device=device))
         for _ in range(steps):
             token = pick(logits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from potq.errors import PotqError
 from potq.eval.data import WINDOW_CAP, eval_text
+from potq.models import native_decoder
 
 if TYPE_CHECKING:
     from potq.models.tokenizer import Tokenizer
@@ -44,6 +46,7 @@ class PerplexityResult:
     seconds: float
     tokens_per_s: float
     dtype: str
+    path: str = "pytorch"  # what computed the logits: the PyTorch forward, or the native decoder
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,10 +127,23 @@ def _windows(ids: list[int], ctx: int, cap: int | None, max_windows: int | None,
     return stream.view(count, ctx), total
 
 
+def _native_forward(model: nn.Module, ctx: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A window's logits through the native decoder (what ``potq generate`` computes, 8-bit
+    activations included), or None where it cannot run the model."""
+    if native_decoder.unsupported(model, ctx) is not None:
+        return None
+    decoder = native_decoder.NativeDecoder(model, ctx)
+    return decoder.every_logits
+
+
 def perplexity(model: nn.Module, tokenizer: Tokenizer, dataset: str, ctx: int = 2048,
                max_windows: int | None = None, dtype: str = "auto", progress: bool = True,
-               text: str | None = None) -> PerplexityResult:
+               text: str | None = None, native: bool = False) -> PerplexityResult:
     """Perplexity of ``model`` on ``dataset`` (see :data:`potq.eval.DATASETS`).
+
+    ``native``: the windows go through the native decoder (:mod:`potq.models.native_decoder`) —
+    the perplexity of what ``potq generate`` computes, its 8-bit activations included — instead
+    of the PyTorch forward.
 
     ``text`` replaces the data set's text (``dataset`` is then only a label and C4's 256-window
     cap does not apply). ``max_windows`` evaluates only the first windows, for quick checks.
@@ -138,7 +154,7 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, dataset: str, ctx: int = 
         raise PotqError(f"--max-windows must be at least 1 (got {max_windows})")
     _check_ctx(model, ctx)
     device = model_device(model)
-    dtype = resolve_dtype(dtype, device)
+    dtype = "fp32" if native else resolve_dtype(dtype, device)  # the native decoder computes in float32
     precision = _precision(dtype, device)
     cap = None if text is not None else WINDOW_CAP.get(dataset)
     ids = tokenizer.encode(eval_text(dataset) if text is None else text)
@@ -148,9 +164,12 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, dataset: str, ctx: int = 
     nll = 0.0
     start = time.perf_counter()
     bar = tqdm(windows, desc=f"ppl {dataset}", unit="win", disable=not progress)
+    forward = _native_forward(model, ctx) if native else lambda window: logits_of(model, window)[0]
+    if native and forward is None:
+        raise PotqError(f"--kernel native: {native_decoder.unsupported(model, ctx)}")
     with torch.inference_mode(), precision:
         for done, window in enumerate(bar, 1):
-            logits = logits_of(model, window[None])[0]
+            logits = forward(window[None])
             nll += nll_sum(logits[:-1], window[1:])
             del logits  # at most one window's logits alive at a time
             bar.set_postfix(tok_s=f"{done * ctx / (time.perf_counter() - start):.0f}")
@@ -161,5 +180,5 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, dataset: str, ctx: int = 
     return PerplexityResult(
         dataset=dataset, ppl=math.exp(mean) if mean < 709 else math.inf, nll=mean, tokens=tokens,
         windows=windows.shape[0], total_windows=total, ctx=ctx, seconds=seconds,
-        tokens_per_s=windows.shape[0] * ctx / seconds, dtype=dtype,
+        tokens_per_s=windows.shape[0] * ctx / seconds, dtype=dtype, path="native" if native else "pytorch",
     )

@@ -124,6 +124,7 @@ torch::Tensor elementwise_dequantize(torch::Tensor codes, torch::Tensor scales, 
 }
 
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t group, std::string isa);
+void bind_native_decoder(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pot_gemv", &pot_gemv, "fused PoT GEMV on packed codes");
@@ -138,4 +139,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate)·up of a stacked [rows, 2·I] gate_up");
   m.def("best_isa", &best_isa, "the widest vector ISA this CPU runs");
   m.def("int8_gemv", &int8_gemv, "GEMV on symmetric 8-bit codes (potq's uniform-sym 8) without decoding W");
+  bind_native_decoder(m);
 }

@@ -89,6 +89,7 @@ struct Isa {
 
 #include "pot_gemv_rows.h"
 #include "int8_rows.h"
+#include "dense_rows.h"
 #include "dequant_elementwise.h"
 #include "pot_gemv_entry.h"
 

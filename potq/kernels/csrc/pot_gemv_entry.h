@@ -1,5 +1,5 @@
 // The entry points each ISA's unit exports (declared in pot_gemv_layout.h), defined once here:
-// include after `Isa`, pot_gemv_rows.h and dequant_elementwise.h, then POTQ_ENTRY_POINTS(avx2).
+// include after `Isa`, pot_gemv_rows.h, int8_rows.h, dense_rows.h and dequant_elementwise.h, then POTQ_ENTRY_POINTS(avx2).
 #pragma once
 
 #define POTQ_ENTRY_POINTS(ISA)                                                                          \
@@ -14,4 +14,7 @@
                          const uint8_t* zeros, void* dst, int64_t rows, int64_t n, int64_t group,         \
                          int64_t groups, const Layout& L) {                                              \
     elementwise_for(kind, out, codes, scales, zeros, dst, rows, n, group, groups, L);                    \
+  }                                                                                                     \
+  void dense_rows_##ISA(const float* w, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {  \
+    dense_rows_for(w, in, x, y, r0, r1);                                                                \
   }

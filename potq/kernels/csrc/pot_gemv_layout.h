@@ -28,6 +28,9 @@ void int8_rows_avx512(const Int8Layer& L, int64_t nb, const float* x, float* y, 
 void rows_avx2(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
 void rows_avx512(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
 void rows_scalar(const Args& A, int64_t nb, const float* x, float* y, int64_t r0, int64_t r1);
+// Rows [r0, r1) of y = W·x for a float32 W [out, in] (the native decoder's float layers).
+void dense_rows_avx2(const float* w, int64_t in, const float* x, float* y, int64_t r0, int64_t r1);
+void dense_rows_avx512(const float* w, int64_t in, const float* x, float* y, int64_t r0, int64_t r1);
 // Rows [r0, r1) of the weight itself, w[out, in] in float32.
 void dequantize_avx2(const Args& A, float* w, int64_t r0, int64_t r1);
 void dequantize_avx512(const Args& A, float* w, int64_t r0, int64_t r1);

@@ -1,0 +1,109 @@
+// The native decoder's attention (attention.h): AVX2 where the CPU has it, else scalar loops.
+#include "attention.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+void attend_scalar(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+                   int64_t D, float scaling, float* scores, float* out, int64_t out_stride) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* p = scores + g * span;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < span; ++s) {
+      float dot = 0.0f;
+      for (int64_t j = 0; j < D; ++j) dot += q[g * q_stride + j] * K[s * D + j];
+      top = std::max(top, p[s] = dot * scaling);
+    }
+    float total = 0.0f;
+    for (int64_t s = 0; s < span; ++s) total += (p[s] = std::exp(p[s] - top));
+    float* o = out + g * out_stride;
+    std::fill(o, o + D, 0.0f);
+    for (int64_t s = 0; s < span; ++s)
+      for (int64_t j = 0; j < D; ++j) o[j] += p[s] / total * V[s * D + j];
+  }
+}
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+// e^x for x <= 0 (softmax's shifted scores): 2^n · p(r), Cephes' polynomial, relative error ~1e-7.
+AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+constexpr int64_t kMaxGroup = 8;
+
+AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+                      int64_t D, float scaling, float* scores, float* out, int64_t out_stride) {
+  for (int64_t s = 0; s < span; ++s) {  // scores: each key row read once for the group
+    __m256 acc[kMaxGroup];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < D; j += 8) {
+      const __m256 k = _mm256_loadu_ps(K + s * D + j);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + j), k, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) scores[g * span + s] = hsum(acc[g]) * scaling;
+  }
+  float inverse[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {  // softmax, unnormalised; 1/total kept for the output
+    float* p = scores + g * span;
+    const float top = *std::max_element(p, p + span);
+    __m256 total = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= span; s += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(p + s, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float rest = 0.0f;
+    for (; s < span; ++s) rest += (p[s] = std::exp(p[s] - top));
+    inverse[g] = 1.0f / (hsum(total) + rest);
+  }
+  for (int64_t j = 0; j < D; j += 8) {  // outputs: each value row read once for the group
+    __m256 acc[kMaxGroup];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < span; ++s) {
+      const __m256 v = _mm256_loadu_ps(V + s * D + j);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + g * span + s), v, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) _mm256_storeu_ps(out + g * out_stride + j, _mm256_mul_ps(acc[g], _mm256_set1_ps(inverse[g])));
+  }
+}
+
+bool avx2_here() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+}  // namespace
+
+void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+                  int64_t D, float scaling, float* scores, float* out, int64_t out_stride) {
+  static const bool avx2 = avx2_here();
+  if (avx2 && D % 8 == 0) {
+    for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup)  // groups wider than the registers hold: in parts
+      attend_avx2(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V, span, D, scaling, scores,
+                  out + g0 * out_stride, out_stride);
+    return;
+  }
+  attend_scalar(q, G, q_stride, K, V, span, D, scaling, scores, out, out_stride);
+}

@@ -1,0 +1,464 @@
+// potq's native decoder: one call per token runs the whole model — embedding, every block's
+// RMSNorms, projections, rotary embedding, KV cache and grouped-query attention, SwiGLU, the final
+// norm and the output head — with no Python between the layers (llama.cpp's "one graph per token").
+//
+// The model is the LLaMA-style block every dense family potq takes shares (Llama, Mistral, Qwen2
+// with q/k/v biases, Qwen3 with per-head q/k norms), described to this file by the Python side
+// (potq/runtime/native.py) from the loaded module: sizes, the rotary tables the model's own
+// rotary embedding computed, and one `Matrix` per linear layer — packed PoT codes (the fused
+// kernel), PoT codes in the runtime's 8-bit-activation layout (q8_layout.h), symmetric 8-bit codes
+// (integer dot products against 8-bit activations, or the float 8-bit GEMV) or float32 — so mixed
+// formats in one model are one switch, not a copy of the block per format.
+//
+// Threads: one OpenMP parallel region per call. Each thread takes a fixed slice of every
+// projection's output rows (for all the tokens fed), of the (token, kv head) attention items and
+// of the tokens for the elementwise steps (norms, residual adds, the activations' 8-bit
+// rounding); potq's own barrier (spin briefly, then yield the core) separates the phases that
+// read other threads' results. A prompt goes through each layer as one batch, so a weight unit
+// decoded once serves up to four tokens (q8_kernel.cpp).
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "attention.h"
+#include "pot_gemv_layout.h"
+#include "pot_gemv_scalar.h"
+#include "q8_layout.h"
+
+// defined in pot_gemv.cpp
+Args packed_layer(const torch::Tensor& codes, const torch::Tensor& scales, int64_t in_features, int64_t bits,
+                  int64_t group, int64_t top, bool with_zero);
+void dequantize_scalar(const Args& A, float* w, int64_t r0, int64_t r1);
+
+namespace {
+
+enum Kind { kDense = 0, kPot = 1, kInt8 = 2, kPotQ8 = 3 };
+
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+}  // namespace
+
+// One linear layer (or a token table) as the decoder reads it; the tensors it points into are kept.
+struct Matrix {
+  int kind = kDense;
+  int64_t out = 0, in = 0;
+  Args pot{};                 // kPot
+  Int8Layer int8{};           // kInt8
+  Q8Layer q8{};               // kPotQ8
+  const float* dense = nullptr;  // kDense
+  const float* bias = nullptr;
+  int64_t act_block = 0;  // the width of the 8-bit activations' blocks it reads (0: it reads floats)
+  std::vector<torch::Tensor> keep;
+
+  // y[b·out + r] for rows [r0, r1) and the nb vectors x[b·in ..] (xq: their 8-bit form, which
+  // the layers with an act_block read instead)
+  void rows(const float* x, const Q8Activations& xq, float* y, int64_t nb, int64_t r0, int64_t r1) const {
+    if (r0 >= r1) return;
+    static const bool avx512 = has_avx512(), avx2 = has_avx2();
+    switch (kind) {
+      case kPot:
+        (pot.layout.bits > 4 || !avx2 ? rows_scalar : avx512 ? rows_avx512 : rows_avx2)(pot, nb, x, y, r0, r1);
+        break;
+      case kInt8:
+        if (act_block) q8_int8_rows(int8, xq, y, r0, r1);
+        else if (avx2) (avx512 ? int8_rows_avx512 : int8_rows_avx2)(int8, nb, x, y, r0, r1);
+        else
+          for (int64_t b = 0; b < nb; ++b)
+            for (int64_t r = r0; r < r1; ++r) {
+              float acc = 0.0f;
+              for (int64_t j = 0; j < in; ++j)
+                acc += (float(int8.codes[r * in + j]) - 127.0f) *
+                       half_to_float(int8.scales[r * int8.groups + j / int8.group]) * x[b * in + j];
+              y[b * out + r] = acc;
+            }
+        break;
+      case kPotQ8:
+        q8_rows(q8, xq, y, r0, r1);
+        break;
+      default:
+        for (int64_t b = 0; b < nb; ++b) {
+          if (avx2) (avx512 ? dense_rows_avx512 : dense_rows_avx2)(dense, in, x + b * in, y + b * out, r0, r1);
+          else
+            for (int64_t r = r0; r < r1; ++r) {
+              float acc = 0.0f;
+              for (int64_t j = 0; j < in; ++j) acc += dense[r * in + j] * x[b * in + j];
+              y[b * out + r] = acc;
+            }
+        }
+    }
+    if (bias)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t r = r0; r < r1; ++r) y[b * out + r] += bias[r];
+  }
+
+  // Row `r` itself as float32 (an embedding lookup).
+  void row(int64_t r, float* out_row) const {
+    switch (kind) {
+      case kPot: {
+        Args one = pot;
+        one.codes = pot.codes + r * pot.layout.row_bytes;
+        one.scales = pot.scales + r * pot.groups;
+        one.out_features = 1;
+        dequantize_scalar(one, out_row, 0, 1);
+        break;
+      }
+      case kInt8:
+        for (int64_t j = 0; j < in; ++j)
+          out_row[j] = (float(int8.codes[r * in + j]) - 127.0f) * half_to_float(int8.scales[r * int8.groups + j / int8.group]);
+        break;
+      case kPotQ8:
+        q8_row(q8, r, out_row);
+        break;
+      default:
+        std::copy(dense + r * in, dense + (r + 1) * in, out_row);
+    }
+  }
+};
+
+using MatrixPtr = std::shared_ptr<Matrix>;
+
+namespace {
+
+const float* optional_bias(const c10::optional<torch::Tensor>& bias, int64_t out, Matrix& m) {
+  if (!bias) return nullptr;
+  TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == out, "bias: float32 [out]");
+  m.keep.push_back(*bias);
+  return bias->data_ptr<float>();
+}
+
+MatrixPtr dense_matrix(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(weight.dtype() == torch::kFloat32 && weight.dim() == 2 && weight.is_contiguous(), "weight: float32 [out, in]");
+  auto m = std::make_shared<Matrix>();
+  m->kind = kDense, m->out = weight.size(0), m->in = weight.size(1), m->dense = weight.data_ptr<float>();
+  m->keep.push_back(weight);
+  m->bias = optional_bias(bias, m->out, *m);
+  return m;
+}
+
+MatrixPtr pot_matrix(torch::Tensor codes, torch::Tensor scales, int64_t in, int64_t bits, int64_t group, int64_t top,
+                     bool with_zero, c10::optional<torch::Tensor> bias, bool q8) {
+  auto m = std::make_shared<Matrix>();
+  m->pot = packed_layer(codes, scales, in, bits, group, top, with_zero);
+  m->kind = kPot, m->out = codes.size(0), m->in = in;
+  m->keep = {codes, scales};
+  if (q8 && q8_serves(m->pot.layout)) {
+    m->keep.push_back(q8_repack(m->pot, m->q8));
+    m->kind = kPotQ8, m->act_block = group;
+  }
+  m->bias = optional_bias(bias, m->out, *m);
+  return m;
+}
+
+MatrixPtr int8_matrix(torch::Tensor codes, torch::Tensor scales, int64_t group, c10::optional<torch::Tensor> bias,
+                      bool q8) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous(), "codes: uint8 [out, in]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == codes.size(0) &&
+                  group > 0 && scales.size(1) * group >= codes.size(1),
+              "scales: float16 [out, groups]");
+  auto m = std::make_shared<Matrix>();
+  m->kind = kInt8, m->out = codes.size(0), m->in = codes.size(1);
+  m->int8 = {codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), codes.size(1),
+             codes.size(0), group, scales.size(1)};
+  m->keep = {codes, scales};
+  if (q8 && q8_int8_serves(m->int8)) m->act_block = group;
+  m->bias = optional_bias(bias, m->out, *m);
+  return m;
+}
+
+// Rows [r0, r1) of `out` rows for thread t of n, on multiples of 4 (the PoT kernel's row block).
+std::pair<int64_t, int64_t> slice(int64_t out, int t, int n) {
+  const int64_t quads = (out + 3) / 4;
+  const int64_t q0 = quads * t / n, q1 = quads * (t + 1) / n;
+  return {std::min(out, q0 * 4), std::min(out, q1 * 4)};
+}
+
+void rms_norm_into(const float* x, const float* w, int64_t n, float eps, float* y) {
+  float squares = 0.0f;
+  for (int64_t j = 0; j < n; ++j) squares += x[j] * x[j];
+  const float inv = 1.0f / std::sqrt(squares / float(n) + eps);
+  for (int64_t j = 0; j < n; ++j) y[j] = x[j] * inv * w[j];
+}
+
+// [begin, end) of `count` items for thread t of n
+std::pair<int64_t, int64_t> share(int64_t count, int t, int n) { return {count * t / n, count * (t + 1) / n}; }
+
+}  // namespace
+
+// The barrier between a token's phases (dozens a token, each phase some microseconds): waiting
+// threads spin briefly, then yield the core, so that on a machine with other work they give way
+// instead of burning the time the thread they wait for needs — whatever OpenMP's wait policy.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void resize(int n) { n_ = n; }
+  void wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < kSpins) _mm_pause();
+      else sched_yield();
+    }
+  }
+
+ private:
+  static constexpr int kSpins = 4000;  // about 0.1 ms of pause instructions
+  std::atomic<int> arrived_{0}, generation_{0};
+  int n_;
+};
+
+// One block's layers and norm weights.
+struct Block {
+  MatrixPtr q, k, v, o, gate, up, down;
+  torch::Tensor attn_norm, mlp_norm;
+  c10::optional<torch::Tensor> q_norm, k_norm;  // Qwen3: RMSNorm over each head's D values
+};
+using BlockPtr = std::shared_ptr<Block>;
+
+class Decoder {
+ public:
+  Decoder(std::vector<BlockPtr> blocks, MatrixPtr embed, MatrixPtr head, torch::Tensor final_norm, torch::Tensor cos,
+          torch::Tensor sin, int64_t heads, int64_t kv_heads, double eps, double scaling, double embed_scale)
+      : blocks_(std::move(blocks)), embed_(std::move(embed)), head_(std::move(head)), final_norm_(final_norm),
+        cos_(cos), sin_(sin), H_(heads), KV_(kv_heads), eps_(float(eps)), scaling_(float(scaling)),
+        embed_scale_(float(embed_scale)) {
+    TORCH_CHECK(!blocks_.empty() && heads % kv_heads == 0, "the decoder needs blocks and heads divisible by kv heads");
+    for (const auto& t : {final_norm, cos, sin})
+      TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "norms and rotary tables: contiguous float32");
+    hidden_ = embed_->in;
+    D_ = cos.size(1), max_len_ = cos.size(0), inter_ = blocks_[0]->gate->out;
+    TORCH_CHECK(D_ % 2 == 0 && sin.sizes() == cos.sizes(), "rotary tables: [max_len, head_dim], head_dim even");
+    for (const auto& b : blocks_) {
+      TORCH_CHECK(b->q->out == H_ * D_ && b->k->out == KV_ * D_ && b->v->out == KV_ * D_ && b->o->in == H_ * D_ &&
+                      b->o->out == hidden_ && b->gate->in == hidden_ && b->down->in == inter_ &&
+                      b->down->out == hidden_ && b->up->out == inter_ && b->q->in == hidden_,
+                  "a block's layer shapes do not fit the decoder's sizes");
+      TORCH_CHECK(b->q->act_block == b->k->act_block && b->q->act_block == b->v->act_block &&
+                      b->gate->act_block == b->up->act_block,
+                  "q/k/v (and gate/up) must read the same activation blocks");
+    }
+    keys_.assign(blocks_.size() * KV_ * max_len_ * D_, 0.0f);
+    values_.assign(keys_.size(), 0.0f);
+  }
+
+  int64_t max_len() const { return max_len_; }
+
+  // Feed `tokens` at positions pos, pos + 1, ...; when `logits` is given, write into it the logits
+  // after the last token ([vocab]) or after each ([T, vocab]: a perplexity window). One token is a
+  // decoding step; several (a prompt) go through each layer together.
+  void feed(std::vector<int64_t> tokens, int64_t pos, c10::optional<torch::Tensor> logits) {
+    const int64_t T = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(T > 0 && pos >= 0 && pos + T <= max_len_, "positions ", pos, "..", pos + T - 1,
+                " are outside the decoder's ", max_len_, " positions");
+    for (int64_t token : tokens) TORCH_CHECK(token >= 0 && token < embed_->out, "token ", token, " is outside the vocabulary");
+    float* out = nullptr;
+    if (logits) {
+      TORCH_CHECK(logits->dtype() == torch::kFloat32 && logits->is_contiguous() &&
+                      (logits->numel() == head_->out || logits->numel() == T * head_->out),
+                  "logits: float32 [vocab] or [tokens, vocab]");
+      out = logits->data_ptr<float>();
+      every_ = logits->numel() == T * head_->out && T > 1;
+    }
+    const int threads = std::max(1, at::get_num_threads());
+    Batch batch(T, hidden_, H_ * D_, KV_ * D_, inter_, threads);
+    pybind11::gil_scoped_release no_gil;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+      batch.barrier.resize(omp_get_num_threads());  // the team OpenMP gave (its implicit barrier: before any wait)
+      run(tokens, pos, batch, out, omp_get_thread_num(), omp_get_num_threads());
+    }
+  }
+
+ private:
+  // What the threads share while T tokens go through the layers: row b of each is token b's.
+  struct Batch {
+    Barrier barrier;  // first: constructed before the vectors, as the initialiser list is ordered
+    int64_t T;
+    std::vector<float> h, x, q, k, v, attended, y, gate, up, act;
+    Q8Activations xq, aq, iq;
+    Batch(int64_t T, int64_t hidden, int64_t qd, int64_t kvd, int64_t inter, int threads)
+        : barrier(threads), T(T), h(T * hidden), x(T * hidden), q(T * qd), k(T * kvd), v(T * kvd), attended(T * qd), y(T * hidden),
+          gate(T * inter), up(T * inter), act(T * inter), xq(hidden, T), aq(qd, T), iq(inter, T) {
+      xq.reset(x.data()), aq.reset(attended.data()), iq.reset(act.data());
+    }
+  };
+
+  // Every thread runs this; barriers separate the phases that read other threads' results.
+  void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n) {
+    const int64_t T = B.T, group = H_ / KV_;
+    const auto [b0, b1] = share(T, t, n);  // this thread's tokens in the elementwise phases
+    for (int64_t b = b0; b < b1; ++b) {
+      embed_->row(tokens[b], B.h.data() + b * hidden_);
+      if (embed_scale_ != 1.0f)
+        for (int64_t j = 0; j < hidden_; ++j) B.h[b * hidden_ + j] *= embed_scale_;
+    }
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const Block& L = *blocks_[i];
+      float* K = keys_.data() + i * KV_ * max_len_ * D_;
+      float* V = values_.data() + i * KV_ * max_len_ * D_;
+      norm_rows(B.h.data(), L.attn_norm.data_ptr<float>(), B.x.data(), B.xq, L.q->act_block, b0, b1);
+      B.barrier.wait();
+      project(*L.q, B.x.data(), B.xq, B.q.data(), T, t, n);
+      project(*L.k, B.x.data(), B.xq, B.k.data(), T, t, n);
+      project(*L.v, B.x.data(), B.xq, B.v.data(), T, t, n);
+      B.barrier.wait();
+      const auto [k0, k1] = share(T * KV_, t, n);  // keys (normed, rotated) and values into the cache
+      for (int64_t item = k0; item < k1; ++item) {
+        const int64_t b = item / KV_, g = item % KV_;
+        float* k = B.k.data() + item * D_;
+        if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
+        rotate(k, pos + b, K + (g * max_len_ + pos + b) * D_);
+        std::copy(B.v.data() + item * D_, B.v.data() + (item + 1) * D_, V + (g * max_len_ + pos + b) * D_);
+      }
+      const auto [q0, q1] = share(T * H_, t, n);  // queries (normed, rotated) in place
+      std::vector<float> rotated(D_);
+      for (int64_t item = q0; item < q1; ++item) {
+        float* q = B.q.data() + item * D_;
+        if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, q);
+        rotate(q, pos + item / H_, rotated.data());
+        std::copy(rotated.begin(), rotated.end(), q);
+      }
+      B.barrier.wait();
+      {
+        std::vector<float> scores(group * (pos + T));
+        const auto [a0, a1] = share(T * KV_, t, n);  // token b, kv head g: its query heads, positions up to b
+        for (int64_t item = a0; item < a1; ++item) {
+          const int64_t b = item / KV_, g = item % KV_;
+          attend_group(B.q.data() + (b * H_ + g * group) * D_, group, D_, K + g * max_len_ * D_,
+                       V + g * max_len_ * D_, pos + b + 1, D_, scaling_, scores.data(),
+                       B.attended.data() + (b * H_ + g * group) * D_, D_);
+        }
+      }
+      B.barrier.wait();
+      if (L.o->act_block) {
+        B.aq.quantize(L.o->act_block, b0, b1);
+        B.barrier.wait();
+      }
+      project(*L.o, B.attended.data(), B.aq, B.y.data(), T, t, n);
+      B.barrier.wait();
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t j = 0; j < hidden_; ++j) B.h[b * hidden_ + j] += B.y[b * hidden_ + j];
+      norm_rows(B.h.data(), L.mlp_norm.data_ptr<float>(), B.x.data(), B.xq, L.gate->act_block, b0, b1);
+      B.barrier.wait();
+      {  // gate and up rows of the same slice, so silu(gate)·up needs no barrier between them
+        const auto [r0, r1] = slice(inter_, t, n);
+        L.gate->rows(B.x.data(), B.xq, B.gate.data(), T, r0, r1);
+        L.up->rows(B.x.data(), B.xq, B.up.data(), T, r0, r1);
+        for (int64_t b = 0; b < T; ++b)
+          for (int64_t j = r0; j < r1; ++j) {
+            const float g = B.gate[b * inter_ + j];
+            B.act[b * inter_ + j] = g / (1.0f + std::exp(-g)) * B.up[b * inter_ + j];
+          }
+      }
+      B.barrier.wait();
+      if (L.down->act_block) {
+        B.iq.quantize(L.down->act_block, b0, b1);
+        B.barrier.wait();
+      }
+      project(*L.down, B.act.data(), B.iq, B.y.data(), T, t, n);
+      B.barrier.wait();
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t j = 0; j < hidden_; ++j) B.h[b * hidden_ + j] += B.y[b * hidden_ + j];
+    }
+    if (!logits) return;
+    B.barrier.wait();
+    if (every_) {  // every token's logits: the final norm of this thread's tokens, then the head for all
+      norm_rows(B.h.data(), final_norm_.data_ptr<float>(), B.x.data(), B.xq, head_->act_block, b0, b1);
+      B.barrier.wait();
+      project(*head_, B.x.data(), B.xq, logits, T, t, n);
+      return;
+    }
+    std::vector<float> x(hidden_);  // the last token's final norm, each thread its own copy
+    rms_norm_into(B.h.data() + (T - 1) * hidden_, final_norm_.data_ptr<float>(), hidden_, eps_, x.data());
+    Q8Activations xq(hidden_);
+    xq.reset(x.data());
+    xq.ensure(head_->act_block);
+    const auto [r0, r1] = slice(head_->out, t, n);
+    head_->rows(x.data(), xq, logits, 1, r0, r1);
+  }
+
+  // RMSNorm of rows [b0, b1) of h into x, and their 8-bit form for blocks of `block` (0: none)
+  void norm_rows(const float* h, const float* w, float* x, Q8Activations& xq, int64_t block, int64_t b0,
+                 int64_t b1) const {
+    for (int64_t b = b0; b < b1; ++b) rms_norm_into(h + b * hidden_, w, hidden_, eps_, x + b * hidden_);
+    if (block) xq.quantize(block, b0, b1);
+  }
+
+  // This thread's slice of a layer's output rows, for all T tokens.
+  static void project(const Matrix& m, const float* x, const Q8Activations& xq, float* y, int64_t T, int t, int n) {
+    const auto [r0, r1] = slice(m.out, t, n);
+    m.rows(x, xq, y, T, r0, r1);
+  }
+
+  // x·cos + halves-swapped(x)·sin at `pos` (sin's first half negated, as LlamaDecoder keeps it)
+  void rotate(const float* x, int64_t pos, float* out) const {
+    const float *c = cos_.data_ptr<float>() + pos * D_, *s = sin_.data_ptr<float>() + pos * D_;
+    const int64_t half = D_ / 2;
+    for (int64_t j = 0; j < D_; ++j) out[j] = x[j] * c[j] + x[j < half ? j + half : j - half] * s[j];
+  }
+
+  std::vector<BlockPtr> blocks_;
+  MatrixPtr embed_, head_;
+  torch::Tensor final_norm_, cos_, sin_;
+  int64_t H_, KV_, D_ = 0, hidden_ = 0, inter_ = 0, max_len_ = 0;
+  float eps_, scaling_, embed_scale_;
+  bool every_ = false;  // this call writes every token's logits
+  std::vector<float> keys_, values_;
+};
+
+void bind_native_decoder(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<Matrix, MatrixPtr>(m, "Matrix")
+      .def_readonly("out", &Matrix::out)
+      .def_readonly("kind", &Matrix::kind)
+      .def_readonly("in_features", &Matrix::in)
+      .def("gemv", [](const Matrix& mat, torch::Tensor x) {  // the tests' check of one layer alone
+        TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.numel() == mat.in, "x: float32 [in]");
+        auto y = torch::empty({mat.out}, x.options());
+        Q8Activations xq(mat.in);
+        xq.reset(x.data_ptr<float>());
+        xq.ensure(mat.act_block);
+        mat.rows(x.data_ptr<float>(), xq, y.data_ptr<float>(), 1, 0, mat.out);
+        return y;
+      });
+  m.def("dense_matrix", &dense_matrix, py::arg("weight"), py::arg("bias") = py::none());
+  m.def("pot_matrix", &pot_matrix, py::arg("codes"), py::arg("scales"), py::arg("in_features"), py::arg("bits"),
+        py::arg("group"), py::arg("top"), py::arg("with_zero"), py::arg("bias") = py::none(), py::arg("q8") = true);
+  m.def("int8_matrix", &int8_matrix, py::arg("codes"), py::arg("scales"), py::arg("group"), py::arg("bias") = py::none(),
+        py::arg("q8") = true);
+  py::class_<Block, BlockPtr>(m, "Block")
+      .def(py::init([](MatrixPtr q, MatrixPtr k, MatrixPtr v, MatrixPtr o, MatrixPtr gate, MatrixPtr up, MatrixPtr down,
+                       torch::Tensor attn_norm, torch::Tensor mlp_norm, c10::optional<torch::Tensor> q_norm,
+                       c10::optional<torch::Tensor> k_norm) {
+             for (const auto& t : {attn_norm, mlp_norm})
+               TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "norm weights: contiguous float32");
+             return std::make_shared<Block>(Block{q, k, v, o, gate, up, down, attn_norm, mlp_norm, q_norm, k_norm});
+           }),
+           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"),
+           py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none());
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<std::vector<BlockPtr>, MatrixPtr, MatrixPtr, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                    int64_t, double, double, double>(),
+           py::arg("blocks"), py::arg("embed"), py::arg("head"), py::arg("final_norm"), py::arg("cos"), py::arg("sin"),
+           py::arg("heads"), py::arg("kv_heads"), py::arg("eps"), py::arg("scaling"), py::arg("embed_scale") = 1.0)
+      .def_property_readonly("max_len", &Decoder::max_len)
+      .def("feed", &Decoder::feed, py::arg("tokens"), py::arg("pos"), py::arg("logits") = py::none());
+}

@@ -1,0 +1,251 @@
+// The native decoder's 8-bit-activation PoT kernel (see q8_layout.h for the method and layout):
+// the repacking, a scalar loop for any CPU and an AVX2 loop chosen at run time.
+#include "q8_layout.h"  // first: it brings torch's headers, which must precede potq's Layout
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "pot_gemv_scalar.h"
+
+namespace {
+
+// Code `j` (0..31) of one unit in the runtime layout.
+inline int unit_code(const uint8_t* unit, int bits, int j) {
+  if (bits == 4) return (unit[j % 16] >> (4 * (j / 16))) & 15;
+  const int low = (unit[j % 8] >> (2 * (j / 8))) & 3;
+  if (bits == 2) return low;
+  uint32_t signs;
+  std::memcpy(&signs, unit + 8, 4);
+  return low | static_cast<int>((signs >> j) & 1) << 2;
+}
+
+inline float group_factor(const Q8Layer& Q, int64_t r, int64_t g) {
+  return half_to_float(Q.scales[r * Q.groups + g]) * Q.unit;
+}
+
+void rows_scalar_q8(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
+  const int64_t units = Q.group / 32, unit_bytes = q8_unit_bytes(Q.bits);
+  for (int64_t b = 0; b < x.rows; ++b)
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = Q.data + r * Q.row_bytes;
+      float acc = 0.0f;
+      for (int64_t g = 0; g < Q.groups; ++g) {
+        int32_t dot = 0;
+        for (int64_t u = g * units; u < std::min((g + 1) * units, Q.in / 32); ++u)
+          for (int j = 0; j < 32; ++j) {
+            const int c = unit_code(row + u * unit_bytes, Q.bits, j);
+            dot += static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c] * x.q[b * x.n + u * 32 + j];
+          }
+        acc += static_cast<float>(dot) * group_factor(Q, r, g) * x.scale[b * x.stride + g];
+      }
+      y[b * Q.out + r] = acc;
+    }
+}
+
+// A 2- or 3-bit unit's low plane: 32 bytes of the codes' two low bits.
+__attribute__((target("avx2,fma,f16c"))) inline __m256i low_plane(const uint8_t* unit) {
+  int64_t eight;
+  std::memcpy(&eight, unit, 8);
+  const __m256i shifts = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(eight), shifts), _mm256_set1_epi8(3));
+}
+
+// A 3-bit unit's sign plane: 0xFF in the lanes of negative codes.
+__attribute__((target("avx2,fma,f16c"))) inline __m256i negative_lanes(const uint8_t* unit) {
+  int32_t signs;
+  std::memcpy(&signs, unit + 8, 4);
+  const __m256i byte_of_lane = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
+                                                2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit_of_lane = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(signs), byte_of_lane), bit_of_lane);
+  return _mm256_cmpeq_epi8(bits, bit_of_lane);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+// A unit's weights as the multiply-add takes them: magnitudes 2^f (u8) and the sign to give the
+// activations (±1 bytes, which _mm256_sign_epi8 applies).
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) inline void unit_weights(const uint8_t* unit, __m256i magnitude, __m256i sign,
+                                                                 __m256i& w, __m256i& s) {
+  if constexpr (BITS == 3) {
+    w = _mm256_shuffle_epi8(magnitude, low_plane(unit));
+    s = _mm256_or_si256(negative_lanes(unit), _mm256_set1_epi8(1));
+  } else {
+    __m256i c;
+    if constexpr (BITS == 4) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(unit));
+      c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+    } else {
+      c = low_plane(unit);
+    }
+    w = _mm256_shuffle_epi8(magnitude, c);
+    s = _mm256_shuffle_epi8(sign, c);
+  }
+}
+
+// Rows [r0, r1) for the NB activation rows from b0: each unit decoded once for all of them.
+template <int BITS, int NB>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2_q8(const Q8Layer& Q, const Q8Activations& x, float* y,
+                                                          int64_t b0, int64_t r0, int64_t r1) {
+  const int64_t units = Q.group / 32, total_units = Q.in / 32;
+  constexpr int64_t kUnitBytes = BITS == 4 ? 16 : BITS == 3 ? 12 : 8;
+  // units whose 16-bit pair sums may add up before they are widened: |pair| <= 2·2^f_max·127, so
+  // sixteen for 3-bit codes (2032 each), one for 4-bit (32512)
+  constexpr int64_t kPairsKept = BITS == 4 ? 1 : 16;
+  __m128i m16, s16;
+  std::memcpy(&m16, Q.magnitude, 16);
+  std::memcpy(&s16, Q.sign, 16);
+  const __m256i magnitude = _mm256_broadcastsi128_si256(m16), sign = _mm256_broadcastsi128_si256(s16);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = Q.data + r * Q.row_bytes;
+    __m256 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < Q.groups; ++g) {
+      __m256i dot[NB], pairs[NB];
+      for (int b = 0; b < NB; ++b) dot[b] = pairs[b] = _mm256_setzero_si256();
+      const int64_t end = std::min((g + 1) * units, total_units);
+      for (int64_t u = g * units; u < end; ++u) {
+        __m256i w, s;
+        unit_weights<BITS>(row + u * kUnitBytes, magnitude, sign, w, s);
+        for (int b = 0; b < NB; ++b) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (b0 + b) * x.n + u * 32));
+          pairs[b] = _mm256_add_epi16(pairs[b], _mm256_maddubs_epi16(w, _mm256_sign_epi8(xv, s)));
+        }
+        if ((u - g * units) % kPairsKept == kPairsKept - 1)
+          for (int b = 0; b < NB; ++b) {
+            dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(pairs[b], ones16));
+            pairs[b] = _mm256_setzero_si256();
+          }
+      }
+      const float f = _cvtsh_ss(Q.scales[r * Q.groups + g]) * Q.unit;
+      for (int b = 0; b < NB; ++b) {
+        dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(pairs[b], ones16));
+        acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[b]), _mm256_set1_ps(f * x.scale[(b0 + b) * x.stride + g]), acc[b]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) y[(b0 + b) * Q.out + r] = hsum(acc[b]);
+  }
+}
+
+template <int BITS>
+void rows_avx2_q8_all(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
+  int64_t b = 0;
+  for (; b + 4 <= x.rows; b += 4) rows_avx2_q8<BITS, 4>(Q, x, y, b, r0, r1);
+  for (; b < x.rows; ++b) rows_avx2_q8<BITS, 1>(Q, x, y, b, r0, r1);
+}
+
+void int8_rows_scalar_q8(const Int8Layer& L, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
+  for (int64_t b = 0; b < x.rows; ++b)
+    for (int64_t r = r0; r < r1; ++r) {
+      float acc = 0.0f;
+      for (int64_t g = 0; g < L.groups; ++g) {
+        int32_t dot = 0;
+        for (int64_t j = g * L.group; j < std::min((g + 1) * L.group, L.in); ++j)
+          dot += (static_cast<int32_t>(L.codes[r * L.in + j]) - 127) * x.q[b * x.n + j];
+        acc += static_cast<float>(dot) * half_to_float(L.scales[r * L.groups + g]) * x.scale[b * x.stride + g];
+      }
+      y[b * L.out + r] = acc;
+    }
+}
+
+template <int NB>
+__attribute__((target("avx2,fma,f16c"))) void int8_rows_avx2_q8(const Int8Layer& L, const Q8Activations& x, float* y,
+                                                               int64_t b0, int64_t r0, int64_t r1) {
+  const __m256i offset = _mm256_set1_epi8(127), ones16 = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = L.codes + r * L.in;
+    __m256 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < L.groups; ++g) {
+      __m256i dot[NB];
+      for (int b = 0; b < NB; ++b) dot[b] = _mm256_setzero_si256();
+      for (int64_t j = g * L.group; j < std::min((g + 1) * L.group, L.in); j += 32) {
+        const __m256i q = _mm256_sub_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j)), offset);
+        const __m256i magnitude = _mm256_abs_epi8(q);
+        for (int b = 0; b < NB; ++b) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (b0 + b) * x.n + j));
+          dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, q)), ones16));
+        }
+      }
+      const float f = _cvtsh_ss(L.scales[r * L.groups + g]);
+      for (int b = 0; b < NB; ++b)
+        acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[b]), _mm256_set1_ps(f * x.scale[(b0 + b) * x.stride + g]), acc[b]);
+    }
+    for (int b = 0; b < NB; ++b) y[(b0 + b) * L.out + r] = hsum(acc[b]);
+  }
+}
+
+bool avx2_here() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+}  // namespace
+
+torch::Tensor q8_repack(const Args& A, Q8Layer& Q) {
+  const Layout& L = A.layout;
+  const int64_t units = L.in_features / 32, unit_bytes = q8_unit_bytes(L.bits);
+  auto data = torch::zeros({A.out_features, units * unit_bytes}, torch::kUInt8);
+  uint8_t* out = data.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < A.out_features; ++r) {
+    const uint8_t* row = A.codes + r * L.row_bytes;
+    for (int64_t u = 0; u < units; ++u) {
+      uint8_t* unit = out + (r * units + u) * unit_bytes;
+      uint32_t signs = 0;
+      for (int j = 0; j < 32; ++j) {
+        const int64_t bit = (u * 32 + j) * L.bits;
+        const int c = (load_word(row, bit >> 3, L.row_bytes) >> (bit & 7)) & ((1u << L.bits) - 1);
+        if (L.bits == 4) {
+          unit[j % 16] |= static_cast<uint8_t>(c << (4 * (j / 16)));
+        } else {
+          unit[j % 8] |= static_cast<uint8_t>((c & 3) << (2 * (j / 8)));
+          if (L.bits == 3) signs |= static_cast<uint32_t>(c >> 2) << j;
+        }
+      }
+      if (L.bits == 3) std::memcpy(unit + 8, &signs, 4);
+    }
+  }
+  Q.data = out, Q.scales = A.scales, Q.row_bytes = units * unit_bytes, Q.groups = A.groups;
+  Q.group = L.group, Q.in = L.in_features, Q.out = A.out_features, Q.bits = static_cast<int>(L.bits);
+  Q.unit = std::ldexp(1.0f, -static_cast<int>(L.top) - (L.with_zero ? 1 : 0));
+  for (int c = 0; c < 16; ++c) {
+    const int code = c & ((1 << L.bits) - 1), field = code & ((1 << (L.bits - 1)) - 1);
+    Q.magnitude[c] = static_cast<int8_t>(L.with_zero && field == 0 ? 0 : 1 << field);
+    Q.sign[c] = code >> (L.bits - 1) ? -1 : 1;
+  }
+  return data;
+}
+
+void q8_rows(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
+  static const bool avx2 = avx2_here();
+  if (!avx2) return rows_scalar_q8(Q, x, y, r0, r1);
+  switch (Q.bits) {
+    case 2: return rows_avx2_q8_all<2>(Q, x, y, r0, r1);
+    case 3: return rows_avx2_q8_all<3>(Q, x, y, r0, r1);
+    default: return rows_avx2_q8_all<4>(Q, x, y, r0, r1);
+  }
+}
+
+void q8_row(const Q8Layer& Q, int64_t r, float* out) {
+  const uint8_t* row = Q.data + r * Q.row_bytes;
+  const int64_t unit_bytes = q8_unit_bytes(Q.bits);
+  for (int64_t j = 0; j < Q.in; ++j) {
+    const int c = unit_code(row + (j / 32) * unit_bytes, Q.bits, static_cast<int>(j % 32));
+    out[j] = static_cast<float>(static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c]) * group_factor(Q, r, j / Q.group);
+  }
+}
+
+void q8_int8_rows(const Int8Layer& L, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
+  static const bool avx2 = avx2_here();
+  if (!avx2) return int8_rows_scalar_q8(L, x, y, r0, r1);
+  int64_t b = 0;
+  for (; b + 4 <= x.rows; b += 4) int8_rows_avx2_q8<4>(L, x, y, b, r0, r1);
+  for (; b < x.rows; ++b) int8_rows_avx2_q8<1>(L, x, y, b, r0, r1);
+}

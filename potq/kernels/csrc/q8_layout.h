@@ -1,0 +1,88 @@
+// The native decoder's fast PoT layer: integer dot products against 8-bit activations.
+//
+// A PoT weight is ±a·2^(f − K'), f = 0 .. 2^(N−1) − 1: within a group it is the integer ±2^f times
+// the group's factor a·2^−K'. With the activations quantized to int8 per group (one float scale
+// each, as llama.cpp's Q8 activations), a group's dot product is an exact integer sum of ±2^f·x_q —
+// the magnitudes 2^f fit a byte up to 4-bit codes — taken 32 at a time by a byte table lookup and
+// a u8×s8 multiply-add, then scaled once per group. That is about a third of the instructions of
+// the float kernel, which decodes every weight into a float lane.
+//
+// The codes are repacked once, when the decoder is built, into a layout the vector unpacking
+// wants, 32 weights a unit, no bits added (the file's layout stays as it is):
+//   4-bit: 16 bytes, byte i = code i | code (i + 16) << 4;
+//   3-bit: 8 bytes of the low two bits (code 8q + i at bits 2q, 2q + 1 of byte i) + 4 bytes of
+//          sign bits (code i at bit i);
+//   2-bit: the 8 bytes of the 3-bit low plane, holding the whole code.
+// Activations are quantized per block of the layer's group width (a multiple of 32).
+#pragma once
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "pot_gemv_layout.h"
+
+struct Q8Layer {
+  const uint8_t* data = nullptr;    // [out, row_bytes] in the runtime layout
+  const uint16_t* scales = nullptr;  // [out, groups] fp16, the file's scales
+  int64_t row_bytes = 0, groups = 0, group = 0, in = 0, out = 0;
+  int bits = 0;
+  float unit = 0.0f;  // 2^−K': a group's factor is its scale times this
+  int8_t magnitude[16] = {}, sign[16] = {};  // code -> 2^f (0 for pot-zero's field 0), code -> ±1
+};
+
+// `rows` vectors of `n` in 8-bit form, per block of a layer's group width: q[b·n + j] and one
+// scale per block, scale[b·stride + k]. Quantized on first use after `reset` (ensure) — or, where
+// threads share it (a prompt), slice by slice (quantize) behind a barrier.
+struct Q8Activations {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  const float* source = nullptr;
+  int64_t n = 0, rows = 1, stride = 0, block = 0;
+
+  explicit Q8Activations(int64_t size, int64_t count = 1)
+      : q(size * count), scale((size / 32 + 1) * count), n(size), rows(count), stride(size / 32 + 1) {}
+  void reset(const float* x) { source = x, block = 0; }
+  // All rows for blocks of `width` unless done already (0: the reader is not a q8 layer).
+  void ensure(int64_t width) {
+    if (width == 0 || width == block) return;
+    block = width;
+    quantize(width, 0, rows);
+  }
+  // Rows [r0, r1) for blocks of `width`.
+  void quantize(int64_t width, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b * width < n; ++b) {
+        const float* x = source + r * n;
+        const int64_t end = std::min(n, (b + 1) * width);
+        float top = 0.0f;
+        for (int64_t j = b * width; j < end; ++j) top = std::max(top, std::fabs(x[j]));
+        const float d = top / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        scale[r * stride + b] = d;
+        for (int64_t j = b * width; j < end; ++j) q[r * n + j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+      }
+  }
+};
+
+// Bytes of one 32-weight unit in the runtime layout.
+inline int64_t q8_unit_bytes(int64_t bits) { return bits == 4 ? 16 : bits == 3 ? 12 : 8; }
+
+// Whether a packed PoT layer fits the fast path: 2..4-bit codes, groups and rows in whole units.
+inline bool q8_serves(const Layout& L) {
+  return L.bits >= 2 && L.bits <= 4 && L.group % 32 == 0 && L.group <= 1024 && L.in_features % 32 == 0;
+}
+
+// The layer's codes repacked into the runtime layout (the returned tensor owns them) and `Q`
+// filled in to read them.
+torch::Tensor q8_repack(const Args& A, Q8Layer& Q);
+// y[b·out + r] for rows [r0, r1) and every activation row b of x (8-bit, blocks = the layer's
+// group width). Several activation rows (a prompt) share each unit's decoding.
+void q8_rows(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1);
+// Row r's weights as float32.
+void q8_row(const Q8Layer& Q, int64_t r, float* out);
+
+// The same for a symmetric 8-bit layer (c − 127 = q in −127..127 per byte): Σ q·x_q as exact
+// integers per group, by |q| · (x_q with q's sign), the form u8×s8 multiply-adds take.
+inline bool q8_int8_serves(const Int8Layer& L) { return L.group % 32 == 0 && L.group <= 1024 && L.in % 32 == 0; }
+void q8_int8_rows(const Int8Layer& L, const Q8Activations& x, float* y, int64_t r0, int64_t r1);

@@ -1,0 +1,118 @@
+"""The native decoder (one C++ call per token) against transformers' own forward, on tiny models of
+every family it runs and on the real stories260K: exact mode to float rounding, the default
+8-bit-activation mode within the activations' rounding and with the same greedy tokens."""
+
+import copy
+
+import pytest
+import torch
+
+import potq
+from potq.config import QuantConfig
+from potq.eval.generate import next_tokens
+from potq.models import native_decoder
+from potq.models.native_decoder import NativeDecoder
+from potq.quantize import INT8_TABLES
+from zoo import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits[0]
+
+
+def _native(model, ids, split, exact):
+    """The native decoder's logits after ids[:split] (one batched prompt) and after each later token."""
+    decoder = NativeDecoder(model, ids.shape[1], exact=exact)
+    rows = [decoder(ids[:, :split])]
+    rows += [decoder(ids[:, t:t + 1]) for t in range(split, ids.shape[1])]
+    return torch.stack(rows)
+
+
+def _greedy(model, prompt, steps):
+    with torch.inference_mode():
+        return list(next_tokens(model, prompt, steps, lambda logits: int(logits.argmax())))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fmt, bits", [("pot", 3), ("pot", 4), ("pot", 2), ("pot-zero", 3)])
+def test_native_logits_match_transformers(fused_kernel, family, fmt, bits):
+    model = tiny_model(family)
+    potq.quantize_(model, QuantConfig(fmt, bits, 32), method="rtn", progress=False)
+    assert native_decoder.unsupported(model) is None
+    ids = torch.randint(0, 512, (1, 14), generator=torch.Generator().manual_seed(1))
+    reference = _logits(model, ids)[9:]
+    exact = _native(model, ids, 10, exact=True)
+    assert torch.allclose(exact, reference, atol=2e-5, rtol=1e-4)
+    fast = _native(model, ids, 10, exact=False)  # int8 activations: within their rounding, not exact
+    error = (fast - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.03
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_native_float_and_int8_layers(fused_kernel, family):
+    """A float model, and one whose token table and tied head are symmetric 8-bit."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(_native(model, ids, 6, exact=False), _logits(model, ids)[5:], atol=2e-5, rtol=1e-4)
+    potq.quantize_(model, QuantConfig("pot", 4, 32), method="rtn", embeddings=INT8_TABLES, progress=False)
+    reference = _logits(model, ids)[5:]
+    assert torch.allclose(_native(model, ids, 6, exact=True), reference, atol=2e-5, rtol=1e-4)
+    error = (_native(model, ids, 6, exact=False) - reference).abs().max() / reference.abs().max()
+    assert error < 0.03
+
+
+def test_native_greedy_tokens_on_a_real_model(fused_kernel, stories):
+    """stories260K at 4 bits (its 172-wide MLP input takes the exact kernel, the rest 8-bit
+    activations): the default path writes the same greedy story as transformers' forward."""
+    potq.quantize_(stories, QuantConfig("pot", 4, 32), method="rtn", progress=False)
+    prompt = stories.tokenizer.encode("Once upon a time, there was a little girl")
+    native = _greedy(stories.model, prompt, 40)
+    with native_decoder.enabled(False):
+        assert native == _greedy(stories.model, prompt, 40)
+
+
+def test_the_layers_are_described_once_per_model(fused_kernel, stories):
+    potq.quantize_(stories, QuantConfig("pot", 3, 32), method="rtn", progress=False)
+    first = native_decoder._layers(stories.model, False)
+    assert native_decoder._layers(stories.model, False) is first  # a chat's next answer reuses them
+    stories.model.model.layers[0].mlp.up_proj.codes = stories.model.model.layers[0].mlp.up_proj.codes.clone()
+    assert native_decoder._layers(stories.model, False) is not first  # changed tensors: described again
+
+
+def test_bounds_and_fallbacks(fused_kernel):
+    model = tiny_model("llama")
+    decoder = NativeDecoder(model, 4)
+    decoder(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="holds 4 positions"):
+        decoder(torch.tensor([[4, 5]]))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        NativeDecoder(model, 4)(torch.tensor([[600]]))
+    gemma = tiny_model("gemma3_text")
+    assert "not gemma3_text" in native_decoder.unsupported(gemma)
+    assert len(_greedy(gemma, [1, 5, 7], 3)) == 3  # falls back to transformers' forward
+    window = copy.deepcopy(model)
+    window.config.model_type, window.config.sliding_window = "mistral", 8
+    assert native_decoder.unsupported(window, 8) is None
+    assert "sliding-window" in native_decoder.unsupported(window, 9)
+    with native_decoder.enabled(False):
+        assert native_decoder.unsupported(model) == "the native decoder is switched off"
+
+
+def test_native_perplexity_is_what_generate_computes(fused_kernel, stories, story_text):
+    """`potq eval --kernel native`: every window's logits from the native decoder; exact mode
+    equals the PyTorch forward's perplexity, the default (8-bit activations) is close to it."""
+    from potq.eval import perplexity
+
+    potq.quantize_(stories, QuantConfig("pot", 3, 32), method="rtn", progress=False)
+    model, tokenizer = stories.model, stories.tokenizer
+    reference = perplexity(model, tokenizer, "tinystories", ctx=128, max_windows=3, text=story_text, progress=False)
+    native = perplexity(model, tokenizer, "tinystories", ctx=128, max_windows=3, text=story_text, progress=False,
+                        native=True)
+    assert native.path == "native" and reference.path == "pytorch"
+    assert abs(native.ppl / reference.ppl - 1) < 0.02
+    window = torch.tensor([tokenizer.encode(story_text)[:128]])
+    every = NativeDecoder(model, 128, exact=True).every_logits(window)
+    assert torch.allclose(every, _logits(model, window), atol=2e-5, rtol=1e-4)
