@@ -92,6 +92,7 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> di
         llm.eval(long_prompt)
         prefill.append(time.perf_counter() - start)
     ids = llm.tokenize(prompt_text(prompt_tokens).encode(), add_bos=False)[:prompt_tokens]
+    llm.reset()  # else generate() reuses the long prompt's cache for the shared start of the text
     start = time.perf_counter()
     steps = llm.generate(ids, temp=0.0, reset=True)
     next(steps)

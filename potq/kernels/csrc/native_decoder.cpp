@@ -15,7 +15,7 @@
 // of the tokens for the elementwise steps (norms, residual adds, the activations' 8-bit
 // rounding); potq's own barrier (spin briefly, then yield the core) separates the phases that
 // read other threads' results. A prompt goes through each layer as one batch, so a weight unit
-// decoded once serves up to four tokens (q8_kernel.cpp).
+// decoded once serves up to eight tokens (q8_kernel.cpp).
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -27,7 +27,7 @@
 #include <memory>
 #include <vector>
 
-#include "attention.h"
+#include "decoder_math.h"
 #include "pot_gemv_layout.h"
 #include "pot_gemv_scalar.h"
 #include "q8_layout.h"
@@ -363,10 +363,8 @@ class Decoder {
         L.gate->rows(B.x.data(), B.xq, B.gate.data(), T, r0, r1);
         L.up->rows(B.x.data(), B.xq, B.up.data(), T, r0, r1);
         for (int64_t b = 0; b < T; ++b)
-          for (int64_t j = r0; j < r1; ++j) {
-            const float g = B.gate[b * inter_ + j];
-            B.act[b * inter_ + j] = g / (1.0f + std::exp(-g)) * B.up[b * inter_ + j];
-          }
+          silu_mul(B.gate.data() + b * inter_ + r0, B.up.data() + b * inter_ + r0, B.act.data() + b * inter_ + r0,
+                   r1 - r0);
       }
       B.barrier.wait();
       if (L.down->act_block) {

@@ -108,27 +108,26 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2_q8(const Q8Layer& Q, con
     __m256 acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t g = 0; g < Q.groups; ++g) {
-      __m256i dot[NB], pairs[NB];
-      for (int b = 0; b < NB; ++b) dot[b] = pairs[b] = _mm256_setzero_si256();
+      __m256i dot[NB];
+      for (int b = 0; b < NB; ++b) dot[b] = _mm256_setzero_si256();
       const int64_t end = std::min((g + 1) * units, total_units);
-      for (int64_t u = g * units; u < end; ++u) {
-        __m256i w, s;
-        unit_weights<BITS>(row + u * kUnitBytes, magnitude, sign, w, s);
-        for (int b = 0; b < NB; ++b) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (b0 + b) * x.n + u * 32));
-          pairs[b] = _mm256_add_epi16(pairs[b], _mm256_maddubs_epi16(w, _mm256_sign_epi8(xv, s)));
-        }
-        if ((u - g * units) % kPairsKept == kPairsKept - 1)
+      for (int64_t chunk = g * units; chunk < end; chunk += kPairsKept) {
+        __m256i pairs[NB];
+        for (int b = 0; b < NB; ++b) pairs[b] = _mm256_setzero_si256();
+        for (int64_t u = chunk; u < std::min(chunk + kPairsKept, end); ++u) {
+          __m256i w, s;
+          unit_weights<BITS>(row + u * kUnitBytes, magnitude, sign, w, s);
+          const int8_t* xu = x.q.data() + b0 * x.n + u * 32;
           for (int b = 0; b < NB; ++b) {
-            dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(pairs[b], ones16));
-            pairs[b] = _mm256_setzero_si256();
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + b * x.n));
+            pairs[b] = _mm256_add_epi16(pairs[b], _mm256_maddubs_epi16(w, _mm256_sign_epi8(xv, s)));
           }
+        }
+        for (int b = 0; b < NB; ++b) dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(pairs[b], ones16));
       }
       const float f = _cvtsh_ss(Q.scales[r * Q.groups + g]) * Q.unit;
-      for (int b = 0; b < NB; ++b) {
-        dot[b] = _mm256_add_epi32(dot[b], _mm256_madd_epi16(pairs[b], ones16));
+      for (int b = 0; b < NB; ++b)
         acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[b]), _mm256_set1_ps(f * x.scale[(b0 + b) * x.stride + g]), acc[b]);
-      }
     }
     for (int b = 0; b < NB; ++b) y[(b0 + b) * Q.out + r] = hsum(acc[b]);
   }
@@ -136,7 +135,8 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2_q8(const Q8Layer& Q, con
 
 template <int BITS>
 void rows_avx2_q8_all(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
-  int64_t b = 0;
+  int64_t b = 0;  // eight activation rows share each unit's decoding, then four, then one
+  for (; b + 8 <= x.rows; b += 8) rows_avx2_q8<BITS, 8>(Q, x, y, b, r0, r1);
   for (; b + 4 <= x.rows; b += 4) rows_avx2_q8<BITS, 4>(Q, x, y, b, r0, r1);
   for (; b < x.rows; ++b) rows_avx2_q8<BITS, 1>(Q, x, y, b, r0, r1);
 }
@@ -180,6 +180,29 @@ __attribute__((target("avx2,fma,f16c"))) void int8_rows_avx2_q8(const Int8Layer&
     }
     for (int b = 0; b < NB; ++b) y[(b0 + b) * L.out + r] = hsum(acc[b]);
   }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void quantize_avx2(const float* x, int64_t n, int8_t* q, float* scale) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 top = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(x + j), magnitude));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+  for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+  *scale = d;
+  const __m256 iv = _mm256_set1_ps(inv);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  j = 0;
+  for (; j + 32 <= n; j += 32) {  // cvtps rounds to nearest even, as nearbyint below
+    __m256i v[4];
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * k), iv));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  for (; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
 }
 
 bool avx2_here() {
@@ -248,4 +271,14 @@ void q8_int8_rows(const Int8Layer& L, const Q8Activations& x, float* y, int64_t 
   int64_t b = 0;
   for (; b + 4 <= x.rows; b += 4) int8_rows_avx2_q8<4>(L, x, y, b, r0, r1);
   for (; b < x.rows; ++b) int8_rows_avx2_q8<1>(L, x, y, b, r0, r1);
+}
+
+void q8_quantize_block(const float* x, int64_t n, int8_t* q, float* scale) {
+  static const bool avx2 = avx2_here();
+  if (avx2) return quantize_avx2(x, n, q, scale);
+  float amax = 0.0f;
+  for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+  *scale = d;
+  for (int64_t j = 0; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
 }

@@ -17,6 +17,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -31,6 +32,9 @@ struct Q8Layer {
   float unit = 0.0f;  // 2^−K': a group's factor is its scale times this
   int8_t magnitude[16] = {}, sign[16] = {};  // code -> 2^f (0 for pot-zero's field 0), code -> ±1
 };
+
+// x[0..n) as int8 q = round(x / d), d = max |x| / 127 (written to *scale; 0 for a zero block).
+void q8_quantize_block(const float* x, int64_t n, int8_t* q, float* scale);
 
 // `rows` vectors of `n` in 8-bit form, per block of a layer's group width: q[b·n + j] and one
 // scale per block, scale[b·stride + k]. Quantized on first use after `reset` (ensure) — or, where
@@ -53,15 +57,9 @@ struct Q8Activations {
   // Rows [r0, r1) for blocks of `width`.
   void quantize(int64_t width, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t b = 0; b * width < n; ++b) {
-        const float* x = source + r * n;
-        const int64_t end = std::min(n, (b + 1) * width);
-        float top = 0.0f;
-        for (int64_t j = b * width; j < end; ++j) top = std::max(top, std::fabs(x[j]));
-        const float d = top / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        scale[r * stride + b] = d;
-        for (int64_t j = b * width; j < end; ++j) q[r * n + j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
-      }
+      for (int64_t b = 0; b * width < n; ++b)
+        q8_quantize_block(source + r * n + b * width, std::min(width, n - b * width), q.data() + r * n + b * width,
+                          &scale[r * stride + b]);
   }
 };
 

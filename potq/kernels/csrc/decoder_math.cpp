@@ -1,5 +1,6 @@
-// The native decoder's attention (attention.h): AVX2 where the CPU has it, else scalar loops.
-#include "attention.h"
+// The native decoder's attention and activation (decoder_math.h): AVX2 where the CPU has it, else
+// scalar loops.
+#include "decoder_math.h"
 
 #include <immintrin.h>
 
@@ -35,9 +36,9 @@ AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
-// e^x for x <= 0 (softmax's shifted scores): 2^n · p(r), Cephes' polynomial, relative error ~1e-7.
-AVX2 inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+// e^x for |x| <= 87 (beyond: clamped): 2^n · p(r), Cephes' polynomial, relative error ~1e-7.
+AVX2 inline __m256 exp_clamped(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -70,7 +71,7 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
     __m256 total = _mm256_setzero_ps();
     int64_t s = 0;
     for (; s + 8 <= span; s += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(top)));
+      const __m256 e = exp_clamped(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(top)));
       _mm256_storeu_ps(p + s, e);
       total = _mm256_add_ps(total, e);
     }
@@ -87,6 +88,17 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
     }
     for (int64_t g = 0; g < G; ++g) _mm256_storeu_ps(out + g * out_stride + j, _mm256_mul_ps(acc[g], _mm256_set1_ps(inverse[g])));
   }
+}
+
+AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t j = 0;
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + j);
+    const __m256 e = exp_clamped(_mm256_sub_ps(zero, g));
+    _mm256_storeu_ps(out + j, _mm256_div_ps(_mm256_mul_ps(g, _mm256_loadu_ps(up + j)), _mm256_add_ps(one, e)));
+  }
+  for (; j < n; ++j) out[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];
 }
 
 bool avx2_here() {
@@ -106,4 +118,10 @@ void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, c
     return;
   }
   attend_scalar(q, G, q_stride, K, V, span, D, scaling, scores, out, out_stride);
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  static const bool avx2 = avx2_here();
+  if (avx2) return silu_mul_avx2(gate, up, out, n);
+  for (int64_t j = 0; j < n; ++j) out[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];
 }

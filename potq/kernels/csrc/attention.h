@@ -1,9 +1,0 @@
-// One token's attention for the query heads that share one key/value head (grouped-query
-// attention): the keys and values of each cached position are read once for the whole group.
-#pragma once
-#include <cstdint>
-
-// For g = 0 .. G−1: out[g·out_stride ..][0..D) = softmax(q_g·Kᵀ·scaling)·V over positions
-// 0 .. span−1 (K, V: [span, D] rows); q_g at q + g·q_stride; scores: room for G·span floats.
-void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                  int64_t D, float scaling, float* scores, float* out, int64_t out_stride);
