@@ -63,23 +63,24 @@ def main() -> None:
     lines = ["# Headline: SmolLM2-135M", "",
              "`.venv/bin/python benchmarks/headline.py` (from the stores of `benchmarks/ppl_table.py` and "
              "`potq bench`)", "",
-             "| model | bits/weight (incl. scales) | file MiB | WikiText-2 ppl | decode tok/s |",
-             "| --- | --- | --- | --- | --- |"]
+             "| model | bits/weight (incl. scales) | file MiB | WikiText-2 ppl | decode tok/s "
+             f"| prefill of {speed['decode']['pot3']['prefill_tokens']} tok/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row, label, variant in ROWS:
         r = runs[row]
         mib = f"{r['file_bytes'] / 2**20:.1f}" if r.get("file_bytes") else "–"
-        if variant is None:
-            tok_s = "–"
-        elif variant.startswith("peer:"):
-            tok_s = f"{speed['peer'][variant[5:]]['tokens_per_s']:.1f}"
-        else:
-            tok_s = f"{speed['decode'][variant]['tokens_per_s']:.1f}"
+        timed = (None if variant is None else speed["peer"][variant[5:]] if variant.startswith("peer:")
+                 else speed["decode"][variant])
+        tok_s = "–" if timed is None else f"{timed['tokens_per_s']:.1f}"
+        prefill = "–" if timed is None else f"{timed['prefill_tokens_per_s']:.0f}"
         mark = "†" if r["wikitext2"].get("dtype") == "bf16" else ""
-        lines.append(f"| {label} | {r['bits_per_weight']:.3f} | {mib} | {r['wikitext2']['ppl']:.2f}{mark} | {tok_s} |")
+        lines.append(f"| {label} | {r['bits_per_weight']:.3f} | {mib} | {r['wikitext2']['ppl']:.2f}{mark} | {tok_s} "
+                     f"| {prefill} |")
     lines += ["", f"Note: perplexity on the full WikiText-2 test set at context 2048, in fp32 († in bf16 autocast). "
               f"Decoding: {speed['new_tokens']} greedy "
               f"tokens after a {speed['prompt_tokens']}-token prompt, batch 1, {speed['threads']} threads on "
-              f"{speed['cpu']}, all rows in one run; a PoT row's speed is that of its bits at G128 (the packing "
+              f"{speed['cpu']}, all rows in one run, potq's rows through its native decoder (one C++ call a "
+              "token, PoT layers on 8-bit activations); a PoT row's speed is that of its bits at G128 (the packing "
               "the speed run measured); uniform rows were not timed (potq computes them from float weights, "
               "at about float speed). potq's file sizes are of folders that kept the embedding/output head "
               "in float32 (llama.cpp's quantize it); potq now stores a table the GGUF held as Q8_0 as the same "

@@ -3,9 +3,10 @@
 Each variant runs in a fresh process (``python -m potq.bench.decode FOLDER``), so its peak
 resident memory is its own: the model as it is loaded (float, or potq's packed folder with the
 fused kernel), a prompt of ``prompt_tokens`` tokens of WikiText-2, then ``new_tokens`` greedy
-steps with the KV cache, batch 1, through the path ``potq generate`` takes (for LLaMA models potq's
-lean decoder, the same for the float and the packed model). The packed folders are made once by RTN (the method does not
-change the speed) under ``$POTQ_HOME/bench/``.
+steps with the KV cache, batch 1, through the path ``potq generate`` takes (for Llama-family models
+potq's native decoder, the same for the float and the packed model), and a 512-token prompt's
+prefill. The packed folders are made once by RTN (the method does not change the speed) under
+``$POTQ_HOME/bench/``.
 """
 
 from __future__ import annotations
@@ -37,18 +38,22 @@ VARIANTS: dict[str, tuple[int, bool] | None] = {"float32": None, "pot4": (4, Fal
                                                 "pot2": (2, False), "pot3 + embeddings": (3, True)}
 # the ablation of an 8-bit table: pot3 with the token table (and tied head) held in float32 again
 FLOAT_TABLES = "pot3, float32 table"
+# the head-format choice (benchmarks/head_format.py): pot3 with its token table (= head) in 4-bit PoT
+POT4_TABLE = "pot3 + 4-bit PoT table"
 
 
 def variant_folder(model: str, variant: str, cache: Path, group: int = 128) -> str:
     """The model to load for ``variant``: the float model itself, or a packed folder made once in ``cache``."""
-    spec = (3, False) if variant == FLOAT_TABLES else VARIANTS[variant]
+    spec = {FLOAT_TABLES: (3, False), POT4_TABLE: (3, True)}.get(variant) or VARIANTS[variant]
     if spec is None:
         return model
     bits, embeddings = spec
-    suffix = "-emb" if embeddings else "-float-table" if variant == FLOAT_TABLES else ""
+    suffix = {FLOAT_TABLES: "-float-table", POT4_TABLE: "-emb-pot4"}.get(variant, "-emb" if embeddings else "")
     folder = cache / f"{Path(model).name}-pot{bits}-g{group}{suffix}"
     if not _cached(folder):
         lm = potq.load_model(model)
+        if variant == POT4_TABLE:
+            embeddings = potq.QuantConfig("pot", 4, group)
         potq.quantize_(lm, potq.QuantConfig("pot", bits, group), method="rtn", embeddings=embeddings, progress=False)
         if variant == FLOAT_TABLES:
             _float_tables_(lm.model)

@@ -28,6 +28,7 @@ from potq.formats.grouping import group_width
 from potq.formats.pot import PoT, PoTWithZero
 from potq.formats.uniform import UniformSym
 from potq.paths import home_dir
+from potq.switch import Switch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("pot_gemv.cpp", "pot_gemv_avx2.cpp", "pot_gemv_avx512.cpp", "int8_gemv.cpp",
@@ -144,19 +145,9 @@ def _read_record(record: Path) -> dict | None:
         return None
 
 
-_enabled = os.environ.get("POTQ_FUSED", "1") != "0"
-
-
-@contextmanager
-def enabled(flag: bool) -> Iterator[None]:
-    """Within the block, packed PoT layers use the fused kernel (``True``, the default) or the
-    pure-PyTorch path (``potq generate --kernel torch``; ``POTQ_FUSED=0`` sets the default)."""
-    global _enabled
-    saved, _enabled = _enabled, flag
-    try:
-        yield
-    finally:
-        _enabled = saved
+# Within `with enabled(False):` packed PoT layers take the pure-PyTorch path (`potq generate --kernel
+# torch`; POTQ_FUSED=0 sets the default).
+enabled = Switch("POTQ_FUSED")
 
 
 @lru_cache(maxsize=1)
@@ -168,7 +159,7 @@ def best_isa() -> str:
 def serves(layer) -> bool:  # noqa: ANN001
     """Whether the fused kernel computes this packed layer: a PoT format of 2–4 bits on the CPU,
     with the kernel built here (wider codes would take its slow scalar path: not worth it)."""
-    return _enabled and layer.codes.is_cpu and _grid(layer) is not None
+    return bool(enabled) and layer.codes.is_cpu and _grid(layer) is not None
 
 
 def _grid(layer) -> tuple[int, int, int, bool] | None:  # noqa: ANN001
@@ -195,7 +186,7 @@ def serves_int8(layer) -> bool:  # noqa: ANN001
         width = (group_width(layer.in_features, layer.group_size)
                  if isinstance(fmt, UniformSym) and fmt.bits == 8 and extension() is not None else None)
         layer.__dict__["_int8_group"] = width
-    return _enabled and width is not None and layer.codes.is_cpu
+    return bool(enabled) and width is not None and layer.codes.is_cpu
 
 
 def int8_gemv(x: Tensor, layer) -> Tensor:  # noqa: ANN001
@@ -263,7 +254,7 @@ def decoder_ops(kernel: bool = True) -> ModuleType | None:
     """The extension, for its decoding-step ops (``rms_norm``, ``attend_step``, ``silu_mul`` in
     ``csrc/decoder_ops.h``), where it is built and enabled and ``kernel`` says the caller's inputs
     are float32 CPU tensors; else None, and the caller uses PyTorch's ops."""
-    return extension() if kernel and _enabled else None
+    return extension() if kernel and enabled else None
 
 
 def rms_norm(kernel: bool = True) -> Callable[[Tensor, Tensor, float], Tensor]:

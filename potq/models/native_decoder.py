@@ -24,10 +24,7 @@ rounding (exact mode: float rounding) — tested on tiny models of each family.
 
 from __future__ import annotations
 
-import os
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -37,22 +34,13 @@ from potq.formats.pot import PoT, PoTWithZero
 from potq.formats.uniform import UniformSym
 from potq.kernels import fused
 from potq.nn.packed import PackedWeight
+from potq.switch import Switch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
-_enabled = os.environ.get("POTQ_NATIVE", "1") != "0"
-
-
-@contextmanager
-def enabled(flag: bool) -> Iterator[None]:
-    """Within the block, supported models decode natively (``True``, the default; ``--kernel
-    native``) or through the Python-driven paths (``POTQ_NATIVE=0`` sets the default)."""
-    global _enabled
-    saved, _enabled = _enabled, flag
-    try:
-        yield
-    finally:
-        _enabled = saved
+# Within `with enabled(False):` supported models decode through the Python-driven paths instead
+# (`--kernel fused|torch`; POTQ_NATIVE=0 sets the default).
+enabled = Switch("POTQ_NATIVE")
 
 
 def unsupported(model: nn.Module, max_len: int | None = None) -> str | None:
@@ -60,7 +48,7 @@ def unsupported(model: nn.Module, max_len: int | None = None) -> str | None:
     None where it can."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
-    if not _enabled:
+    if not enabled:
         return "the native decoder is switched off"
     if kind not in FAMILIES:
         return f"the native decoder runs {', '.join(FAMILIES)} models, not {kind}"

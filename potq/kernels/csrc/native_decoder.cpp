@@ -13,8 +13,9 @@
 // Threads: one OpenMP parallel region per call. Each thread takes a fixed slice of every
 // projection's output rows (for all the tokens fed), of the (token, kv head) attention items and
 // of the tokens for the elementwise steps (norms, residual adds, the activations' 8-bit
-// rounding); potq's own barrier (spin briefly, then yield the core) separates the phases that
-// read other threads' results. A prompt goes through each layer as one batch, so a weight unit
+// rounding) — or, decoding one token, every thread computes those few small vectors itself, which
+// saves half the barriers; potq's own barrier (spin briefly, then yield the core) separates the
+// phases that read other threads' results. A prompt goes through each layer as one batch, so a weight unit
 // decoded once serves up to eight tokens (q8_kernel.cpp).
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -301,96 +302,108 @@ class Decoder {
     }
   };
 
+  // What one token's step keeps per thread: the residual stream, its norm and the 8-bit forms of
+  // the vectors the layers read. Each thread computes these few small vectors itself, which costs
+  // less than the barriers that sharing them would take.
+  struct Own {
+    std::vector<float> h, x;
+    Q8Activations xq, aq, iq;
+    Own(int64_t hidden, int64_t qd, int64_t inter) : h(hidden), x(hidden), xq(hidden), aq(qd), iq(inter) {}
+  };
+
   // Every thread runs this; barriers separate the phases that read other threads' results.
   void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n) {
     const int64_t T = B.T, group = H_ / KV_;
-    const auto [b0, b1] = share(T, t, n);  // this thread's tokens in the elementwise phases
+    const bool step = T == 1;  // one token: each thread keeps the token's small vectors itself
+    std::unique_ptr<Own> own = step ? std::make_unique<Own>(hidden_, H_ * D_, inter_) : nullptr;
+    float* h = step ? own->h.data() : B.h.data();
+    float* x = step ? own->x.data() : B.x.data();
+    Q8Activations& xq = step ? own->xq : B.xq;
+    Q8Activations& aq = step ? own->aq : B.aq;
+    Q8Activations& iq = step ? own->iq : B.iq;
+    if (step) xq.reset(x), aq.reset(B.attended.data()), iq.reset(B.act.data());
+    const auto [b0, b1] = step ? std::pair<int64_t, int64_t>{0, 1} : share(T, t, n);  // the tokens it keeps
+    auto publish = [&]() { if (!step) B.barrier.wait(); };  // only a prompt's tokens are shared out
     for (int64_t b = b0; b < b1; ++b) {
-      embed_->row(tokens[b], B.h.data() + b * hidden_);
+      embed_->row(tokens[b], h + b * hidden_);
       if (embed_scale_ != 1.0f)
-        for (int64_t j = 0; j < hidden_; ++j) B.h[b * hidden_ + j] *= embed_scale_;
+        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] *= embed_scale_;
     }
+    const auto [a0, a1] = share(T * KV_, t, n);  // attention items: (token b, kv head g)
+    std::vector<float> scores(group * (pos + T)), rotated(D_);
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const Block& L = *blocks_[i];
       float* K = keys_.data() + i * KV_ * max_len_ * D_;
       float* V = values_.data() + i * KV_ * max_len_ * D_;
-      norm_rows(B.h.data(), L.attn_norm.data_ptr<float>(), B.x.data(), B.xq, L.q->act_block, b0, b1);
+      norm_rows(h, L.attn_norm.data_ptr<float>(), x, xq, L.q->act_block, b0, b1);
+      publish();
+      project(*L.q, x, xq, B.q.data(), T, t, n);
+      project(*L.k, x, xq, B.k.data(), T, t, n);
+      project(*L.v, x, xq, B.v.data(), T, t, n);
       B.barrier.wait();
-      project(*L.q, B.x.data(), B.xq, B.q.data(), T, t, n);
-      project(*L.k, B.x.data(), B.xq, B.k.data(), T, t, n);
-      project(*L.v, B.x.data(), B.xq, B.v.data(), T, t, n);
-      B.barrier.wait();
-      const auto [k0, k1] = share(T * KV_, t, n);  // keys (normed, rotated) and values into the cache
-      for (int64_t item = k0; item < k1; ++item) {
-        const int64_t b = item / KV_, g = item % KV_;
+      for (int64_t item = a0; item < a1; ++item) {  // its key (normed, rotated) and value into the cache,
+        const int64_t b = item / KV_, g = item % KV_;  // its query heads normed and rotated in place
         float* k = B.k.data() + item * D_;
         if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
         rotate(k, pos + b, K + (g * max_len_ + pos + b) * D_);
         std::copy(B.v.data() + item * D_, B.v.data() + (item + 1) * D_, V + (g * max_len_ + pos + b) * D_);
-      }
-      const auto [q0, q1] = share(T * H_, t, n);  // queries (normed, rotated) in place
-      std::vector<float> rotated(D_);
-      for (int64_t item = q0; item < q1; ++item) {
-        float* q = B.q.data() + item * D_;
-        if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, q);
-        rotate(q, pos + item / H_, rotated.data());
-        std::copy(rotated.begin(), rotated.end(), q);
-      }
-      B.barrier.wait();
-      {
-        std::vector<float> scores(group * (pos + T));
-        const auto [a0, a1] = share(T * KV_, t, n);  // token b, kv head g: its query heads, positions up to b
-        for (int64_t item = a0; item < a1; ++item) {
-          const int64_t b = item / KV_, g = item % KV_;
-          attend_group(B.q.data() + (b * H_ + g * group) * D_, group, D_, K + g * max_len_ * D_,
-                       V + g * max_len_ * D_, pos + b + 1, D_, scaling_, scores.data(),
-                       B.attended.data() + (b * H_ + g * group) * D_, D_);
+        for (int64_t hd = g * group; hd < (g + 1) * group; ++hd) {
+          float* q = B.q.data() + (b * H_ + hd) * D_;
+          if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, q);
+          rotate(q, pos + b, rotated.data());
+          std::copy(rotated.begin(), rotated.end(), q);
         }
+      }
+      publish();  // a prompt's tokens attend to keys other threads wrote
+      for (int64_t item = a0; item < a1; ++item) {  // its query heads over the positions up to its own
+        const int64_t b = item / KV_, g = item % KV_;
+        attend_group(B.q.data() + (b * H_ + g * group) * D_, group, D_, K + g * max_len_ * D_, V + g * max_len_ * D_,
+                     pos + b + 1, D_, scaling_, scores.data(), B.attended.data() + (b * H_ + g * group) * D_, D_);
       }
       B.barrier.wait();
       if (L.o->act_block) {
-        B.aq.quantize(L.o->act_block, b0, b1);
-        B.barrier.wait();
+        aq.quantize(L.o->act_block, b0, b1);
+        publish();
       }
-      project(*L.o, B.attended.data(), B.aq, B.y.data(), T, t, n);
+      project(*L.o, B.attended.data(), aq, B.y.data(), T, t, n);
       B.barrier.wait();
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t j = 0; j < hidden_; ++j) B.h[b * hidden_ + j] += B.y[b * hidden_ + j];
-      norm_rows(B.h.data(), L.mlp_norm.data_ptr<float>(), B.x.data(), B.xq, L.gate->act_block, b0, b1);
-      B.barrier.wait();
+        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
+      norm_rows(h, L.mlp_norm.data_ptr<float>(), x, xq, L.gate->act_block, b0, b1);
+      publish();
       {  // gate and up rows of the same slice, so silu(gate)·up needs no barrier between them
         const auto [r0, r1] = slice(inter_, t, n);
-        L.gate->rows(B.x.data(), B.xq, B.gate.data(), T, r0, r1);
-        L.up->rows(B.x.data(), B.xq, B.up.data(), T, r0, r1);
+        L.gate->rows(x, xq, B.gate.data(), T, r0, r1);
+        L.up->rows(x, xq, B.up.data(), T, r0, r1);
         for (int64_t b = 0; b < T; ++b)
           silu_mul(B.gate.data() + b * inter_ + r0, B.up.data() + b * inter_ + r0, B.act.data() + b * inter_ + r0,
                    r1 - r0);
       }
       B.barrier.wait();
       if (L.down->act_block) {
-        B.iq.quantize(L.down->act_block, b0, b1);
-        B.barrier.wait();
+        iq.quantize(L.down->act_block, b0, b1);
+        publish();
       }
-      project(*L.down, B.act.data(), B.iq, B.y.data(), T, t, n);
+      project(*L.down, B.act.data(), iq, B.y.data(), T, t, n);
       B.barrier.wait();
       for (int64_t b = b0; b < b1; ++b)
-        for (int64_t j = 0; j < hidden_; ++j) B.h[b * hidden_ + j] += B.y[b * hidden_ + j];
+        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
     }
     if (!logits) return;
-    B.barrier.wait();
+    publish();
     if (every_) {  // every token's logits: the final norm of this thread's tokens, then the head for all
-      norm_rows(B.h.data(), final_norm_.data_ptr<float>(), B.x.data(), B.xq, head_->act_block, b0, b1);
+      norm_rows(h, final_norm_.data_ptr<float>(), x, xq, head_->act_block, b0, b1);
       B.barrier.wait();
-      project(*head_, B.x.data(), B.xq, logits, T, t, n);
+      project(*head_, x, xq, logits, T, t, n);
       return;
     }
-    std::vector<float> x(hidden_);  // the last token's final norm, each thread its own copy
-    rms_norm_into(B.h.data() + (T - 1) * hidden_, final_norm_.data_ptr<float>(), hidden_, eps_, x.data());
-    Q8Activations xq(hidden_);
-    xq.reset(x.data());
-    xq.ensure(head_->act_block);
+    std::vector<float> last(hidden_);  // the last token's final norm, each thread its own copy
+    rms_norm_into(h + (T - 1) * hidden_, final_norm_.data_ptr<float>(), hidden_, eps_, last.data());
+    Q8Activations lq(hidden_);
+    lq.reset(last.data());
+    lq.ensure(head_->act_block);
     const auto [r0, r1] = slice(head_->out, t, n);
-    head_->rows(x.data(), xq, logits, 1, r0, r1);
+    head_->rows(last.data(), lq, logits, 1, r0, r1);
   }
 
   // RMSNorm of rows [b0, b1) of h into x, and their 8-bit form for blocks of `block` (0: none)

@@ -10,6 +10,11 @@
 
 namespace {
 
+// Where a 3-bit unit keeps code j's sign: code 4k + i at bit 8i + 7 − k of its 32-bit sign word, so
+// that shifting lane k of the word (broadcast) left by k puts every code's sign in the top bit of
+// its own byte — one shift, no table, for the whole unit.
+inline int sign_bit(int j) { return 8 * (j % 4) + 7 - j / 4; }
+
 // Code `j` (0..31) of one unit in the runtime layout.
 inline int unit_code(const uint8_t* unit, int bits, int j) {
   if (bits == 4) return (unit[j % 16] >> (4 * (j / 16))) & 15;
@@ -17,7 +22,7 @@ inline int unit_code(const uint8_t* unit, int bits, int j) {
   if (bits == 2) return low;
   uint32_t signs;
   std::memcpy(&signs, unit + 8, 4);
-  return low | static_cast<int>((signs >> j) & 1) << 2;
+  return low | static_cast<int>((signs >> sign_bit(j)) & 1) << 2;
 }
 
 inline float group_factor(const Q8Layer& Q, int64_t r, int64_t g) {
@@ -51,15 +56,13 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i low_plane(const uint8_t*
   return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(eight), shifts), _mm256_set1_epi8(3));
 }
 
-// A 3-bit unit's sign plane: 0xFF in the lanes of negative codes.
-__attribute__((target("avx2,fma,f16c"))) inline __m256i negative_lanes(const uint8_t* unit) {
+// A 3-bit unit's sign plane as the sign to give the activations: a byte with its top bit set
+// (negative) for negative codes, a positive one for the others.
+__attribute__((target("avx2,fma,f16c"))) inline __m256i code_signs(const uint8_t* unit) {
   int32_t signs;
   std::memcpy(&signs, unit + 8, 4);
-  const __m256i byte_of_lane = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
-                                                2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bit_of_lane = _mm256_set1_epi64x(0x8040201008040201LL);
-  const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(signs), byte_of_lane), bit_of_lane);
-  return _mm256_cmpeq_epi8(bits, bit_of_lane);
+  const __m256i shifted = _mm256_sllv_epi32(_mm256_set1_epi32(signs), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_or_si256(shifted, _mm256_set1_epi8(1));
 }
 
 __attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
@@ -75,7 +78,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void unit_weights(const uint8_t*
                                                                  __m256i& w, __m256i& s) {
   if constexpr (BITS == 3) {
     w = _mm256_shuffle_epi8(magnitude, low_plane(unit));
-    s = _mm256_or_si256(negative_lanes(unit), _mm256_set1_epi8(1));
+    s = code_signs(unit);
   } else {
     __m256i c;
     if constexpr (BITS == 4) {
@@ -229,7 +232,7 @@ torch::Tensor q8_repack(const Args& A, Q8Layer& Q) {
           unit[j % 16] |= static_cast<uint8_t>(c << (4 * (j / 16)));
         } else {
           unit[j % 8] |= static_cast<uint8_t>((c & 3) << (2 * (j / 8)));
-          if (L.bits == 3) signs |= static_cast<uint32_t>(c >> 2) << j;
+          if (L.bits == 3) signs |= static_cast<uint32_t>(c >> 2) << sign_bit(j);
         }
       }
       if (L.bits == 3) std::memcpy(unit + 8, &signs, 4);

@@ -11,7 +11,7 @@
 // wants, 32 weights a unit, no bits added (the file's layout stays as it is):
 //   4-bit: 16 bytes, byte i = code i | code (i + 16) << 4;
 //   3-bit: 8 bytes of the low two bits (code 8q + i at bits 2q, 2q + 1 of byte i) + 4 bytes of
-//          sign bits (code i at bit i);
+//          sign bits (code 4k + i at bit 8i + 7 − k);
 //   2-bit: the 8 bytes of the 3-bit low plane, holding the whole code.
 // Activations are quantized per block of the layer's group width (a multiple of 32).
 #pragma once
