@@ -56,8 +56,9 @@ def vs_llamacpp(model: str, threads: int, prompt_tokens: int = 64, new_tokens: i
     source = resolve(model)[1]
     if not peer.available() or source.suffix != ".gguf":
         raise PotqError("--vs-llamacpp needs llama-cpp-python (pip install -e '.[peer]') and a GGUF model")
-    ours = decode.run(model, prompt_tokens, new_tokens, threads, variants=["pot3"])["pot3"]
-    theirs = peer.measured(peer.requantized(source, "Q4_0"), prompt_tokens, new_tokens, threads)
+    both = decode.run(model, prompt_tokens, new_tokens, threads, variants=["pot3"],
+                      peers={"Q4_0": peer.requantized(source, "Q4_0")})
+    ours, theirs = both["pot3"], both["Q4_0"]
     print(f"pot3 {ours['tokens_per_s']:.1f} tok/s, llama.cpp Q4_0 {theirs['tokens_per_s']:.1f} tok/s "
           f"({threads} threads, {new_tokens} greedy tokens after {prompt_tokens})")
     return f"decode pot3/llama.cpp Q4_0: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}×"
@@ -96,15 +97,15 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
                       for regime in ("hot", "decoding")}
     _show(render(report))
 
-    print("3/5 + 5/5 end-to-end decoding and the bandwidth bound ...", flush=True)
-    report["read_gb_s"] = bandwidth.read_gb_s()
-    report["decode"] = decode.run(model, prompt_tokens, new_tokens, threads)
-    _show(render(report))
-
     source = resolve(model)[1]
-    if with_peer and peer.available() and source.suffix == ".gguf":
-        print("4/5 llama.cpp ...", flush=True)
-        report["peer"] = peer.run(source, prompt_tokens, new_tokens, threads)
+    peers = peer.files(source) if with_peer and peer.available() and source.suffix == ".gguf" else {}
+    print("3/5 + 4/5 + 5/5 end-to-end decoding" + (", llama.cpp in the same rounds" if peers else "")
+          + " and the bandwidth bound ...", flush=True)
+    report["read_gb_s"] = bandwidth.read_gb_s()
+    timed = decode.run(model, prompt_tokens, new_tokens, threads, peers=peers)
+    report["decode"] = {name: r for name, r in timed.items() if name not in peers}
+    if peers:
+        report["peer"] = {name: timed[name] for name in peers}
     report["complete"] = True
     _write(out_md, render(report), report)
 

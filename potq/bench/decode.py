@@ -210,15 +210,19 @@ def _status_mib(field: str) -> float:
 
 
 def run(model: str, prompt_tokens: int = 64, new_tokens: int = 128, threads: int = 2,
-        variants: list[str] | None = None, cache: Path | None = None, rounds: int = 3) -> dict[str, dict]:
+        variants: list[str] | None = None, cache: Path | None = None, rounds: int = 3,
+        peers: dict[str, Path] | None = None) -> dict[str, dict]:
     """Every variant in its own process, ``rounds`` times in turn; per variant the run with the
     median tokens/s (with every round's tokens/s under ``rounds_tokens_per_s``). A shared machine's
     speed drifts from minute to minute: alternating the variants and taking the median keeps one
-    slow minute from deciding a ratio. Packed folders are kept in ``cache`` (default
-    ``$POTQ_HOME/bench``) for the next run."""
+    slow minute from deciding a ratio. ``peers`` (name -> GGUF) are llama.cpp's files, timed in
+    the same rounds (:func:`potq.bench.peer.measured`) so that a ratio to them is as fair. Packed
+    folders are kept in ``cache`` (default ``$POTQ_HOME/bench``) for the next run."""
+    from potq.bench import peer
+
     names = variants or list(VARIANTS)
     folders = {name: variant_folder(model, name, cache or home_dir() / "bench") for name in names}
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    runs: dict[str, list[dict]] = {name: [] for name in [*names, *(peers or {})]}
     for _ in range(rounds):
         for name in names:
             out = subprocess.run([sys.executable, "-m", "potq.bench.decode", folders[name], "--prompt-tokens",
@@ -227,6 +231,8 @@ def run(model: str, prompt_tokens: int = 64, new_tokens: int = 128, threads: int
             if out.returncode != 0:
                 raise potq.PotqError(f"the decoding benchmark of {name} failed: {out.stderr.strip().splitlines()[-1]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for name, path in (peers or {}).items():
+            runs[name].append(peer.measured(path, prompt_tokens, new_tokens, threads))
     results = {}
     for name, measured in runs.items():
         ranked = sorted(measured, key=lambda r: r["tokens_per_s"])

@@ -2,7 +2,8 @@
 
 The shared SmolLM2-135M GGUF (Q4_1) is requantized by llama.cpp's own quantizer to Q4_0, Q3_K_M
 and Q2_K (once, under ``$POTQ_HOME/bench/``); each is timed like potq's decoding benchmark: the
-same prompt, the same number of greedy tokens, the same threads. ``llama-cpp-python`` is the
+same prompt, the same number of greedy tokens, the same threads, in the same rounds as potq's
+variants (the median of three). ``llama-cpp-python`` is the
 benchmark-only extra ``potq[peer]``; without it this table is skipped with a note.
 """
 
@@ -105,11 +106,9 @@ def measure(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> di
             "prefill_tokens_per_s": len(long_prompt) / sorted(prefill)[1]}
 
 
-def run(source: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, dict]:
-    results = {"Q4_1 (shipped)": measured(source, prompt_tokens, new_tokens, threads)}
-    for kind in TYPES:
-        results[kind] = measured(requantized(source, kind), prompt_tokens, new_tokens, threads)
-    return results
+def files(source: Path) -> dict[str, Path]:
+    """The peer's files: the shipped GGUF and llama.cpp's requantizations of it (made once)."""
+    return {"Q4_1 (shipped)": source, **{kind: requantized(source, kind) for kind in TYPES}}
 
 
 def measured(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
