@@ -329,7 +329,9 @@ class Decoder {
       if (embed_scale_ != 1.0f)
         for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] *= embed_scale_;
     }
-    const auto [a0, a1] = share(T * KV_, t, n);  // attention items: (token b, kv head g)
+    // attention items (token b, kv head g), every n-th to this thread: a prompt's later tokens attend
+    // to more positions, so contiguous shares would leave the first thread idle
+    const int64_t items = T * KV_;
     std::vector<float> scores(group * (pos + T)), rotated(D_);
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const Block& L = *blocks_[i];
@@ -341,7 +343,7 @@ class Decoder {
       project(*L.k, x, xq, B.k.data(), T, t, n);
       project(*L.v, x, xq, B.v.data(), T, t, n);
       B.barrier.wait();
-      for (int64_t item = a0; item < a1; ++item) {  // its key (normed, rotated) and value into the cache,
+      for (int64_t item = t; item < items; item += n) {  // its key (normed, rotated) and value into the cache,
         const int64_t b = item / KV_, g = item % KV_;  // its query heads normed and rotated in place
         float* k = B.k.data() + item * D_;
         if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
@@ -355,7 +357,7 @@ class Decoder {
         }
       }
       publish();  // a prompt's tokens attend to keys other threads wrote
-      for (int64_t item = a0; item < a1; ++item) {  // its query heads over the positions up to its own
+      for (int64_t item = t; item < items; item += n) {  // its query heads over the positions up to its own
         const int64_t b = item / KV_, g = item % KV_;
         attend_group(B.q.data() + (b * H_ + g * group) * D_, group, D_, K + g * max_len_ * D_, V + g * max_len_ * D_,
                      pos + b + 1, D_, scaling_, scores.data(), B.attended.data() + (b * H_ + g * group) * D_, D_);
