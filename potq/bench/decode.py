@@ -38,22 +38,18 @@ VARIANTS: dict[str, tuple[int, bool] | None] = {"float32": None, "pot4": (4, Fal
                                                 "pot2": (2, False), "pot3 + embeddings": (3, True)}
 # the ablation of an 8-bit table: pot3 with the token table (and tied head) held in float32 again
 FLOAT_TABLES = "pot3, float32 table"
-# the head-format choice (benchmarks/head_format.py): pot3 with its token table (= head) in 4-bit PoT
-POT4_TABLE = "pot3 + 4-bit PoT table"
 
 
 def variant_folder(model: str, variant: str, cache: Path, group: int = 128) -> str:
     """The model to load for ``variant``: the float model itself, or a packed folder made once in ``cache``."""
-    spec = {FLOAT_TABLES: (3, False), POT4_TABLE: (3, True)}.get(variant) or VARIANTS[variant]
+    spec = (3, False) if variant == FLOAT_TABLES else VARIANTS[variant]
     if spec is None:
         return model
     bits, embeddings = spec
-    suffix = {FLOAT_TABLES: "-float-table", POT4_TABLE: "-emb-pot4"}.get(variant, "-emb" if embeddings else "")
+    suffix = "-emb" if embeddings else "-float-table" if variant == FLOAT_TABLES else ""
     folder = cache / f"{Path(model).name}-pot{bits}-g{group}{suffix}"
     if not _cached(folder):
         lm = potq.load_model(model)
-        if variant == POT4_TABLE:
-            embeddings = potq.QuantConfig("pot", 4, group)
         potq.quantize_(lm, potq.QuantConfig("pot", bits, group), method="rtn", embeddings=embeddings, progress=False)
         if variant == FLOAT_TABLES:
             _float_tables_(lm.model)
@@ -211,17 +207,19 @@ def _status_mib(field: str) -> float:
 
 def run(model: str, prompt_tokens: int = 64, new_tokens: int = 128, threads: int = 2,
         variants: list[str] | None = None, cache: Path | None = None, rounds: int = 3,
-        peers: dict[str, Path] | None = None) -> dict[str, dict]:
+        peers: dict[str, Path] | None = None, folders: dict[str, str] | None = None) -> dict[str, dict]:
     """Every variant in its own process, ``rounds`` times in turn; per variant the run with the
     median tokens/s (with every round's tokens/s under ``rounds_tokens_per_s``). A shared machine's
     speed drifts from minute to minute: alternating the variants and taking the median keeps one
-    slow minute from deciding a ratio. ``peers`` (name -> GGUF) are llama.cpp's files, timed in
+    slow minute from deciding a ratio. ``folders`` names a packed folder for a variant that is not
+    one of :data:`VARIANTS`. ``peers`` (name -> GGUF) are llama.cpp's files, timed in
     the same rounds (:func:`potq.bench.peer.measured`) so that a ratio to them is as fair. Packed
     folders are kept in ``cache`` (default ``$POTQ_HOME/bench``) for the next run."""
     from potq.bench import peer
 
     names = variants or list(VARIANTS)
-    folders = {name: variant_folder(model, name, cache or home_dir() / "bench") for name in names}
+    folders = {name: (folders or {}).get(name) or variant_folder(model, name, cache or home_dir() / "bench")
+               for name in names}
     runs: dict[str, list[dict]] = {name: [] for name in [*names, *(peers or {})]}
     for _ in range(rounds):
         for name in names:
