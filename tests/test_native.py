@@ -115,4 +115,5 @@ def test_native_perplexity_is_what_generate_computes(fused_kernel, stories, stor
     assert abs(native.ppl / reference.ppl - 1) < 0.02
     window = torch.tensor([tokenizer.encode(story_text)[:128]])
     every = NativeDecoder(model, 128, exact=True).every_logits(window)
-    assert torch.allclose(every, _logits(model, window), atol=2e-5, rtol=1e-4)
+    # float32 rounding of two summation orders over a 128-token window: about 3e-5 on logits near 15
+    assert torch.allclose(every, _logits(model, window), atol=1e-4, rtol=1e-4)

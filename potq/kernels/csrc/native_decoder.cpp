@@ -324,6 +324,17 @@ class Decoder {
     if (step) xq.reset(x), aq.reset(B.attended.data()), iq.reset(B.act.data());
     const auto [b0, b1] = step ? std::pair<int64_t, int64_t>{0, 1} : share(T, t, n);  // the tokens it keeps
     auto publish = [&]() { if (!step) B.barrier.wait(); };  // only a prompt's tokens are shared out
+    // h += m(in) for the tokens this thread keeps: in's 8-bit form, the product, then the residual add
+    auto add_to_stream = [&](const Matrix& m, const float* in, Q8Activations& in_q) {
+      if (m.act_block) {
+        in_q.quantize(m.act_block, b0, b1);
+        publish();
+      }
+      project(m, in, in_q, B.y.data(), T, t, n);
+      B.barrier.wait();
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
+    };
     for (int64_t b = b0; b < b1; ++b) {
       embed_->row(tokens[b], h + b * hidden_);
       if (embed_scale_ != 1.0f)
@@ -363,14 +374,7 @@ class Decoder {
                      pos + b + 1, D_, scaling_, scores.data(), B.attended.data() + (b * H_ + g * group) * D_, D_);
       }
       B.barrier.wait();
-      if (L.o->act_block) {
-        aq.quantize(L.o->act_block, b0, b1);
-        publish();
-      }
-      project(*L.o, B.attended.data(), aq, B.y.data(), T, t, n);
-      B.barrier.wait();
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
+      add_to_stream(*L.o, B.attended.data(), aq);
       norm_rows(h, L.mlp_norm.data_ptr<float>(), x, xq, L.gate->act_block, b0, b1);
       publish();
       {  // gate and up rows of the same slice, so silu(gate)·up needs no barrier between them
@@ -382,14 +386,7 @@ class Decoder {
                    r1 - r0);
       }
       B.barrier.wait();
-      if (L.down->act_block) {
-        iq.quantize(L.down->act_block, b0, b1);
-        publish();
-      }
-      project(*L.down, B.act.data(), iq, B.y.data(), T, t, n);
-      B.barrier.wait();
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
+      add_to_stream(*L.down, B.act.data(), iq);
     }
     if (!logits) return;
     publish();
