@@ -117,3 +117,22 @@ def test_native_perplexity_is_what_generate_computes(fused_kernel, stories, stor
     every = NativeDecoder(model, 128, exact=True).every_logits(window)
     # float32 rounding of two summation orders over a 128-token window: about 3e-5 on logits near 15
     assert torch.allclose(every, _logits(model, window), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_one_layer_of_each_width(fused_kernel, bits):
+    """One packed layer alone (128 inputs, four groups): the exact kernel equals its PyTorch
+    forward, the 8-bit-activation kernel is within the input's 8-bit rounding of it."""
+    from potq.kernels import fused
+
+    model = tiny_model("llama")
+    potq.quantize_(model, QuantConfig("pot", bits, 32), method="rtn", progress=False)
+    layer = model.model.layers[0].mlp.down_proj  # 128 -> 64
+    x = torch.randn(layer.in_features)
+    with torch.inference_mode():
+        reference = layer(x[None])[0]
+    exact = native_decoder._matrix(fused.extension(), layer, exact=True)
+    fast = native_decoder._matrix(fused.extension(), layer, exact=False)
+    assert (exact.kind, fast.kind) == (1, 3)  # the fused float kernel; the 8-bit-activation kernel
+    assert torch.allclose(exact.gemv(x), reference, atol=1e-5)
+    assert (fast.gemv(x) - reference).abs().max() < 0.02 * reference.abs().max()

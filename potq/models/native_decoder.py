@@ -15,7 +15,8 @@ Each linear layer becomes, by its format:
   quantized to int8 per group, the weights' ±2^f as bytes, exact integer dot products, one float
   scale per group — llama.cpp's Q8 activations), or with ``exact=True`` the fused float kernel,
   whose result equals the PyTorch path to float rounding;
-- symmetric 8-bit (a GGUF's Q8_0 token table kept as is): the 8-bit GEMV;
+- symmetric 8-bit (a GGUF's Q8_0 token table kept as is): integer dot products against the same
+  8-bit activations (``exact=True``: the float 8-bit GEMV);
 - anything else: its float32 weight (decoded once).
 
 The decoder's results are logits equal to the PyTorch path's up to the activations' 8-bit
@@ -81,9 +82,9 @@ class NativeDecoder:
             signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         scaling = inner.layers[0].self_attn.scaling
         embed_scale = getattr(inner.embed_tokens, "embed_scale", None)
-        self._decoder = fused.extension().Decoder(blocks, embed, head,
-                                    _f32(inner.norm.weight), _f32(cos[0]), _f32(signed_sin[0]), heads, kv_heads,
-                                    config.rms_norm_eps, scaling, 1.0 if embed_scale is None else float(embed_scale))
+        self._decoder = fused.extension().Decoder(
+            blocks, embed, head, _f32(inner.norm.weight), _f32(cos[0]), _f32(signed_sin[0]), heads, kv_heads,
+            config.rms_norm_eps, scaling, 1.0 if embed_scale is None else float(embed_scale))
         self._logits = torch.empty(model.lm_head.out_features)
 
     def __call__(self, ids: Tensor) -> Tensor:
