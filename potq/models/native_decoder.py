@@ -80,11 +80,9 @@ class NativeDecoder:
             cos, sin = inner.rotary_emb(probe, torch.arange(max_len)[None])
             half = head_dim // 2  # rotate_half(x)·sin = halves-swapped(x)·(sin, first half negated)
             signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        scaling = inner.layers[0].self_attn.scaling
-        embed_scale = getattr(inner.embed_tokens, "embed_scale", None)
         self._decoder = fused.extension().Decoder(
             blocks, embed, head, _f32(inner.norm.weight), _f32(cos[0]), _f32(signed_sin[0]), heads, kv_heads,
-            config.rms_norm_eps, scaling, 1.0 if embed_scale is None else float(embed_scale))
+            config.rms_norm_eps, inner.layers[0].self_attn.scaling)
         self._logits = torch.empty(model.lm_head.out_features)
 
     def __call__(self, ids: Tensor) -> Tensor:

@@ -236,10 +236,9 @@ using BlockPtr = std::shared_ptr<Block>;
 class Decoder {
  public:
   Decoder(std::vector<BlockPtr> blocks, MatrixPtr embed, MatrixPtr head, torch::Tensor final_norm, torch::Tensor cos,
-          torch::Tensor sin, int64_t heads, int64_t kv_heads, double eps, double scaling, double embed_scale)
+          torch::Tensor sin, int64_t heads, int64_t kv_heads, double eps, double scaling)
       : blocks_(std::move(blocks)), embed_(std::move(embed)), head_(std::move(head)), final_norm_(final_norm),
-        cos_(cos), sin_(sin), H_(heads), KV_(kv_heads), eps_(float(eps)), scaling_(float(scaling)),
-        embed_scale_(float(embed_scale)) {
+        cos_(cos), sin_(sin), H_(heads), KV_(kv_heads), eps_(float(eps)), scaling_(float(scaling)) {
     TORCH_CHECK(!blocks_.empty() && heads % kv_heads == 0, "the decoder needs blocks and heads divisible by kv heads");
     for (const auto& t : {final_norm, cos, sin})
       TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "norms and rotary tables: contiguous float32");
@@ -258,8 +257,6 @@ class Decoder {
     keys_.assign(blocks_.size() * KV_ * max_len_ * D_, 0.0f);
     values_.assign(keys_.size(), 0.0f);
   }
-
-  int64_t max_len() const { return max_len_; }
 
   // Feed `tokens` at positions pos, pos + 1, ...; when `logits` is given, write into it the logits
   // after the last token ([vocab]) or after each ([T, vocab]: a perplexity window). One token is a
@@ -335,11 +332,7 @@ class Decoder {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
     };
-    for (int64_t b = b0; b < b1; ++b) {
-      embed_->row(tokens[b], h + b * hidden_);
-      if (embed_scale_ != 1.0f)
-        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] *= embed_scale_;
-    }
+    for (int64_t b = b0; b < b1; ++b) embed_->row(tokens[b], h + b * hidden_);
     // attention items (token b, kv head g), every n-th to this thread: a prompt's later tokens attend
     // to more positions, so contiguous shares would leave the first thread idle
     const int64_t items = T * KV_;
@@ -429,7 +422,7 @@ class Decoder {
   MatrixPtr embed_, head_;
   torch::Tensor final_norm_, cos_, sin_;
   int64_t H_, KV_, D_ = 0, hidden_ = 0, inter_ = 0, max_len_ = 0;
-  float eps_, scaling_, embed_scale_;
+  float eps_, scaling_;
   bool every_ = false;  // this call writes every token's logits
   std::vector<float> keys_, values_;
 };
@@ -437,9 +430,7 @@ class Decoder {
 void bind_native_decoder(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<Matrix, MatrixPtr>(m, "Matrix")
-      .def_readonly("out", &Matrix::out)
       .def_readonly("kind", &Matrix::kind)
-      .def_readonly("in_features", &Matrix::in)
       .def("gemv", [](const Matrix& mat, torch::Tensor x) {  // the tests' check of one layer alone
         TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.numel() == mat.in, "x: float32 [in]");
         auto y = torch::empty({mat.out}, x.options());
@@ -466,9 +457,8 @@ void bind_native_decoder(pybind11::module& m) {
            py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none());
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<std::vector<BlockPtr>, MatrixPtr, MatrixPtr, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
-                    int64_t, double, double, double>(),
+                    int64_t, double, double>(),
            py::arg("blocks"), py::arg("embed"), py::arg("head"), py::arg("final_norm"), py::arg("cos"), py::arg("sin"),
-           py::arg("heads"), py::arg("kv_heads"), py::arg("eps"), py::arg("scaling"), py::arg("embed_scale") = 1.0)
-      .def_property_readonly("max_len", &Decoder::max_len)
+           py::arg("heads"), py::arg("kv_heads"), py::arg("eps"), py::arg("scaling"))
       .def("feed", &Decoder::feed, py::arg("tokens"), py::arg("pos"), py::arg("logits") = py::none());
 }
