@@ -133,21 +133,19 @@ def step_breakdown(model: torch.nn.Module, prompt: list[int], steps: int = 32, r
 def native_breakdown(model: torch.nn.Module, prompt: list[int], steps: int = 32, repeats: int = 5) -> dict[str, float]:
     """Where a native decoding step's time goes, in milliseconds: a whole step after ``prompt``,
     the same step without the output head (the blocks), and the difference (the head). Medians
-    of ``repeats`` timings of ``steps`` steps, each at the same position."""
+    of ``repeats`` timings of ``steps`` steps, each at the same position; the two kinds timed in
+    turn, so that the machine's drift does not fall on one of them."""
     decoder = native_decoder.NativeDecoder(model, len(prompt) + 1)
     decoder(torch.tensor([prompt]))
     feed, logits, at = decoder._decoder.feed, torch.empty(model.lm_head.out_features), len(prompt)
-
-    def per_step(with_head: bool) -> float:
-        timings = []
-        for _ in range(repeats):
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for with_head in (True, False):
             start = time.perf_counter()
             for _ in range(steps):
                 feed([prompt[-1]], at, logits if with_head else None)
-            timings.append((time.perf_counter() - start) / steps * 1e3)
-        return sorted(timings)[repeats // 2]
-
-    step, blocks = per_step(True), per_step(False)
+            timings[with_head].append((time.perf_counter() - start) / steps * 1e3)
+    step, blocks = (sorted(timings[kind])[repeats // 2] for kind in (True, False))
     return {"step": step, "output head": step - blocks, "blocks": blocks}
 
 
