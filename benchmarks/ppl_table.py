@@ -58,10 +58,11 @@ def parse_settings(pairs: list[str]) -> dict:
 
 
 def parse_row(spec: str, default_group: int) -> dict:
-    """``pot:3:twostep:64,grad=ste`` -> format, bits, method, group size, settings."""
+    """``pot:3:twostep:64,grad=ste`` -> format, bits, method, group size, settings. A staged
+    method joins its stages with ``+`` here (``pot:3:awq+blockap:64``), commas being taken."""
     head, *pairs = spec.split(",")
     fmt, bits, *rest = head.split(":")
-    return {"format": fmt, "bits": int(bits), "method": rest[0] if rest else "rtn",
+    return {"format": fmt, "bits": int(bits), "method": rest[0].replace("+", ",") if rest else "rtn",
             "group_size": int(rest[1]) if len(rest) > 1 else default_group, "settings": parse_settings(pairs)}
 
 
@@ -72,7 +73,7 @@ def canonical(spec: str, default_group: int) -> str:
     row = parse_row(spec, default_group)
     name = f"{row['format']}:{row['bits']}"
     if row["method"] != "rtn" or row["group_size"] != default_group:
-        name += f":{row['method']}"
+        name += f":{row['method'].replace(',', '+')}"
     if row["group_size"] != default_group:
         name += f":{row['group_size']}"
     return name + "".join(f",{k}={v}" for k, v in row["settings"].items())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from potq.catalog import DATASET_NAMES, FORMAT_NAMES, METHOD_NAMES
+from potq.catalog import DATASET_NAMES, FORMAT_NAMES, METHOD_NAMES, STAGE_NAMES
 from potq.errors import PotqError
 from potq.paths import write_text_atomic
 
@@ -53,16 +53,26 @@ def _add_format_args(p: argparse.ArgumentParser, fmt: str = "pot", bits: int = 4
                    help="pot-seed only: the epsilon in log2(|w|/s + epsilon) (default 1e-8)")
 
 
+def _method_name(text: str) -> str:
+    """A method name, or stages joined by commas (checked without importing torch)."""
+    if text in METHOD_NAMES or ("," in text or text in STAGE_NAMES) and all(
+            part in STAGE_NAMES for part in text.split(",")):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown method {text!r}: choose one of {', '.join(METHOD_NAMES)}, "
+                                     f"or stages joined by commas from {', '.join(STAGE_NAMES)}")
+
+
 def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     """The format flags, and (``method``) the method choice with every method's settings."""
     _add_format_args(p)
     if not method:
         return
-    p.add_argument("--method", default="rtn", choices=METHOD_NAMES,
+    p.add_argument("--method", default="rtn", type=_method_name, metavar="METHOD",
                    help="rtn: round to nearest; grid: Step 1 scale search; twostep: Step 1 + block-wise "
                         "fine-tuning (Step 2); finetune: Step 2 from naive scales; gptq; awq; "
-                        "omniquant: learnable weight clipping; qat: quantization-aware training (see `potq qat`) "
-                        "(all work with every format)")
+                        "omniquant: learnable weight clipping; blockap: block-wise training of weights and scales; "
+                        "qat: quantization-aware training (see `potq qat`); or stages joined by commas from "
+                        f"{', '.join(STAGE_NAMES)}, e.g. awq,blockap,e2e (all work with every format)")
     p.add_argument("--objective", choices=("mse", "act"), default=None,
                    help="Step 1 error: mse = plain weight error (the thesis'; grid's default, no data needed); "
                         "act = weighted per input column by the calibration E[x²] (twostep's default)")
@@ -75,6 +85,15 @@ def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     g.add_argument("--epochs", type=int, default=None, help="Step 2 epochs (default 10, or 40 at 2 bits; omniquant 20)")
     g.add_argument("--lr", type=float, default=None, help="Step 2 learning rate (default 1e-3; omniquant 1e-2)")
+    g.add_argument("--bpw", type=float, default=None, metavar="B",
+                   help="a bit budget: bits per weight (scales included) over the quantized layers, spent layer by "
+                        "layer where a measured sensitivity says (widths 2, 3, 4 or 8 bits); staged methods only "
+                        "(blockap, awq,blockap,e2e, …)")
+    g.add_argument("--weight-lr", type=float, default=None,
+                   help="blockap: learning rate of the latent weights (default 1e-3; --lr is the scales')")
+    g.add_argument("--e2e-steps", type=int, default=None,
+                   help="e2e: optimizer steps on the whole model's loss (default one pass over the calibration)")
+    g.add_argument("--e2e-lr", type=float, default=None, help="e2e: learning rate of the scale factors (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="Step 2: λ, the pull of Γ towards 0 (default 0.1; omniquant 0)")
     g.add_argument("--decay", choices=("decoupled", "coupled"), default=None,
@@ -311,7 +330,7 @@ def quant_config(args: argparse.Namespace) -> "QuantConfig":
 def cmd_quantize(args: argparse.Namespace) -> None:
     import potq
     from potq.info import summary
-    from potq.methods import METHODS
+    from potq.methods import get_method
     from potq.report import build_report, write_report
 
     from potq import devices
@@ -327,18 +346,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     check_output(Path(args.output), args.overwrite, MANIFEST_FILE, FOLDER_FILES)  # before an hour of work
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "decay", "grad", "objective", "damp",
-                                               "act_order", "static_groups", "clip", "steps", "batch_size", "scales")
+                                               "act_order", "static_groups", "clip", "steps", "batch_size", "scales",
+                                               "weight_lr", "e2e_steps", "e2e_lr")
                 if getattr(args, k, None) is not None}
     if args.quiet:
         settings["progress"] = False  # block notes too, not only the bars
     if _stream(args, config, settings, device):
         return
-    lm = potq.load_model(args.model, lazy=METHODS[args.method].blockwise(settings))  # blocks read in turn
+    chosen = get_method(args.method, staged=args.bpw is not None)
+    lm = potq.load_model(args.model, lazy=chosen.blockwise(settings) and args.bpw is None)  # blocks read in turn
     start = time.perf_counter()
     if args.method == "qat":  # a checkpoint beside the output lets an interrupted run resume
         settings["state_dir"] = str(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"))
     resume_dir = Path(args.output).with_name(f".{Path(args.output).name}.blocks-ckpt")  # block-wise runs
-    if METHODS[args.method].needs_calibration(settings):
+    if chosen.needs_calibration(settings):
         from potq.eval.perplexity import max_positions
 
         calib_len = args.calib_len or min(256, max_positions(lm.model) or 256)
@@ -347,7 +368,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     embeddings = {None: False, "same": True, "int8": INT8_TABLES}[args.quantize_embeddings]
     potq.quantize_(lm, config, method=args.method, embeddings=embeddings, resume_dir=str(resume_dir),
-                   device=device, **settings)
+                   device=device, bpw=args.bpw, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output, overwrite=args.overwrite, max_shard_bytes=int(args.shard_size * 1e9))
     shutil.rmtree(resume_dir, ignore_errors=True)
@@ -375,6 +396,7 @@ def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict, dev
 
     name, path = resolve(args.model)
     if not (path.is_dir() and (path / CONFIG_FILE).is_file() and not is_potq_folder(path)) or args.report or \
+            args.bpw is not None or \
             not streams(args.method, settings, args.quantize_embeddings is not None) or not readable_by_name(path):
         return False
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(weight_files(path)), "loader": "hf"}

@@ -109,7 +109,8 @@ def pack_exact_tables_(model: nn.Module) -> list[str]:
 
 def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str = "rtn",
               calib_samples: int = 32, calib_len: int = 512, seed: int = 0, embeddings: bool | QuantConfig = False,
-              resume_dir: str | None = None, device: str | torch.device | None = None, **settings: Any) -> nn.Module:
+              resume_dir: str | None = None, device: str | torch.device | None = None, bpw: float | None = None,
+              **settings: Any) -> nn.Module:
     """Quantize ``model``'s transformer linears with ``method`` to ``config``; returns the module.
 
     ``embeddings=True`` also quantizes the embedding tables (see :func:`quantize_embeddings_`),
@@ -133,11 +134,16 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
     ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``): where the method computes; the model stays in
     memory where it is and the packed result is on the CPU (see :mod:`potq.devices`). ``None``:
     the device of the model's parameters.
+
+    ``bpw``: a bit budget — bits per weight over every quantized linear, scales included; each
+    layer gets the width (``config``'s format at 2, 3, 4 bits, or an 8-bit layer) that a measured
+    sensitivity says it needs (:mod:`potq.methods.allocate`); needs a staged method
+    (``blockap``, ``awq,blockap,e2e``, …).
     """
     module, tokenizer = (model.model, model.tokenizer) if isinstance(model, LoadedModel) else (model, None)
     if any(isinstance(m, PackedWeight) for m in module.modules()):
         raise PotqError("this model is already quantized: load the float model to quantize it again")
-    chosen = get_method(method)
+    chosen = get_method(method, staged=bpw is not None)
     _check_settings(method, chosen.run, settings)
     lazy = getattr(module, "potq_lazy", None)
     if lazy is not None and not chosen.blockwise(settings):
@@ -163,8 +169,20 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
                 else "c4 calibration half (c4_validation_2k.jsonl documents 0-999)")
         calibration_info = {"data": data, "samples": calib_samples, "seqlen": calib_len, "seed": seed}
         settings["calibration"] = training_batch(tokenizer, source, calib_samples, calib_len, seed)
+    allocation = None
+    if bpw is not None:
+        if not getattr(chosen.run, "staged", False):
+            raise PotqError(f"--bpw needs a staged method (blockap, grid+…, e.g. awq,blockap,e2e), not {method!r}")
+        if lazy is not None:
+            raise PotqError("--bpw measures every layer first: load the model without lazy=True")
+        from potq.methods.allocate import allocate
+
+        with devices.using(devices.of(module) if device is None else device):
+            allocation = allocate(module, layers, config, settings["calibration"], bpw,
+                                  progress=settings.get("progress", True))
+        settings["formats"] = {name: c.make_format() for name, c in allocation.configs.items()}
     source = model.source if isinstance(model, LoadedModel) else {}
-    fingerprint = (method, config.to_dict(), embeddings, source.get("sha256"),
+    fingerprint = (method, config.to_dict(), embeddings, source.get("sha256"), bpw,
                    {k: v for k, v in settings.items() if k not in _UI_SETTINGS and _is_json(v)},
                    settings.get("calibration", torch.zeros(0)))
     device = devices.of(module) if device is None else device
@@ -186,6 +204,8 @@ def quantize_(model: nn.Module | LoadedModel, config: QuantConfig, method: str =
                                                           **getattr(module, "potq_report", {}).get("settings", {})}),
         "calibration": calibration_info,
     }
+    if allocation is not None:
+        module.potq_meta.update(bpw=bpw, allocation=allocation.labels())
     return module
 
 

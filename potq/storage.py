@@ -641,7 +641,7 @@ def load(path: str | os.PathLike) -> "LoadedModel":
     model.eval()
     manifest = checked.manifest
     model.potq_meta = {k: manifest.get(k) for k in ("format", "bits", "group_size", "options", "method",
-                                                     "method_settings", "calibration")}
+                                                     "method_settings", "calibration", "bpw", "allocation")}
     source = {**manifest.get("source", {}), "quantized": str(checked.folder.resolve())}
     from potq.models import LoadedModel
 

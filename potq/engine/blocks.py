@@ -21,7 +21,7 @@ weights dropped after, so a model larger than memory quantizes with any block-wi
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -33,6 +33,7 @@ from tqdm import tqdm
 from potq import devices
 from potq.engine import resume
 from potq.errors import PotqError
+from potq.formats import Format
 from potq.formats.weights import QuantizedWeight
 from potq.models import transformer_blocks
 
@@ -161,6 +162,26 @@ def commit(block: nn.Module, chosen: dict[str, QuantizedWeight], layers: dict[st
         result[by_module[id(module)]] = qw.compact()
         if checkpoint is not None:
             checkpoint.committed[by_module[id(module)]] = qw
+
+
+@dataclass
+class BlockJob:
+    """One block's turn in a staged method (:mod:`potq.methods.pipeline`): the block, its
+    calibration inputs and float targets, the grid, and what the stages chose (``report``)."""
+
+    index: int
+    block: nn.Module
+    data: BlockData
+    targets: list[Tensor]
+    fmt: Format
+    group_size: int
+    report: dict[str, Any]
+    progress: bool
+    formats: dict[str, Format] = field(default_factory=dict)  # linears given another grid (a bit budget)
+
+    def format_of(self, name: str) -> Format:
+        """The grid linear ``name`` (its name in the block) is rounded to."""
+        return self.formats.get(name, self.fmt)
 
 
 BlockMethod = Callable[[int, nn.Module, BlockData, list[Tensor]], None]

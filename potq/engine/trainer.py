@@ -1,5 +1,5 @@
 """The block-wise trainer shared by every method that learns quantization parameters against a
-block's float output (two-step Step 2, OmniQuant's learnable weight clipping).
+block's float output (two-step Step 2, OmniQuant's learnable weight clipping, Block-AP).
 
 A method says how its trainable tensors turn into each linear's :class:`QParams`; the trainer
 fake-quantizes the block's frozen float weights with them (codes recomputed every step, the
@@ -8,13 +8,16 @@ rounding's gradient chosen by ``grad``), runs the block with those weights throu
 modified), and minimises the mean squared error to the targets plus the method's penalty. It
 returns the parameters of the epoch with the lowest block loss — the start included: rounding
 makes the loss jump as codes flip, so a later epoch can be worse than an earlier one.
+
+A method that trains the weights themselves (Block-AP) hands in its own latent weights, which
+the optimizer updates; the best epoch's latent weights come back with its parameters.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,31 +29,46 @@ from potq.formats import Format, QParams
 from potq.formats.weights import fake_quantize
 
 
-def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: Format, group_size: int,
+class Trained(NamedTuple):
+    """The best epoch of one block: its parameters and the weights they round (both detached),
+    and the block loss before training and after each epoch."""
+
+    qparams: dict[str, QParams]
+    weights: dict[str, Tensor]
+    history: list[float]
+
+
+def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: Format | Callable[[str], Format],
+                group_size: int,
                 qparams_of: Callable[[str, Tensor], QParams], names: list[str], optimizer: torch.optim.Optimizer,
                 epochs: int, grad: str, penalty: Callable[[], Tensor] | None = None,
-                ) -> tuple[dict[str, QParams], list[float]]:
+                weights: dict[str, Tensor] | None = None) -> Trained:
     """Train the tensors in ``optimizer`` for ``epochs`` passes over the calibration batches.
 
     ``qparams_of(name, weight)`` builds the current parameters of linear ``name`` from the
-    trainable tensors. Returns the best epoch's parameters (detached) and the block loss (mean
-    squared output error over the calibration set) before training and after each epoch.
+    trainable tensors; ``weights`` are the float weights rounded (default: the block's own,
+    frozen); ``fmt`` is every linear's grid, or a function giving each one's (a bit budget).
+    Returns the best epoch (:class:`Trained`); the block loss is the mean squared output error
+    over the calibration set.
     """
-    weights = {name: block.get_submodule(name).weight.detach() for name in names}
+    format_of = fmt if callable(fmt) else lambda _name: fmt
+    if weights is None:
+        weights = {name: block.get_submodule(name).weight.detach() for name in names}
 
     def current() -> dict[str, QParams]:
         return {n: qparams_of(n, weights[n]) for n in names}
 
     def quantized(qps: dict[str, QParams], g: str) -> dict[str, Tensor]:
-        return {n: fake_quantize(weights[n], fmt, group_size, qps[n], g) for n in names}
+        return {n: fake_quantize(weights[n], format_of(n), group_size, qps[n], g) for n in names}
 
-    def evaluate() -> tuple[float, dict[str, QParams]]:
+    def evaluate() -> tuple[float, dict[str, QParams], dict[str, Tensor]]:
         with torch.no_grad():
-            qps = current()
-            return output_error(block, data, targets, quantized(qps, "none")), qps
+            qps = {n: qp.map(lambda t: t.detach().clone()) for n, qp in current().items()}
+            return (output_error(block, data, targets, quantized(qps, "none")), qps,
+                    {n: w.detach().clone() if w.requires_grad else w for n, w in weights.items()})
 
-    loss, qps = evaluate()
-    history, best = [loss], (loss, qps)
+    loss, qps, kept = evaluate()
+    history, best = [loss], (loss, qps, kept)
     for _ in range(epochs):
         for x, y in zip(data.inputs, targets):
             loss_t = F.mse_loss(block_forward(block, x, data.kwargs, quantized(current(), grad)), y)
@@ -59,11 +77,11 @@ def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: F
             optimizer.zero_grad(set_to_none=True)
             loss_t.backward()
             optimizer.step()
-        loss, qps = evaluate()
+        loss, qps, kept = evaluate()
         history.append(loss)
         if loss < best[0]:
-            best = (loss, qps)
-    return best[1], history
+            best = (loss, qps, kept)
+    return Trained(best[1], best[2], history)
 
 
 def record_block(blocks: list[dict], index: int, history: list[float], started: float, progress: bool) -> None:

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from potq.errors import PotqError
+from potq.formats.grouping import num_groups
+from potq.formats.packing import packed_row_bytes
 
 MIN_BITS, MAX_BITS = 2, 8
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0  # smallest positive subnormal and largest finite fp16
@@ -168,6 +170,11 @@ class Format(ABC):
     def bits_per_weight(self, group_size: int) -> float:
         """Storage cost per weight of a row of whole groups: code + fp16 scale (+ uint8 zero)."""
         return self.bits + (16 + (8 if self.has_zero else 0)) / group_size
+
+    def stored_bytes(self, rows: int, cols: int, group_size: int) -> int:
+        """Bytes an ``[rows, cols]`` layer takes on disk: byte-padded packed code rows, an fp16
+        scale (and a uint8 zero) for every group, the ragged last one included."""
+        return rows * (packed_row_bytes(cols, self.bits) + num_groups(cols, group_size) * (3 if self.has_zero else 2))
 
 
 def sign_of(w: Tensor) -> Tensor:

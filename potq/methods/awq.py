@@ -14,14 +14,14 @@ block is rounded to nearest. With ``--format pot`` this is the thesis' AWQ_POT.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from potq.config import QuantConfig
-from potq.engine.blocks import (BlockData, block_linears, commit, each_input, input_statistic, output_error,
+from potq.engine.blocks import (BlockData, BlockJob, block_linears, commit, each_input, input_statistic, output_error,
                                 run_blockwise)
 from potq.formats import Format
 from potq.formats.grouping import to_groups
@@ -32,15 +32,16 @@ ALPHAS = torch.arange(20) / 20  # 0, 0.05, …, 0.95 (the reference grid)
 CLIPS = 1 - torch.arange(20) / 40  # 1.0, 0.975, …, 0.525
 
 
-def search_scale(block: nn.Module, data: BlockData, targets: list[Tensor], names: list[str], mean_abs: Tensor,
-                 fmt: Format, group_size: int) -> tuple[Tensor, float, list[float]]:
-    """The best ``s = mean|x|^α`` for one group of linears: ``(s, α, error per α)``."""
-    originals = {n: block.get_submodule(n).weight.detach() for n in names}
+def search_scale(block: nn.Module, data: BlockData, targets: list[Tensor], mean_abs: Tensor,
+                 formats: dict[str, Format], group_size: int) -> tuple[Tensor, float, list[float]]:
+    """The best ``s = mean|x|^α`` for one group of linears (``formats``: each one's grid):
+    ``(s, α, error per α)``."""
+    originals = {n: block.get_submodule(n).weight.detach() for n in formats}
     scales, errors = [], []
     for alpha in ALPHAS.tolist():
         s = mean_abs.clamp(min=1e-4).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        trial = {n: fake_quantize(w * s, fmt, group_size, init_qparams(w * s, fmt, group_size)) / s
+        trial = {n: fake_quantize(w * s, formats[n], group_size, init_qparams(w * s, formats[n], group_size)) / s
                  for n, w in originals.items()}
         scales.append(s)
         errors.append(output_error(block, data, targets, trial))
@@ -60,6 +61,34 @@ def search_clip(w: Tensor, x: Tensor, fmt: Format, group_size: int) -> Tensor:
     return CLIPS.to(w.device)[torch.stack(errors).argmin(0)]
 
 
+def rescale(block: nn.Module, data: BlockData, targets: list[Tensor], format_of: Callable[[str], Format],
+            group_size: int, note: bool = False) -> dict[str, dict[str, float]]:
+    """AWQ's equivalent transformation of one float block, in place: for each group of linears
+    sharing an input, the searched ``s`` scales their input channels up and is folded out of the
+    layer before (``format_of(name)``: the grid each linear will be rounded to). Returns
+    ``{group: {"alpha", "error"}}``; ``note`` says once which linears no rescaling reaches in this
+    architecture."""
+    chosen = {}
+    mean_abs = input_statistic(block, data, lambda x: x.abs().sum(0))  # folding keeps every input
+    folds = fold_groups(block, data.inputs[0], data.kwargs)
+    unscaled = sorted(set(block_linears(block)) - {n for f in folds for n in f.names})
+    if unscaled and note:
+        tqdm.write(f"awq: no equivalent rescaling feeds {', '.join(unscaled)} in this architecture; "
+                   "those layers are rounded without it", file=sys.stderr)
+    for fold in folds:
+        s, alpha, errors = search_scale(block, data, targets, mean_abs[fold.names[0]],
+                                        {n: format_of(n) for n in fold.names}, group_size)
+        fold.apply(block, s)
+        chosen["+".join(n.split(".")[-1] for n in fold.names)] = {"alpha": alpha, "error": min(errors)}
+    return chosen
+
+
+def transform_block(job: BlockJob) -> None:
+    """The pipeline's ``awq`` stage: :func:`rescale` only; the stage after it rounds."""
+    job.report["awq"] = rescale(job.block, job.data, job.targets, job.format_of, job.group_size,
+                                note=job.index == 0 and job.progress)
+
+
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
              clip: bool = True, clip_tokens: int = 512, batch_size: int = 8,
              progress: bool = True) -> dict[str, QuantizedWeight]:
@@ -71,18 +100,7 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
                          "blocks": blocks}
 
     def step(index: int, block: nn.Module, data: BlockData, targets: list[Tensor]) -> None:
-        chosen = {}
-        mean_abs = input_statistic(block, data, lambda x: x.abs().sum(0))  # folding keeps every input
-        folds = fold_groups(block, data.inputs[0], data.kwargs)
-        unscaled = sorted(set(block_linears(block)) - {n for f in folds for n in f.names})
-        if unscaled and index == 0 and progress:
-            tqdm.write(f"awq: no equivalent rescaling feeds {', '.join(unscaled)} in this architecture; "
-                       "those layers get the clipping search only", file=sys.stderr)
-        for fold in folds:
-            s, alpha, errors = search_scale(block, data, targets, fold.names, mean_abs[fold.names[0]], fmt,
-                                            config.group_size)
-            fold.apply(block, s)
-            chosen["+".join(n.split(".")[-1] for n in fold.names)] = {"alpha": alpha, "error": min(errors)}
+        chosen = rescale(block, data, targets, lambda _name: fmt, config.group_size, note=index == 0 and progress)
         tokens = _sample_tokens(block, data, clip_tokens) if clip else {}
         quantized = {}
         for name, module in block_linears(block).items():

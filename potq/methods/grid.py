@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from potq import devices
 from potq.config import QuantConfig
-from potq.engine.blocks import BlockData, block_linears, commit, input_moments, run_blockwise
+from potq.engine.blocks import BlockData, BlockJob, block_linears, commit, input_moments, run_blockwise
 from potq.errors import PotqError
 from potq.formats import Format, QParams
 from potq.formats.grouping import PER_TENSOR, to_groups
@@ -155,12 +155,23 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
     result: dict[str, QuantizedWeight] = {}
 
     def step(_index: int, block: nn.Module, data: BlockData, _targets: list[Tensor]) -> None:
-        moments = input_moments(block, data)
-        commit(block, {n: searched(m.weight.detach(), fmt, config.group_size, moments.get(n))
-                       for n, m in block_linears(block).items()}, layers, result)
+        commit(block, act_searched(block, data, lambda _name: fmt, config.group_size), layers, result)
 
     run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
     return result
+
+
+def act_searched(block: nn.Module, data: BlockData, format_of: Callable[[str], Format],
+                 group_size: int) -> dict[str, QuantizedWeight]:
+    """Every linear of ``block`` with its scales searched under the ``act`` objective."""
+    moments = input_moments(block, data)
+    return {n: searched(m.weight.detach(), format_of(n), group_size, moments.get(n))
+            for n, m in block_linears(block).items()}
+
+
+def quantize_block(job: BlockJob) -> dict[str, QuantizedWeight]:
+    """The pipeline's default quantizer stage: Step 1 with the ``act`` objective on one block."""
+    return act_searched(job.block, job.data, job.format_of, job.group_size)
 
 
 def searched(w: Tensor, fmt: Format, group_size: int, column_weight: Tensor | None = None) -> QuantizedWeight:

@@ -60,8 +60,9 @@ def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], sta
     coupled = decay == "coupled"
     optimizer = (torch.optim.Adam(gammas.values(), lr=lr) if coupled
                  else torch.optim.AdamW(gammas.values(), lr=lr, weight_decay=weight_decay))
-    return train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad,
-                       penalty if coupled else None)
+    trained = train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad,
+                          penalty if coupled else None)
+    return trained.qparams, trained.history
 
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
