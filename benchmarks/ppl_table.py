@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import potq
-from potq.bench.timing import LoadWatch, machine
+from potq.bench.timing import LoadWatch, PeakMemory, machine
 from potq.eval import perplexity
 from potq.info import summary
 from potq.paths import sha256_of_files, write_text_atomic
@@ -91,21 +91,21 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
     during the evaluation does not quantize the row again."""
     row = parse_row(spec, args.group_size)
     folder = row_folder(spec, args)
-    record = {k: cached[k] for k in ("quantize_seconds", "blocks", "mean_load", "shared_machine", "machine")
-              if k in cached}
+    record = {k: cached[k] for k in ("quantize_seconds", "blocks", "mean_load", "shared_machine", "machine",
+                                     "peak_memory_bytes") if k in cached}
     kept = folder / "quantize.json"
     if not record and kept.exists() and (folder / "potq.json").exists():
         record = json.loads(kept.read_text())
     if args.force or not (folder / "potq.json").exists() or "quantize_seconds" not in record:
         lm = potq.LoadedModel(copy.deepcopy(float_lm.model), float_lm.tokenizer, float_lm.source)
         start = time.perf_counter()
-        with LoadWatch() as load:
+        with LoadWatch() as load, PeakMemory() as memory:
             potq.quantize_(lm, potq.QuantConfig(row["format"], row["bits"], row["group_size"]),
                            method=row["method"], **row["settings"])
         record = {"quantize_seconds": time.perf_counter() - start,
                   "blocks": getattr(lm.model, "potq_report", {}).get("blocks"),
                   "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads()),
-                  "machine": machine()}
+                  "machine": machine(), "peak_memory_bytes": memory.peak_bytes}
         potq.save(lm, folder, overwrite=True)
         write_text_atomic(kept, json.dumps(record))
     s = summary(folder)
@@ -240,7 +240,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
     float_name = "float (Q4_1-expanded, fp32)" if args.model == "smollm2-135m" else "float (fp32)"
     datasets = [d for d in args.dataset if any(d in r for r in results)]
     head = "| model | G | bits/weight (incl. scales) | " + " | ".join(f"{d} ppl" for d in datasets)
-    lines = [head + " | file MiB | quantize s |", "|" + " --- |" * (5 + len(datasets))]
+    lines = [head + " | file MiB | quantize s | peak GiB |", "|" + " --- |" * (6 + len(datasets))]
     marks = machine_marks(results)
     for r in results:
         label = float_name if r["row"] == "float" else r["label"]
@@ -248,8 +248,9 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, missin
                           f"{EARLIER_MARK if earlier_weights(r, d) else ''}" if d in r else "–" for d in datasets)
         size = "–" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f}"
         note = ("*" if r.get("shared_machine") else "") + ("" if r["row"] == "float" else marks.get(machine_of(r), ""))
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "–"
         lines.append(f"| {label} | {r['group_size'] or '–'} | {r['bits_per_weight']:.3f} | {ppls} | {size} | "
-                     f"{r['quantize_seconds']:.1f}{note} |")
+                     f"{r['quantize_seconds']:.1f}{note} | {peak} |")
     if any(r.get("shared_machine") for r in results):
         lines += ["", "\\* quantized while other jobs shared the cores (mean load above the job's threads + 1): that "
                   "time is not representative."]

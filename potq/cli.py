@@ -93,7 +93,7 @@ def _add_quant_args(p: argparse.ArgumentParser, method: bool = True) -> None:
                    help="blockap: learning rate of the latent weights (default 1e-3; --lr is the scales')")
     g.add_argument("--e2e-steps", type=int, default=None,
                    help="e2e: optimizer steps on the whole model's loss (default one pass over the calibration)")
-    g.add_argument("--e2e-lr", type=float, default=None, help="e2e: learning rate of the scale factors (default 1e-3)")
+    g.add_argument("--e2e-lr", type=float, default=None, help="e2e: learning rate of the scale factors (default 1e-2)")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="Step 2: λ, the pull of Γ towards 0 (default 0.1; omniquant 0)")
     g.add_argument("--decay", choices=("decoupled", "coupled"), default=None,

@@ -15,6 +15,7 @@ the optimizer updates; the best epoch's latent weights come back with its parame
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Callable, NamedTuple
@@ -42,12 +43,13 @@ def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: F
                 group_size: int,
                 qparams_of: Callable[[str, Tensor], QParams], names: list[str], optimizer: torch.optim.Optimizer,
                 epochs: int, grad: str, penalty: Callable[[], Tensor] | None = None,
-                weights: dict[str, Tensor] | None = None) -> Trained:
+                weights: dict[str, Tensor] | None = None, cosine: bool = False) -> Trained:
     """Train the tensors in ``optimizer`` for ``epochs`` passes over the calibration batches.
 
     ``qparams_of(name, weight)`` builds the current parameters of linear ``name`` from the
     trainable tensors; ``weights`` are the float weights rounded (default: the block's own,
-    frozen); ``fmt`` is every linear's grid, or a function giving each one's (a bit budget).
+    frozen); ``fmt`` is every linear's grid, or a function giving each one's (a bit budget);
+    ``cosine`` decays every learning rate to 0 along a cosine over the run's steps.
     Returns the best epoch (:class:`Trained`); the block loss is the mean squared output error
     over the calibration set.
     """
@@ -69,6 +71,8 @@ def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: F
 
     loss, qps, kept = evaluate()
     history, best = [loss], (loss, qps, kept)
+    steps = max(1, epochs * len(data.inputs))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     for _ in range(epochs):
         for x, y in zip(data.inputs, targets):
             loss_t = F.mse_loss(block_forward(block, x, data.kwargs, quantized(current(), grad)), y)
@@ -77,6 +81,8 @@ def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: F
             optimizer.zero_grad(set_to_none=True)
             loss_t.backward()
             optimizer.step()
+            if cosine:
+                schedule.step()
         loss, qps, kept = evaluate()
         history.append(loss)
         if loss < best[0]:

@@ -19,15 +19,21 @@ from torch import Tensor
 
 from potq.engine.blocks import BlockJob, block_linears, input_moments
 from potq.engine.trainer import train_block
+from potq.errors import PotqError
 from potq.formats import QParams
 from potq.formats.weights import QuantizedWeight, quantize_weight
 from potq.methods.grid import search_scales
 
+SCHEDULES = ("cosine", "constant")
 
-def quantize_block(job: BlockJob, epochs: int = 10, lr: float = 1e-3,
-                   weight_lr: float = 1e-3) -> dict[str, QuantizedWeight]:
+
+def quantize_block(job: BlockJob, epochs: int = 10, lr: float = 1e-3, weight_lr: float = 1e-3,
+                   schedule: str = "cosine") -> dict[str, QuantizedWeight]:
     """Train latent weights (Adam, ``weight_lr``) and scale factors Γ (``lr``) of every linear
-    of ``job.block`` for ``epochs`` passes over its calibration batches; the best epoch is packed."""
+    of ``job.block`` for ``epochs`` passes over its calibration batches, the rates constant or
+    decayed along a cosine (``schedule``, EfficientQAT's); the best epoch is packed."""
+    if schedule not in SCHEDULES:
+        raise PotqError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     linears = block_linears(job.block)
     moments = input_moments(job.block, job.data)
     start = {n: search_scales(m.weight.detach(), job.format_of(n), job.group_size, column_weight=moments.get(n))[0]
@@ -41,7 +47,7 @@ def quantize_block(job: BlockJob, epochs: int = 10, lr: float = 1e-3,
     optimizer = torch.optim.Adam([{"params": list(latent.values()), "lr": weight_lr},
                                   {"params": list(gammas.values()), "lr": lr}])
     trained = train_block(job.block, job.data, job.targets, job.format_of, job.group_size, tuned, list(linears),
-                          optimizer, epochs, "lsq", weights=latent)
+                          optimizer, epochs, "lsq", weights=latent, cosine=schedule == "cosine")
     job.report.update(loss=trained.history, kept=min(trained.history))
     return {n: quantize_weight(trained.weights[n], job.format_of(n), job.group_size, trained.qparams[n])
             for n in linears}

@@ -57,7 +57,7 @@ class ScaledCodes(nn.Module):
 
 
 def tune(model: nn.Module, layers: dict[str, nn.Linear], result: dict[str, QuantizedWeight], config: QuantConfig,
-         calibration: Tensor, progress: bool = True, e2e_steps: int = 0, e2e_lr: float = 1e-3,
+         calibration: Tensor, progress: bool = True, e2e_steps: int = 0, e2e_lr: float = 1e-2,
          e2e_batch_size: int = 1) -> dict:
     """Train every packed layer's scales in ``result`` (replaced in place) on ``calibration``;
     ``e2e_steps`` 0 means one pass over the training windows. Returns the training record."""

@@ -1,0 +1,170 @@
+"""Perplexity at a bit budget: one table per budget (≤ 2.25, ≤ 3.25, ≤ 4.25 bits/weight, scales
+included), the machine-readable summary of every measured row, and the plot of perplexity
+against bits/weight — all views of the ``benchmarks/ppl_table.py`` store, nothing measured here.
+
+    python benchmarks/budgets.py --model smollm2-135m --out docs/results/budgets
+
+Each table holds the decisive rows of its budget, all measured on the full test set: the best
+PoT row, the best uniform row, the best uniform row with the best PoT row's recipe (its twin),
+the two-step PoT row the budget had before the staged methods, and the llama.cpp row closest to
+the budget (over it, llama.cpp has no type that small for this model). ``--summary`` gets one
+record per measured row and data set — model, format, recipe, bits/weight, data set, windows,
+perplexity — and the ``ppl_table.py`` command that measures it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ppl_table import PEER, parse_row
+
+from potq.paths import write_text_atomic
+
+BUDGETS = (2.25, 3.25, 4.25)
+PEERS = {2.25: "llama.cpp:Q2_K", 3.25: "llama.cpp:Q3_K_M", 4.25: "llama.cpp:Q4_0"}
+TWOSTEP = {2.25: "pot:2:twostep:64", 3.25: "pot:3:twostep:64", 4.25: "pot:4:grid:64,objective=act"}
+DATASETS = ("wikitext2", "c4", "ptb")
+
+
+def full(r: dict, dataset: str) -> bool:
+    return dataset in r and r[dataset]["windows"] == r[dataset]["total_windows"]
+
+
+def family(spec: str) -> str:
+    return "llama.cpp" if spec.startswith(PEER) else spec.split(":")[0].split("-")[0]  # pot-zero is PoT
+
+
+def recipe(spec: str) -> str:
+    """What a row did, without its format and bits: ``pot:3:blockap+e2e:64`` -> ``blockap+e2e:64``."""
+    return ":".join(spec.split(",")[0].split(":")[2:]) + "".join(f",{s}" for s in spec.split(",")[1:])
+
+
+def command(model: str, spec: str, r: dict, dataset: str) -> str:
+    windows = "" if full(r, dataset) else f" --max-windows {r[dataset]['windows']}"
+    return (f"python benchmarks/ppl_table.py --model {model} --dataset {dataset}{windows} --ctx {r[dataset]['ctx']} "
+            f"--rows {shlex.quote(spec)} --force --out /tmp/check")
+
+
+def summary(model: str, runs: dict) -> list[dict]:
+    records = []
+    for spec, r in runs.items():
+        for dataset in DATASETS:
+            if dataset not in r:
+                continue
+            row = None if spec == "float" or spec.startswith(PEER) else parse_row(spec, 128)
+            records.append({"model": model, "row": spec, "format": row["format"] if row else spec.split(":")[-1],
+                            "bits": row["bits"] if row else None, "group_size": r.get("group_size"),
+                            "recipe": row["method"].replace(",", "+") if row else r.get("method") or "float",
+                            "settings": r.get("settings") or {}, "bits_per_weight": r["bits_per_weight"],
+                            "dataset": dataset, "windows": r[dataset]["windows"],
+                            "total_windows": r[dataset]["total_windows"], "ctx": r[dataset]["ctx"],
+                            "ppl": r[dataset]["ppl"], "dtype": r[dataset].get("dtype"),
+                            "quantize_seconds": r.get("quantize_seconds"),
+                            "peak_memory_bytes": r.get("peak_memory_bytes"),
+                            "command": command(model, spec, r, dataset)})
+    return records
+
+
+def decisive(runs: dict, budget: float) -> list[tuple[str, str]]:
+    """``(why, row)`` for the rows a budget's table shows."""
+    inside = {s: r for s, r in runs.items() if s != "float" and not s.startswith(PEER) and full(r, "wikitext2")
+              and budget - 1 < r["bits_per_weight"] <= budget + 1e-9}
+    best = {}
+    for fam in ("pot", "uniform"):
+        mine = [s for s in inside if family(s) == fam]
+        if mine:
+            best[fam] = min(mine, key=lambda s: inside[s]["wikitext2"]["ppl"])
+    chosen = []
+    if "pot" in best:
+        chosen.append(("best PoT", best["pot"]))
+        twins = [s for s in inside if family(s) == "uniform" and recipe(s).split(":")[0] == recipe(best["pot"]).split(":")[0]]
+        if twins:
+            chosen.append(("uniform, same recipe", min(twins, key=lambda s: inside[s]["wikitext2"]["ppl"])))
+    if "uniform" in best and best["uniform"] not in [s for _, s in chosen]:
+        chosen.append(("best uniform", best["uniform"]))
+    if TWOSTEP[budget] in runs and TWOSTEP[budget] not in [s for _, s in chosen] and full(runs[TWOSTEP[budget]], "wikitext2"):
+        chosen.append(("PoT before (two-step)" if "twostep" in TWOSTEP[budget] else "PoT before (grid)", TWOSTEP[budget]))
+    if PEERS[budget] in runs and full(runs[PEERS[budget]], "wikitext2"):
+        chosen.append(("llama.cpp", PEERS[budget]))
+    return chosen
+
+
+def table(runs: dict, budget: float) -> list[str]:
+    lines = [f"## ≤ {budget} bits/weight", "",
+             "| row | recipe | bits/weight | WikiText-2 | C4 | PTB | quantize s | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for why, spec in decisive(runs, budget):
+        r = runs[spec]
+        ppl = " | ".join(f"{r[d]['ppl']:.2f}" if full(r, d) else "–" for d in DATASETS)
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "–"
+        seconds = f"{r['quantize_seconds']:.0f}" if r.get("quantize_seconds") else "–"
+        lines.append(f"| {why} | `{spec}` | {r['bits_per_weight']:.3f} | {ppl} | {seconds} | {peak} |")
+    return lines + [""]
+
+
+def plot(runs: dict, path: Path) -> None:
+    """WikiText-2 perplexity against bits/weight: every full-test-set row, and each family's
+    best-so-far front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"pot": ("tab:red", "o"), "uniform": ("tab:blue", "D"), "llama.cpp": ("tab:green", "*")}
+    for fam, (color, marker) in styles.items():
+        points = sorted((r["bits_per_weight"], r["wikitext2"]["ppl"]) for s, r in runs.items()
+                        if s != "float" and family(s) == fam and full(r, "wikitext2"))
+        if not points:
+            continue
+        ax.scatter(*zip(*points), color=color, marker=marker, alpha=0.35, s=18)
+        front, low = [], float("inf")
+        for x, y in points:
+            if y < low:
+                front.append((x, y))
+                low = y
+        ax.plot(*zip(*front), color=color, marker=marker, label=f"{fam}: best at each size")
+    if "float" in runs and "wikitext2" in runs["float"]:
+        ax.axhline(runs["float"]["wikitext2"]["ppl"], color="k", lw=1, label="float")
+    for budget in BUDGETS:
+        ax.axvline(budget, color="grey", lw=0.6, ls=":")
+    ax.set_yscale("log")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 1e4))
+    ax.set_xlabel("bits per weight, scales included")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--store", default=None, help="the ppl_table.py store (default docs/results/MODEL-runs.json)")
+    p.add_argument("--out", required=True, help="output path without extension (.md is written)")
+    p.add_argument("--summary", default="docs/results/summary.json")
+    p.add_argument("--plot", default="docs/results/plots/ppl-vs-bpw.png")
+    args = p.parse_args()
+    runs = json.loads(Path(args.store or f"docs/results/{args.model}-runs.json").read_text())
+    this = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lines = [f"# {args.model}: perplexity at a bit budget", "", "```", this, "```", "",
+             "Full test sets at context 2048; bits/weight count every quantized matrix of the transformer blocks "
+             "with its scales and zero points (llama.cpp's as its blocks store them). A dash: not measured. "
+             "Each row's command is in `summary.json`; recipes are `FORMAT:BITS:STAGES:GROUP` rows of "
+             "`benchmarks/ppl_table.py` (`blockap+e2e` is `--method blockap,e2e`).", "",
+             f"![perplexity against bits per weight]({Path(args.plot).relative_to(Path(args.out).parent)})", ""]
+    for budget in BUDGETS:
+        lines += table(runs, budget)
+    write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines))
+    write_text_atomic(Path(args.summary), json.dumps(summary(args.model, runs), indent=1))
+    plot(runs, Path(args.plot))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
