@@ -136,3 +136,19 @@ def test_one_layer_of_each_width(fused_kernel, bits):
     assert (exact.kind, fast.kind) == (1, 3)  # the fused float kernel; the 8-bit-activation kernel
     assert torch.allclose(exact.gemv(x), reference, atol=1e-5)
     assert (fast.gemv(x) - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+def test_a_mixed_width_model_runs_natively_layer_by_layer(fused_kernel, stories):
+    """A bit budget gives layers 2-, 3-, 4-bit PoT or int8 grids: the native decoder reads each
+    layer's own, exactly the transformers forward's logits."""
+    from potq.eval.data import calibration_batch
+    from potq.nn import QuantLinear
+
+    calib = calibration_batch(stories.tokenizer, 4, 64, seed=0)
+    potq.quantize_(stories, QuantConfig("pot", 2, 32), method="grid", calibration=calib, progress=False, bpw=3.0)
+    widths = {(type(m.fmt).__name__, m.fmt.bits) for m in stories.model.modules() if isinstance(m, QuantLinear)}
+    assert len(widths) > 1
+    assert native_decoder.unsupported(stories.model) is None
+    ids = calib[:1, :12]
+    assert torch.allclose(_native(stories.model, ids, 8, exact=True), _logits(stories.model, ids)[7:],
+                          atol=2e-5, rtol=1e-4)

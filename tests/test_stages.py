@@ -151,3 +151,35 @@ def test_a_bit_budget_below_the_narrowest_grid_or_without_a_staged_method_is_ref
                        progress=False, bpw=2.2)
     with pytest.raises(PotqError, match="staged method"):
         potq.quantize_(stories, potq.PoTConfig(bits=2, group_size=32), method="rtn", bpw=3.0)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    from potq.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_a_staged_method_and_a_budget_from_the_command_line(capsys, tmp_path):
+    code, err = cli(capsys, "quantize", "stories260k", "--format", "pot", "--bits", "2", "--group-size", "32",
+                    "--method", "awq,blockap,e2e", "--epochs", "1", "--e2e-steps", "2", "--bpw", "2.7",
+                    "--calib-samples", "4", "--calib-len", "32", "-q", "-o", str(tmp_path / "m"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "m" / "potq.json").read_text())
+    assert manifest["method"] == "awq,blockap,e2e" and manifest["bpw"] == 2.7
+    assert manifest["method_settings"]["e2e_steps"] == 2 and manifest["method_settings"]["epochs"] == 1
+    code, err = cli(capsys, "info", str(tmp_path / "m"), "--json")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--method", "awq,fancy"], "unknown method 'awq,fancy'"),
+                                            (["--method", "rtn", "--bpw", "3"], "staged method"),
+                                            (["--method", "blockap,grid"], "at most one quantizer")])
+def test_bad_staged_methods_from_the_command_line_are_one_line(capsys, tmp_path, argv, fragment):
+    code, err = cli(capsys, "quantize", "stories260k", *argv, "--calib-samples", "4", "--calib-len", "32",
+                    "-o", str(tmp_path / "x"))
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
