@@ -376,7 +376,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"report -> {write_report(args.report, build_report(lm.model, args.model, seconds))}")
     s = summary(args.output)
     _report(args, f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
-                  f"({args.method}) in {seconds:.1f} s -> {args.output}\n"
+                  f"({args.method}{f', budget {args.bpw} bits/weight' if args.bpw else ''}) in {seconds:.1f} s "
+                  f"-> {args.output}\n"
                   f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight (incl. scales), "
                   f"{s['file_bytes'] / 2**20:.1f} MiB on disk",
             {"output": str(args.output), "method": args.method, "seconds": seconds, **s})
@@ -544,6 +545,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     src = s["source"]
     print(f"{s['path']}: {s['format']} {s['bits']}-bit, group size {s['group_size']}, method {s['method']}")
+    if s["bpw"] is not None:
+        print(f"bit budget {s['bpw']} bits/weight: layers at "
+              + ", ".join(f"{fmt} ×{count}" for fmt, count in s["widths"].items()))
     print(f"source: {src.get('path')} (sha256 {str(src.get('sha256'))[:16]}…)")
     if s["quantized_weights"]:
         print(f"{s['quantized_layers']} quantized layers, {s['quantized_weights']:,} weights, "

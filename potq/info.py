@@ -7,6 +7,7 @@ and works on a folder whose model would not fit in memory.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ def summary(folder: str | Path) -> dict[str, Any]:
     return {
         "path": str(folder),
         "format": manifest.get("format"), "bits": manifest.get("bits"),
-        "group_size": manifest.get("group_size"), "method": manifest.get("method"),
+        "group_size": manifest.get("group_size"), "method": manifest.get("method"), "bpw": manifest.get("bpw"),
+        "widths": dict(sorted(Counter(f"{c.format}{c.bits}" for c in costs).items())),
         "method_settings": manifest.get("method_settings"),
         "source": manifest.get("source", {}),
         "quantized_layers": len(costs),
