@@ -25,7 +25,7 @@ def table_of(name: str, page: Path) -> str:
     link = os.path.relpath(source, page.parent)
     lines = [line for line in source.read_text().splitlines() if line.startswith("|")]
     lines += [f"\n{line}" for line in source.read_text().splitlines()
-              if line.startswith(("Not measured yet", f"{BF16_MARK} ", f"{EARLIER_MARK} ", MACHINE_NOTE, "Note: "))]
+              if line.startswith(("Not measured yet", f"{BF16_MARK} ", f"{EARLIER_MARK} ", MACHINE_NOTE, "Note: ", "\\* "))]
     return "\n".join(lines) + f"\n\n(from [docs/results/{name}.md]({link}), which holds the command that made it)\n"
 
 
