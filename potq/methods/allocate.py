@@ -4,7 +4,8 @@ llama.cpp's k-quant mixes spend more bits on the tensors that matter; here "matt
 measured. For every linear and every width it could get (the format's 2, 3 and 4 bits, and an
 8-bit layer — the same format's for uniform, symmetric int8 for PoT, whose 8-bit grid would
 only add tiny exponents), the cost is the layer's activation-weighted rounding error
-``Σ_rows Σ_cols E[x_col²]·(w − q(w))²`` with Step 1's activation-weighted scale search — the
+``Σ_rows Σ_cols E[x_col²]·(w − q(w))²`` with Step 1's activation-weighted scale search (on a
+coarser grid of multipliers) — the
 increase in the layer's output error, with ``E[x²]`` (GPTQ's Hessian diagonal) measured on the
 calibration text through the float model. A greedy allocation then starts every layer at the
 narrowest width and repeatedly buys the upgrade that removes the most error per bit spent,
@@ -26,10 +27,13 @@ from potq import devices
 from potq.config import QuantConfig
 from potq.errors import PotqError
 from potq.formats import Format
-from potq.methods.grid import search_scales
+from potq.methods.grid import MULTIPLIERS, search_scales
 from potq.formats.weights import fake_quantize
 
 WIDTHS = (2, 3, 4, 8)
+# the sensitivity's scale search: every fifth multiplier of Step 1's grid (a layer's error at a width
+# is a ranking signal here; the quantizer stage searches the full grid for the width chosen)
+COARSE = MULTIPLIERS[4::5]
 
 
 def candidates(config: QuantConfig) -> list[QuantConfig]:
@@ -105,7 +109,7 @@ def allocate(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
         errors[name] = []
         for option in options:
             fmt = option.make_format()
-            qp = search_scales(w, fmt, config.group_size, column_weight=weight)[0]
+            qp = search_scales(w, fmt, config.group_size, COARSE, column_weight=weight)[0]
             diff = fake_quantize(w, fmt, config.group_size, qp) - w
             errors[name].append(float((diff.pow(2) * weight).sum()))
     chosen = {name: 0 for name in layers}
