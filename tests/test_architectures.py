@@ -19,7 +19,8 @@ from tests.zoo import CONFIGS, tiny_folder, tiny_model
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]])
 METHODS = {"rtn": {}, "grid": {}, "gptq": {}, "awq": {}, "twostep": {"epochs": 1}, "finetune": {"epochs": 1},
-           "omniquant": {"epochs": 1}, "qat": {"steps": 2, "batch_size": 2}}
+           "omniquant": {"epochs": 1}, "qat": {"steps": 2, "batch_size": 2},
+           "awq,blockap,e2e": {"epochs": 1, "e2e_steps": 1}}
 
 
 def test_the_zoo_covers_every_supported_architecture():
