@@ -42,7 +42,9 @@ def test_rows_are_stored_with_their_machine_and_marked_when_machines_differ(tmp_
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     view = table("--no-measure", "--rows", "float", "pot-zero:3", "uniform:3")
     rows = {line.split(" | ")[0]: line for line in view.splitlines() if line.startswith("| ")}
-    assert rows["| pot-zero 3-bit rtn"].endswith(" (A) |") and rows["| uniform 3-bit rtn"].endswith(" (B) |")
+    seconds = lambda label: rows[label].split(" | ")[-2]  # noqa: E731  (the quantize s cell; peak GiB is last)
+    assert seconds("| pot-zero 3-bit rtn").endswith(" (A)") and seconds("| uniform 3-bit rtn").endswith(" (B)")
+    assert rows["| pot-zero 3-bit rtn"].split(" | ")[-1] != "– |"  # its peak memory, measured now
     assert "(A) " + quantized["machine"] in view and "(B) Intel(R) Xeon(R)" in view
 
 
