@@ -34,7 +34,7 @@ def test_chosen_alpha_is_the_grid_minimum_and_folding_is_exact(stories_float, ca
     mean_abs = input_statistic(block, data, lambda x: x.abs().sum(0))
     fold = fold_groups(block, data.inputs[0], data.kwargs)[0]
     names = fold.names
-    s, alpha, errors = search_scale(block, data, targets, names, mean_abs[names[0]], get_format(name, 3), 32)
+    s, alpha, errors = search_scale(block, data, targets, mean_abs[names[0]], {n: get_format(name, 3) for n in names}, 32)
     assert len(errors) == len(ALPHAS) and alpha == float(ALPHAS[int(torch.tensor(errors).argmin())])
     assert min(errors) <= errors[0]  # α = 0 (no scaling, plain round-to-nearest) is on the grid
     fold.apply(block, s)
