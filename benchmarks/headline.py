@@ -22,9 +22,9 @@ ROWS = [
     ("llama.cpp:Q3_K_M", "llama.cpp Q3_K_M", "peer:Q3_K_M"),
     ("uniform:4:awq", "uniform 4-bit AWQ, G128", None),
     ("pot:4:blockap+e2e:64", "PoT 4-bit Block-AP + E2E, G64", "pot4"),
+    ("pot:4:e2e:64", "PoT 4-bit grid + E2E, G64", "pot4"),
     ("pot:4:grid:64,objective=act", "PoT 4-bit grid-searched scales, G64", "pot4"),
     ("uniform:3:blockap+e2e", "uniform 3-bit Block-AP + E2E, G128", None),
-    ("uniform:3:omniquant", "uniform 3-bit OmniQuant, G128", None),
     ("pot:3:blockap+e2e:64", "PoT 3-bit Block-AP + E2E, G64", "pot3"),
     ("pot:2:blockap+e2e:64", "PoT 2-bit Block-AP + E2E, G64", "pot2"),
 ]
@@ -34,12 +34,13 @@ ROWS = [
 RECIPES = [
     ("PoT, smallest error at about 4.25 bits", "pot:4:blockap+e2e:64",
      "--format pot --bits 4 --group-size 64 --method blockap,e2e"),
+    ("PoT 4-bit, scales tuned end to end", "pot:4:e2e:64", "--format pot --bits 4 --group-size 64 --method e2e"),
     ("PoT, smallest error at about 3.25 bits", "pot:3:blockap+e2e:64",
      "--format pot --bits 3 --group-size 64 --method blockap,e2e"),
     ("PoT 4-bit, fast", "pot:4:grid:64,objective=act",
      "--format pot --bits 4 --group-size 64 --method grid --objective act"),
     ("uniform, best 4-bit", "uniform:4:awq", "--format uniform --bits 4 --method awq"),
-    ("uniform, best 3-bit", "uniform:3:omniquant", "--format uniform --bits 3 --method omniquant"),
+    ("uniform, best 3-bit", "uniform:3:blockap+e2e", "--format uniform --bits 3 --method blockap,e2e"),
     ("a quick baseline", "uniform:4", "--format uniform --bits 4 --method rtn"),
 ]
 
@@ -59,9 +60,11 @@ def recipes(runs: dict) -> list[str]:
         if r.get("machine"):
             machines.add(r["machine"])
         minutes = r["quantize_seconds"] / 60
-        took = f"{minutes:.0f} min" if minutes >= 1 else f"{r['quantize_seconds']:.0f} s"
+        took = (f"{minutes:.0f} min" if minutes >= 1 else f"{r['quantize_seconds']:.0f} s") + \
+            ("*" if r.get("shared_machine") else "")
         lines.append(f"| {goal} | `{options}` | {took} | {r['bits_per_weight']:.3f} | {r['wikitext2']['ppl']:.2f} |")
-    lines += ["", f"Note: times are wall time on 2 cores ({'; '.join(sorted(machines))}); perplexity on the full "
+    lines += ["", f"Note: times are wall time on 2 cores ({'; '.join(sorted(machines))}), * where other work "
+              "shared the cores (longer than the method's own); perplexity on the full "
               "WikiText-2 test set at context 2048 (`potq eval OUT --max-windows 8` gives a quick estimate)."]
     return lines
 
