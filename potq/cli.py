@@ -353,8 +353,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         settings["progress"] = False  # block notes too, not only the bars
     if _stream(args, config, settings, device):
         return
-    chosen = get_method(args.method, staged=args.bpw is not None)
-    lm = potq.load_model(args.model, lazy=chosen.blockwise(settings) and args.bpw is None)  # blocks read in turn
+    bpw = getattr(args, "bpw", None)  # `potq qat` shares this command without a budget
+    chosen = get_method(args.method, staged=bpw is not None)
+    lm = potq.load_model(args.model, lazy=chosen.blockwise(settings) and bpw is None)  # blocks read in turn
     start = time.perf_counter()
     if args.method == "qat":  # a checkpoint beside the output lets an interrupted run resume
         settings["state_dir"] = str(Path(args.output).with_name(f".{Path(args.output).name}.qat-ckpt"))
@@ -368,7 +369,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     embeddings = {None: False, "same": True, "int8": INT8_TABLES}[args.quantize_embeddings]
     potq.quantize_(lm, config, method=args.method, embeddings=embeddings, resume_dir=str(resume_dir),
-                   device=device, bpw=args.bpw, **settings)
+                   device=device, bpw=bpw, **settings)
     seconds = time.perf_counter() - start
     potq.save(lm, args.output, overwrite=args.overwrite, max_shard_bytes=int(args.shard_size * 1e9))
     shutil.rmtree(resume_dir, ignore_errors=True)
@@ -376,7 +377,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"report -> {write_report(args.report, build_report(lm.model, args.model, seconds))}")
     s = summary(args.output)
     _report(args, f"quantized {args.model} to {config.format} {config.bits}-bit G{config.group_size} "
-                  f"({args.method}{f', budget {args.bpw} bits/weight' if args.bpw else ''}) in {seconds:.1f} s "
+                  f"({args.method}{f', budget {bpw} bits/weight' if bpw else ''}) in {seconds:.1f} s "
                   f"-> {args.output}\n"
                   f"{s['bits_per_quantized_weight']:.3f} bits per quantized weight (incl. scales), "
                   f"{s['file_bytes'] / 2**20:.1f} MiB on disk",
@@ -397,7 +398,7 @@ def _stream(args: argparse.Namespace, config: "QuantConfig", settings: dict, dev
 
     name, path = resolve(args.model)
     if not (path.is_dir() and (path / CONFIG_FILE).is_file() and not is_potq_folder(path)) or args.report or \
-            args.bpw is not None or \
+            getattr(args, "bpw", None) is not None or \
             not streams(args.method, settings, args.quantize_embeddings is not None) or not readable_by_name(path):
         return False
     source = {"name": name, "path": str(path), "sha256": sha256_of_files(weight_files(path)), "loader": "hf"}

@@ -71,7 +71,7 @@ def test_quantize_info_eval_generate(capsys, tmp_path):
     (["quantize", "stories260k", "--format", "log"], ["invalid choice: 'log'"]),
     (["quantize", "stories260k", "--group-size", "-5"], ["group size"]),
     (["quantize", "no/such/model.gguf"], ["no such file or folder"]),
-    (["quantize", "stories260k", "--method", "magic"], ["invalid choice: 'magic'"]),
+    (["quantize", "stories260k", "--method", "magic"], ["unknown method 'magic'"]),
     (["quantize", "stories260k", "--method", "rtn", "--epochs", "3"], ["method 'rtn' has no setting 'epochs'"]),
     (["quantize", "stories260k", "--objective", "act"], ["method 'rtn' has no setting 'objective'"]),
     (["quantize", "stories260k", "--method", "awq", "--act-order"], ["method 'awq' has no setting 'act_order'"]),
