@@ -96,6 +96,10 @@ def record_block(blocks: list[dict], index: int, history: list[float], started: 
     blocks.append({"block": index, "loss": history, "kept": min(history),
                    "seconds": time.perf_counter() - started})
     if progress:
-        tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
-                   f"({100 * (min(history) / history[0] - 1):+.1f} %) in {blocks[-1]['seconds']:.0f} s",
-                   file=sys.stderr)
+        note_block(index, history, blocks[-1]["seconds"])
+
+
+def note_block(index: int, history: list[float], seconds: float) -> None:
+    """One block's before/after line above the progress bar."""
+    tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
+               f"({100 * (min(history) / history[0] - 1):+.1f} %) in {seconds:.0f} s", file=sys.stderr)

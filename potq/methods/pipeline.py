@@ -16,15 +16,14 @@ its settings, which become the pipeline's (recorded in potq.json) — no two sta
 from __future__ import annotations
 
 import inspect
-import sys
 import time
 from typing import Any, Callable, NamedTuple
 
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from potq.config import QuantConfig
 from potq.engine.blocks import BlockData, BlockJob, commit, run_blockwise
+from potq.engine.trainer import note_block
 from potq.errors import PotqError
 from potq.formats import Format
 from potq.formats.weights import QuantizedWeight
@@ -104,10 +103,7 @@ def build(spec: str) -> Callable:
             job.report["seconds"] = time.perf_counter() - started
             blocks.append(job.report)
             if progress and "loss" in job.report:
-                loss = job.report["loss"]
-                tqdm.write(f"block {index}: output MSE {loss[0]:.4g} -> {min(loss):.4g} "
-                           f"({100 * (min(loss) / loss[0] - 1):+.1f} %) in {job.report['seconds']:.0f} s",
-                           file=sys.stderr)
+                note_block(index, job.report["loss"], job.report["seconds"])
 
         run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
         for name, stage in zip(names, stages):
