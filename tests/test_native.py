@@ -152,3 +152,52 @@ def test_a_mixed_width_model_runs_natively_layer_by_layer(fused_kernel, stories)
     ids = calib[:1, :12]
     assert torch.allclose(_native(stories.model, ids, 8, exact=True), _logits(stories.model, ids)[7:],
                           atol=2e-5, rtol=1e-4)
+
+
+def _q8_reference(layer, x):
+    """Σ over groups of (integer weights · int8 activations) · scales, in float64: what every
+    8-bit-activation kernel computes in exact integer sums (x rounded to int8 per group as they
+    round it: x · (1 / (max|x| / 127)) in float32, to nearest even)."""
+    width = native_decoder.group_width(layer.in_features, layer.group_size)
+    weight = layer.dequantize().double()
+    y = torch.zeros(x.shape[0], layer.out_features, dtype=torch.float64)
+    for start in range(0, layer.in_features, width):
+        block = x[:, start:start + width]
+        scale = block.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.round(block * torch.where(scale > 0, 1 / scale, 0.0))
+        y += (q.double() * scale.double()) @ weight[:, start:start + width].T
+    return y
+
+
+@pytest.mark.parametrize("fmt, bits", [("pot", 2), ("pot", 3), ("pot", 4), ("pot-zero", 3), ("uniform-sym", 8)])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_every_8_bit_activation_kernel_computes_the_same_sums(fused_kernel, fmt, bits, group):
+    """The scalar, AVX2 and (where the CPU has it) AVX-512 VNNI kernels, each in its own layout —
+    VNNI's rows interleaved in fours, its offset operand corrected per group — give the exact
+    integer sums of the reference for one token and for prompts of 4, 8 and 13 (the four-token and
+    four-row loops and their tails), 37 rows (not a multiple of 4), a ragged last group."""
+    from potq.formats import get_format
+    from potq.formats.pot import PoTWithZero
+    from potq.kernels import fused
+    from potq.nn import QuantLinear
+    from potq.quantize import quantize_weight
+
+    ext, isas = fused.extension(), ["scalar", "avx2", "vnni"][:fused.extension().q8_best_isa() + 1]
+    torch.manual_seed(group + bits)
+    for in_features in (576, 1536):
+        layer = QuantLinear.from_quantized(quantize_weight(torch.randn(37, in_features), get_format(fmt, bits), group))
+        width = native_decoder.group_width(in_features, layer.group_size)
+        def matrix_for(isa: str):  # noqa: ANN202
+            if fmt == "uniform-sym":
+                return ext.int8_matrix(layer.codes, layer.scales, width, None, True, isa)
+            return ext.pot_matrix(layer.codes, layer.scales, in_features, bits, width, layer.fmt.top_exponent,
+                                  isinstance(layer.fmt, PoTWithZero), None, True, isa)
+
+        for name in isas:
+            matrix = matrix_for(name)
+            assert matrix.isa <= isas.index(name)  # VNNI takes layers of whole 64s; others the AVX2 loop
+            for rows in (1, 4, 8, 13):
+                x = torch.randn(rows, in_features)
+                assert torch.allclose(matrix.gemv(x).double(), _q8_reference(layer, x), rtol=1e-5, atol=1e-4), (name, rows)
+    with pytest.raises(RuntimeError, match="not avx9"):
+        matrix_for("avx9")

@@ -32,7 +32,7 @@ from potq.switch import Switch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("pot_gemv.cpp", "pot_gemv_avx2.cpp", "pot_gemv_avx512.cpp", "int8_gemv.cpp",
-                                         "q8_kernel.cpp", "decoder_math.cpp", "native_decoder.cpp")]
+                                         "q8_kernel.cpp", "q8_vnni.cpp", "decoder_math.cpp", "native_decoder.cpp")]
 # at::parallel_for splits rows across threads only in code compiled with OpenMP (PyTorch's own
 # runtime, already loaded, serves it); without the flag it silently runs on one thread.
 OPENMP = "-fopenmp"

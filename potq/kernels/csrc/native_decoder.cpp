@@ -63,6 +63,7 @@ struct Matrix {
   const float* dense = nullptr;  // kDense
   const float* bias = nullptr;
   int64_t act_block = 0;  // the width of the 8-bit activations' blocks it reads (0: it reads floats)
+  int q8_isa = kQ8Scalar;  // the 8-bit-activation kernel's instruction set (an 8-bit layer's; a PoT one's is q8.isa)
   std::vector<torch::Tensor> keep;
 
   // y[b·out + r] for rows [r0, r1) and the nb vectors x[b·in ..] (xq: their 8-bit form, which
@@ -75,7 +76,7 @@ struct Matrix {
         (pot.layout.bits > 4 || !avx2 ? rows_scalar : avx512 ? rows_avx512 : rows_avx2)(pot, nb, x, y, r0, r1);
         break;
       case kInt8:
-        if (act_block) q8_int8_rows(int8, xq, y, r0, r1);
+        if (act_block) q8_int8_rows(int8, xq, y, r0, r1, q8_isa);
         else if (avx2) (avx512 ? int8_rows_avx512 : int8_rows_avx2)(int8, nb, x, y, r0, r1);
         else
           for (int64_t b = 0; b < nb; ++b)
@@ -151,21 +152,21 @@ MatrixPtr dense_matrix(torch::Tensor weight, c10::optional<torch::Tensor> bias) 
 }
 
 MatrixPtr pot_matrix(torch::Tensor codes, torch::Tensor scales, int64_t in, int64_t bits, int64_t group, int64_t top,
-                     bool with_zero, c10::optional<torch::Tensor> bias, bool q8) {
+                     bool with_zero, c10::optional<torch::Tensor> bias, bool q8, const std::string& isa) {
   auto m = std::make_shared<Matrix>();
   m->pot = packed_layer(codes, scales, in, bits, group, top, with_zero);
   m->kind = kPot, m->out = codes.size(0), m->in = in;
   m->keep = {codes, scales};
   if (q8 && q8_serves(m->pot.layout)) {
-    m->keep.push_back(q8_repack(m->pot, m->q8));
-    m->kind = kPotQ8, m->act_block = group;
+    for (auto& t : q8_repack(m->pot, m->q8, q8_isa_named(isa))) m->keep.push_back(t);
+    m->kind = kPotQ8, m->act_block = group, m->q8_isa = m->q8.isa;
   }
   m->bias = optional_bias(bias, m->out, *m);
   return m;
 }
 
 MatrixPtr int8_matrix(torch::Tensor codes, torch::Tensor scales, int64_t group, c10::optional<torch::Tensor> bias,
-                      bool q8) {
+                      bool q8, const std::string& isa) {
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous(), "codes: uint8 [out, in]");
   TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == codes.size(0) &&
                   group > 0 && scales.size(1) * group >= codes.size(1),
@@ -175,7 +176,10 @@ MatrixPtr int8_matrix(torch::Tensor codes, torch::Tensor scales, int64_t group, 
   m->int8 = {codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), codes.size(1),
              codes.size(0), group, scales.size(1)};
   m->keep = {codes, scales};
-  if (q8 && q8_int8_serves(m->int8)) m->act_block = group;
+  if (q8 && q8_int8_serves(m->int8)) {
+    m->act_block = group, m->q8_isa = q8_isa_named(isa);
+    if (m->q8_isa == kQ8Vnni && !q8_int8_vnni_serves(m->int8)) m->q8_isa = kQ8Avx2;
+  }
   m->bias = optional_bias(bias, m->out, *m);
   return m;
 }
@@ -361,7 +365,9 @@ class Decoder {
         }
       }
       publish();  // a prompt's tokens attend to keys other threads wrote
-      for (int64_t item = t; item < items; item += n) {  // its query heads over the positions up to its own
+      // its query heads over the positions up to its own, a kv head's group together: its keys and
+      // values, which stream from memory at long contexts, read once for the group
+      for (int64_t item = t; item < items; item += n) {
         const int64_t b = item / KV_, g = item % KV_;
         attend_group(B.q.data() + (b * H_ + g * group) * D_, group, D_, K + g * max_len_ * D_, V + g * max_len_ * D_,
                      pos + b + 1, D_, scaling_, scores.data(), B.attended.data() + (b * H_ + g * group) * D_, D_);
@@ -431,20 +437,24 @@ void bind_native_decoder(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<Matrix, MatrixPtr>(m, "Matrix")
       .def_readonly("kind", &Matrix::kind)
+      .def_readonly("isa", &Matrix::q8_isa)
       .def("gemv", [](const Matrix& mat, torch::Tensor x) {  // the tests' check of one layer alone
-        TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.numel() == mat.in, "x: float32 [in]");
-        auto y = torch::empty({mat.out}, x.options());
-        Q8Activations xq(mat.in);
+        TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.size(-1) == mat.in && x.dim() <= 2,
+                    "x: float32 [in] or [rows, in]");
+        const int64_t rows = x.dim() == 2 ? x.size(0) : 1;
+        auto y = torch::empty(x.dim() == 2 ? std::vector<int64_t>{rows, mat.out} : std::vector<int64_t>{mat.out}, x.options());
+        Q8Activations xq(mat.in, rows);
         xq.reset(x.data_ptr<float>());
         xq.ensure(mat.act_block);
-        mat.rows(x.data_ptr<float>(), xq, y.data_ptr<float>(), 1, 0, mat.out);
+        mat.rows(x.data_ptr<float>(), xq, y.data_ptr<float>(), rows, 0, mat.out);
         return y;
       });
   m.def("dense_matrix", &dense_matrix, py::arg("weight"), py::arg("bias") = py::none());
   m.def("pot_matrix", &pot_matrix, py::arg("codes"), py::arg("scales"), py::arg("in_features"), py::arg("bits"),
-        py::arg("group"), py::arg("top"), py::arg("with_zero"), py::arg("bias") = py::none(), py::arg("q8") = true);
+        py::arg("group"), py::arg("top"), py::arg("with_zero"), py::arg("bias") = py::none(), py::arg("q8") = true, py::arg("isa") = "");
   m.def("int8_matrix", &int8_matrix, py::arg("codes"), py::arg("scales"), py::arg("group"), py::arg("bias") = py::none(),
-        py::arg("q8") = true);
+        py::arg("q8") = true, py::arg("isa") = "");
+  m.def("q8_best_isa", [] { return q8_best_isa(); }, "the widest 8-bit-activation kernel here (0 scalar, 1 AVX2, 2 VNNI)");
   py::class_<Block, BlockPtr>(m, "Block")
       .def(py::init([](MatrixPtr q, MatrixPtr k, MatrixPtr v, MatrixPtr o, MatrixPtr gate, MatrixPtr up, MatrixPtr down,
                        torch::Tensor attn_norm, torch::Tensor mlp_norm, c10::optional<torch::Tensor> q_norm,

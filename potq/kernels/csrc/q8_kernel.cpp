@@ -1,5 +1,6 @@
 // The native decoder's 8-bit-activation PoT kernel (see q8_layout.h for the method and layout):
-// the repacking, a scalar loop for any CPU and an AVX2 loop chosen at run time.
+// the repacking, a scalar loop for any CPU and an AVX2 loop; the AVX-512 VNNI loops are in
+// q8_vnni.cpp. The layer's kernel is chosen when it is repacked.
 #include "q8_layout.h"  // first: it brings torch's headers, which must precede potq's Layout
 
 #include <immintrin.h>
@@ -10,19 +11,19 @@
 
 namespace {
 
-// Where a 3-bit unit keeps code j's sign: code 4k + i at bit 8i + 7 − k of its 32-bit sign word, so
-// that shifting lane k of the word (broadcast) left by k puts every code's sign in the top bit of
-// its own byte — one shift, no table, for the whole unit.
-inline int sign_bit(int j) { return 8 * (j % 4) + 7 - j / 4; }
+// Where a 3-bit unit keeps code j's sign. 32 codes (AVX2): code 4k + i at bit 8i + 7 − k of its
+// 32-bit sign word, so that shifting lane k of the word (broadcast) left by k puts every code's sign
+// in the top bit of its own byte — one shift, no table, for the whole unit. 64 codes (AVX-512): bit
+// j, the byte mask a mask register loads.
+inline int sign_bit(int j, int width) { return width == 64 ? j : 8 * (j % 4) + 7 - j / 4; }
 
-// Code `j` (0..31) of one unit in the runtime layout.
-inline int unit_code(const uint8_t* unit, int bits, int j) {
-  if (bits == 4) return (unit[j % 16] >> (4 * (j / 16))) & 15;
-  const int low = (unit[j % 8] >> (2 * (j / 8))) & 3;
+// Code `j` (0..width) of one unit of `width` codes in the runtime layout.
+inline int unit_code(const uint8_t* unit, int bits, int width, int j) {
+  if (bits == 4) return (unit[j % (width / 2)] >> (4 * (j / (width / 2)))) & 15;
+  const int quarter = width / 4, low = (unit[j % quarter] >> (2 * (j / quarter))) & 3;
   if (bits == 2) return low;
-  uint32_t signs;
-  std::memcpy(&signs, unit + 8, 4);
-  return low | static_cast<int>((signs >> sign_bit(j)) & 1) << 2;
+  const int bit = sign_bit(j, width);
+  return low | ((unit[quarter + bit / 8] >> (bit % 8)) & 1) << 2;
 }
 
 inline float group_factor(const Q8Layer& Q, int64_t r, int64_t g) {
@@ -30,17 +31,17 @@ inline float group_factor(const Q8Layer& Q, int64_t r, int64_t g) {
 }
 
 void rows_scalar_q8(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
-  const int64_t units = Q.group / 32, unit_bytes = q8_unit_bytes(Q.bits);
+  const int64_t W = Q.width, units = Q.group / W;
   for (int64_t b = 0; b < x.rows; ++b)
     for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* row = Q.data + r * Q.row_bytes;
+      const uint8_t* row = Q.row_start(r);
       float acc = 0.0f;
       for (int64_t g = 0; g < Q.groups; ++g) {
         int32_t dot = 0;
-        for (int64_t u = g * units; u < std::min((g + 1) * units, Q.in / 32); ++u)
-          for (int j = 0; j < 32; ++j) {
-            const int c = unit_code(row + u * unit_bytes, Q.bits, j);
-            dot += static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c] * x.q[b * x.n + u * 32 + j];
+        for (int64_t u = g * units; u < std::min((g + 1) * units, Q.in / W); ++u)
+          for (int j = 0; j < W; ++j) {
+            const int c = unit_code(row + u * Q.unit_stride, Q.bits, static_cast<int>(W), j);
+            dot += static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c] * x.q[b * x.n + u * W + j];
           }
         acc += static_cast<float>(dot) * group_factor(Q, r, g) * x.scale[b * x.stride + g];
       }
@@ -107,7 +108,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2_q8(const Q8Layer& Q, con
   const __m256i magnitude = _mm256_broadcastsi128_si256(m16), sign = _mm256_broadcastsi128_si256(s16);
   const __m256i ones16 = _mm256_set1_epi16(1);
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = Q.data + r * Q.row_bytes;
+    const uint8_t* row = Q.row_start(r);
     __m256 acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t g = 0; g < Q.groups; ++g) {
@@ -185,7 +186,8 @@ __attribute__((target("avx2,fma,f16c"))) void int8_rows_avx2_q8(const Int8Layer&
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void quantize_avx2(const float* x, int64_t n, int8_t* q, float* scale) {
+__attribute__((target("avx2,fma,f16c"))) void quantize_avx2(const float* x, int64_t n, int8_t* q, float* scale,
+                                                            int32_t* sum) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 top = _mm256_setzero_ps();
   int64_t j = 0;
@@ -198,14 +200,20 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_avx2(const float* x, int6
   *scale = d;
   const __m256 iv = _mm256_set1_ps(inv);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i sums = _mm256_setzero_si256();
   j = 0;
   for (; j + 32 <= n; j += 32) {  // cvtps rounds to nearest even, as nearbyint below
     __m256i v[4];
     for (int k = 0; k < 4; ++k) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * k), iv));
+    sums = _mm256_add_epi32(sums, _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3])));
     const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), _mm256_permutevar8x32_epi32(bytes, order));
   }
-  for (; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+  int32_t lanes[8], total = 0;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), sums);
+  for (int k = 0; k < 8; ++k) total += lanes[k];
+  for (; j < n; ++j) total += q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+  *sum = total;
 }
 
 bool avx2_here() {
@@ -215,30 +223,50 @@ bool avx2_here() {
 
 }  // namespace
 
-torch::Tensor q8_repack(const Args& A, Q8Layer& Q) {
+int q8_best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && avx2_here())
+    return kQ8Vnni;
+  return avx2_here() ? kQ8Avx2 : kQ8Scalar;
+}
+
+int q8_isa_named(const std::string& name) {
+  static const char* names[] = {"scalar", "avx2", "vnni"};
+  if (name.empty()) return q8_best_isa();
+  for (int isa = kQ8Scalar; isa <= q8_best_isa(); ++isa)
+    if (name == names[isa]) return isa;
+  TORCH_CHECK(false, "this CPU runs the 8-bit-activation kernels up to ", names[q8_best_isa()], ", not ", name);
+}
+
+std::vector<torch::Tensor> q8_repack(const Args& A, Q8Layer& Q, int isa) {
   const Layout& L = A.layout;
-  const int64_t units = L.in_features / 32, unit_bytes = q8_unit_bytes(L.bits);
-  auto data = torch::zeros({A.out_features, units * unit_bytes}, torch::kUInt8);
+  // the VNNI loop takes rows and groups of whole 64-code units; any other layer the AVX2 loop
+  Q.isa = isa == kQ8Vnni && (L.in_features % 64 || L.group % 64) ? kQ8Avx2 : isa;
+  const int W = Q.isa == kQ8Vnni ? 64 : 32;
+  const int64_t units = L.in_features / W, unit_bytes = q8_unit_bytes(L.bits, W);
+  const int64_t I = Q.isa == kQ8Vnni ? 4 : 1, rows = (A.out_features + I - 1) / I * I;
+  auto data = torch::zeros({rows, units * unit_bytes}, torch::kUInt8);
   uint8_t* out = data.data_ptr<uint8_t>();
   for (int64_t r = 0; r < A.out_features; ++r) {
     const uint8_t* row = A.codes + r * L.row_bytes;
     for (int64_t u = 0; u < units; ++u) {
-      uint8_t* unit = out + (r * units + u) * unit_bytes;
-      uint32_t signs = 0;
-      for (int j = 0; j < 32; ++j) {
-        const int64_t bit = (u * 32 + j) * L.bits;
+      uint8_t* unit = out + ((r / I) * units * I + u * I + r % I) * unit_bytes;
+      for (int j = 0; j < W; ++j) {
+        const int64_t bit = (u * W + j) * L.bits;
         const int c = (load_word(row, bit >> 3, L.row_bytes) >> (bit & 7)) & ((1u << L.bits) - 1);
         if (L.bits == 4) {
-          unit[j % 16] |= static_cast<uint8_t>(c << (4 * (j / 16)));
+          unit[j % (W / 2)] |= static_cast<uint8_t>(c << (4 * (j / (W / 2))));
         } else {
-          unit[j % 8] |= static_cast<uint8_t>((c & 3) << (2 * (j / 8)));
-          if (L.bits == 3) signs |= static_cast<uint32_t>(c >> 2) << sign_bit(j);
+          unit[j % (W / 4)] |= static_cast<uint8_t>((c & 3) << (2 * (j / (W / 4))));
+          const int sign = sign_bit(j, W);
+          if (L.bits == 3) unit[W / 4 + sign / 8] |= static_cast<uint8_t>((c >> 2) << (sign % 8));
         }
       }
-      if (L.bits == 3) std::memcpy(unit + 8, &signs, 4);
     }
   }
-  Q.data = out, Q.scales = A.scales, Q.row_bytes = units * unit_bytes, Q.groups = A.groups;
+  Q.data = out, Q.scales = A.scales, Q.row_bytes = units * unit_bytes, Q.groups = A.groups, Q.width = W;
+  Q.interleave = I, Q.unit_stride = I * unit_bytes;
   Q.group = L.group, Q.in = L.in_features, Q.out = A.out_features, Q.bits = static_cast<int>(L.bits);
   Q.unit = std::ldexp(1.0f, -static_cast<int>(L.top) - (L.with_zero ? 1 : 0));
   for (int c = 0; c < 16; ++c) {
@@ -246,12 +274,20 @@ torch::Tensor q8_repack(const Args& A, Q8Layer& Q) {
     Q.magnitude[c] = static_cast<int8_t>(L.with_zero && field == 0 ? 0 : 1 << field);
     Q.sign[c] = code >> (L.bits - 1) ? -1 : 1;
   }
-  return data;
+  Q.offset = 1 << ((1 << (L.bits - 1)) - 1);  // the largest magnitude
+  for (int c = 0; c < 16; ++c) Q.shifted[c] = static_cast<uint8_t>(static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c] + Q.offset);
+  if (Q.isa != kQ8Vnni) return {data};
+  auto quad = torch::zeros({rows * A.groups}, torch::kInt16);
+  uint16_t* q = reinterpret_cast<uint16_t*>(quad.data_ptr<int16_t>());
+  for (int64_t r = 0; r < A.out_features; ++r)
+    for (int64_t g = 0; g < A.groups; ++g) q[((r / 4) * A.groups + g) * 4 + r % 4] = A.scales[r * A.groups + g];
+  Q.quad_scales = q;
+  return {data, quad};
 }
 
 void q8_rows(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
-  static const bool avx2 = avx2_here();
-  if (!avx2) return rows_scalar_q8(Q, x, y, r0, r1);
+  if (Q.isa == kQ8Scalar) return rows_scalar_q8(Q, x, y, r0, r1);
+  if (Q.isa == kQ8Vnni) return q8_rows_vnni(Q, x, y, r0, r1);
   switch (Q.bits) {
     case 2: return rows_avx2_q8_all<2>(Q, x, y, r0, r1);
     case 3: return rows_avx2_q8_all<3>(Q, x, y, r0, r1);
@@ -260,28 +296,28 @@ void q8_rows(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int
 }
 
 void q8_row(const Q8Layer& Q, int64_t r, float* out) {
-  const uint8_t* row = Q.data + r * Q.row_bytes;
-  const int64_t unit_bytes = q8_unit_bytes(Q.bits);
+  const uint8_t* row = Q.row_start(r);
+  const int64_t W = Q.width;
   for (int64_t j = 0; j < Q.in; ++j) {
-    const int c = unit_code(row + (j / 32) * unit_bytes, Q.bits, static_cast<int>(j % 32));
+    const int c = unit_code(row + (j / W) * Q.unit_stride, Q.bits, static_cast<int>(W), static_cast<int>(j % W));
     out[j] = static_cast<float>(static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c]) * group_factor(Q, r, j / Q.group);
   }
 }
 
-void q8_int8_rows(const Int8Layer& L, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {
-  static const bool avx2 = avx2_here();
-  if (!avx2) return int8_rows_scalar_q8(L, x, y, r0, r1);
+void q8_int8_rows(const Int8Layer& L, const Q8Activations& x, float* y, int64_t r0, int64_t r1, int isa) {
+  if (isa == kQ8Scalar) return int8_rows_scalar_q8(L, x, y, r0, r1);
+  if (isa == kQ8Vnni && q8_int8_vnni_serves(L)) return q8_int8_rows_vnni(L, x, y, r0, r1);
   int64_t b = 0;
   for (; b + 4 <= x.rows; b += 4) int8_rows_avx2_q8<4>(L, x, y, b, r0, r1);
   for (; b < x.rows; ++b) int8_rows_avx2_q8<1>(L, x, y, b, r0, r1);
 }
 
-void q8_quantize_block(const float* x, int64_t n, int8_t* q, float* scale) {
+void q8_quantize_block(const float* x, int64_t n, int8_t* q, float* scale, int32_t* sum) {
   static const bool avx2 = avx2_here();
-  if (avx2) return quantize_avx2(x, n, q, scale);
+  if (avx2) return quantize_avx2(x, n, q, scale, sum);
   float amax = 0.0f;
   for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
   const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-  *scale = d;
-  for (int64_t j = 0; j < n; ++j) q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+  *scale = d, *sum = 0;
+  for (int64_t j = 0; j < n; ++j) *sum += q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
 }
