@@ -2,6 +2,7 @@
 // scalar loops.
 #include "decoder_math.h"
 
+#include <ATen/ATen.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -90,6 +91,33 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
   }
 }
 
+// p[0..span) = softmax(p·scaling) and p[span..width) = 0.
+AVX2 void softmax_row_avx2(float* p, int64_t span, int64_t width, float scaling) {
+  const float top = *std::max_element(p, p + span) * scaling;
+  const __m256 scale = _mm256_set1_ps(scaling), shift = _mm256_set1_ps(top);
+  __m256 total = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= span; s += 8) {
+    const __m256 e = exp_clamped(_mm256_fmsub_ps(_mm256_loadu_ps(p + s), scale, shift));
+    _mm256_storeu_ps(p + s, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float rest = 0.0f;
+  for (; s < span; ++s) rest += (p[s] = std::exp(p[s] * scaling - top));
+  const __m256 inverse = _mm256_set1_ps(1.0f / (hsum(total) + rest));
+  for (s = 0; s + 8 <= span; s += 8) _mm256_storeu_ps(p + s, _mm256_mul_ps(_mm256_loadu_ps(p + s), inverse));
+  for (; s < span; ++s) p[s] *= _mm256_cvtss_f32(inverse);
+  std::fill(p + span, p + width, 0.0f);
+}
+
+void softmax_row_scalar(float* p, int64_t span, int64_t width, float scaling) {
+  const float top = *std::max_element(p, p + span) * scaling;
+  float total = 0.0f;
+  for (int64_t s = 0; s < span; ++s) total += (p[s] = std::exp(p[s] * scaling - top));
+  for (int64_t s = 0; s < span; ++s) p[s] /= total;
+  std::fill(p + span, p + width, 0.0f);
+}
+
 AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
   int64_t j = 0;
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
@@ -118,6 +146,25 @@ void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, c
     return;
   }
   attend_scalar(q, G, q_stride, K, V, span, D, scaling, scores, out, out_stride);
+}
+
+void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const float* K, const float* V,
+                  int64_t first, int64_t D, float scaling, float* out, int64_t out_token_stride, std::vector<float>& work) {
+  static const bool avx2 = avx2_here();
+  const int64_t rows = tokens * G, width = first + tokens;  // the last token sees `width` positions
+  work.resize(rows * D * 2 + rows * width);
+  float *queries = work.data(), *outputs = queries + rows * D, *scores = outputs + rows * D;
+  for (int64_t i = 0; i < tokens; ++i) std::copy(q + i * q_token_stride, q + i * q_token_stride + G * D, queries + i * G * D);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor Q = at::from_blob(queries, {rows, D}, f32), S = at::from_blob(scores, {rows, width}, f32);
+  const at::Tensor keys = at::from_blob(const_cast<float*>(K), {width, D}, f32);
+  const at::Tensor values = at::from_blob(const_cast<float*>(V), {width, D}, f32);
+  at::Tensor O = at::from_blob(outputs, {rows, D}, f32);
+  at::mm_out(const_cast<at::Tensor&>(S), Q, keys.t());
+  for (int64_t r = 0; r < rows; ++r)
+    (avx2 ? softmax_row_avx2 : softmax_row_scalar)(scores + r * width, first + r / G + 1, width, scaling);
+  at::mm_out(O, S, values);
+  for (int64_t i = 0; i < tokens; ++i) std::copy(outputs + i * G * D, outputs + (i + 1) * G * D, out + i * out_token_stride);
 }
 
 void silu_mul(const float* gate, const float* up, float* out, int64_t n) {

@@ -2,6 +2,7 @@
 // activation, in AVX2 where the CPU has it (decoder_math.cpp), else scalar loops.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 // One token's attention for the query heads that share one key/value head (grouped-query
 // attention): the keys and values of each cached position are read once for the whole group.
@@ -9,6 +10,15 @@
 // 0 .. span−1 (K, V: [span, D] rows); q_g at q + g·q_stride; scores: room for G·span floats.
 void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
                   int64_t D, float scaling, float* scores, float* out, int64_t out_stride);
+
+// A block of a prompt's tokens' attention for the query heads of one key/value head, as two
+// matrix products (PyTorch's BLAS, one thread: the caller is a thread of the decoder's team):
+// S = Q·Kᵀ for the block's G·tokens queries against every position any of them sees, a causal
+// softmax per row, then S·V. Token i (0 .. tokens−1) sees positions 0 .. first + i; its heads'
+// queries are at q + i·q_token_stride + g·D and its outputs go to out + i·out_token_stride + g·D.
+// `work` is scratch the call grows as it needs.
+void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const float* K, const float* V,
+                  int64_t first, int64_t D, float scaling, float* out, int64_t out_token_stride, std::vector<float>& work);
 
 // out[j] = silu(gate[j])·up[j] = gate[j]·up[j] / (1 + e^−gate[j]) for j < n.
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);

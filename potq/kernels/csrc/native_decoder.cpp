@@ -312,6 +312,8 @@ class Decoder {
     Own(int64_t hidden, int64_t qd, int64_t inter) : h(hidden), x(hidden), xq(hidden), aq(qd), iq(inter) {}
   };
 
+  static constexpr int64_t kAttentionBlock = 16;  // a prompt's tokens per attention item
+
   // Every thread runs this; barriers separate the phases that read other threads' results.
   void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n) {
     const int64_t T = B.T, group = H_ / KV_;
@@ -337,10 +339,9 @@ class Decoder {
         for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
     };
     for (int64_t b = b0; b < b1; ++b) embed_->row(tokens[b], h + b * hidden_);
-    // attention items (token b, kv head g), every n-th to this thread: a prompt's later tokens attend
-    // to more positions, so contiguous shares would leave the first thread idle
+    // the rotary embedding's items (token b, kv head g), every n-th to this thread
     const int64_t items = T * KV_;
-    std::vector<float> scores(group * (pos + T)), rotated(D_);
+    std::vector<float> scores(group * (pos + T)), rotated(D_), work;
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const Block& L = *blocks_[i];
       float* K = keys_.data() + i * KV_ * max_len_ * D_;
@@ -365,12 +366,19 @@ class Decoder {
         }
       }
       publish();  // a prompt's tokens attend to keys other threads wrote
-      // its query heads over the positions up to its own, a kv head's group together: its keys and
-      // values, which stream from memory at long contexts, read once for the group
-      for (int64_t item = t; item < items; item += n) {
-        const int64_t b = item / KV_, g = item % KV_;
-        attend_group(B.q.data() + (b * H_ + g * group) * D_, group, D_, K + g * max_len_ * D_, V + g * max_len_ * D_,
-                     pos + b + 1, D_, scaling_, scores.data(), B.attended.data() + (b * H_ + g * group) * D_, D_);
+      if (step) {  // its query heads over the positions up to its own, the kv head's keys read once for them
+        for (int64_t g = t; g < KV_; g += n)
+          attend_group(B.q.data() + g * group * D_, group, D_, K + g * max_len_ * D_, V + g * max_len_ * D_, pos + 1, D_,
+                       scaling_, scores.data(), B.attended.data() + g * group * D_, D_);
+      } else {  // a prompt: blocks of tokens for one kv head as two matrix products (every n-th block
+                // to this thread: later tokens see more positions, so contiguous shares would be uneven)
+        const int64_t blocks = (T + kAttentionBlock - 1) / kAttentionBlock;
+        for (int64_t item = t; item < blocks * KV_; item += n) {
+          const int64_t b = item / KV_ * kAttentionBlock, g = item % KV_, count = std::min(kAttentionBlock, T - b);
+          attend_block(B.q.data() + (b * H_ + g * group) * D_, count, group, H_ * D_, K + g * max_len_ * D_,
+                       V + g * max_len_ * D_, pos + b, D_, scaling_, B.attended.data() + (b * H_ + g * group) * D_,
+                       H_ * D_, work);
+        }
       }
       B.barrier.wait();
       add_to_stream(*L.o, B.attended.data(), aq);

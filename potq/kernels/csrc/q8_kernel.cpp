@@ -5,6 +5,8 @@
 
 #include <immintrin.h>
 
+#include <ATen/Parallel.h>
+
 #include <cstring>
 
 #include "pot_gemv_scalar.h"
@@ -248,23 +250,25 @@ std::vector<torch::Tensor> q8_repack(const Args& A, Q8Layer& Q, int isa) {
   const int64_t I = Q.isa == kQ8Vnni ? 4 : 1, rows = (A.out_features + I - 1) / I * I;
   auto data = torch::zeros({rows, units * unit_bytes}, torch::kUInt8);
   uint8_t* out = data.data_ptr<uint8_t>();
-  for (int64_t r = 0; r < A.out_features; ++r) {
-    const uint8_t* row = A.codes + r * L.row_bytes;
-    for (int64_t u = 0; u < units; ++u) {
-      uint8_t* unit = out + ((r / I) * units * I + u * I + r % I) * unit_bytes;
-      for (int j = 0; j < W; ++j) {
-        const int64_t bit = (u * W + j) * L.bits;
-        const int c = (load_word(row, bit >> 3, L.row_bytes) >> (bit & 7)) & ((1u << L.bits) - 1);
-        if (L.bits == 4) {
-          unit[j % (W / 2)] |= static_cast<uint8_t>(c << (4 * (j / (W / 2))));
-        } else {
-          unit[j % (W / 4)] |= static_cast<uint8_t>((c & 3) << (2 * (j / (W / 4))));
-          const int sign = sign_bit(j, W);
-          if (L.bits == 3) unit[W / 4 + sign / 8] |= static_cast<uint8_t>((c >> 2) << (sign % 8));
+  at::parallel_for(0, A.out_features, 64, [&](int64_t r0, int64_t r1) {  // rows write disjoint units
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = A.codes + r * L.row_bytes;
+      for (int64_t u = 0; u < units; ++u) {
+        uint8_t* unit = out + ((r / I) * units * I + u * I + r % I) * unit_bytes;
+        for (int j = 0; j < W; ++j) {
+          const int64_t bit = (u * W + j) * L.bits;
+          const int c = (load_word(row, bit >> 3, L.row_bytes) >> (bit & 7)) & ((1u << L.bits) - 1);
+          if (L.bits == 4) {
+            unit[j % (W / 2)] |= static_cast<uint8_t>(c << (4 * (j / (W / 2))));
+          } else {
+            unit[j % (W / 4)] |= static_cast<uint8_t>((c & 3) << (2 * (j / (W / 4))));
+            const int sign = sign_bit(j, W);
+            if (L.bits == 3) unit[W / 4 + sign / 8] |= static_cast<uint8_t>((c >> 2) << (sign % 8));
+          }
         }
       }
     }
-  }
+  });
   Q.data = out, Q.scales = A.scales, Q.row_bytes = units * unit_bytes, Q.groups = A.groups, Q.width = W;
   Q.interleave = I, Q.unit_stride = I * unit_bytes;
   Q.group = L.group, Q.in = L.in_features, Q.out = A.out_features, Q.bits = static_cast<int>(L.bits);
