@@ -208,6 +208,12 @@ def _rows_through(x: Tensor, layer, kernel: Callable[[Tensor], Tensor]) -> Tenso
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def q8_isa() -> str:
+    """The native decoder's 8-bit-activation kernel here: "vnni" (AVX-512 VNNI), "avx2", "scalar" or "none"."""
+    ext = extension()
+    return ("scalar", "avx2", "vnni")[ext.q8_best_isa()] if ext is not None else "none"
+
+
 def _isa(isa: str | None) -> str:
     if isa is None:
         return best_isa()
