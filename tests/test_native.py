@@ -51,6 +51,21 @@ def test_native_logits_match_transformers(fused_kernel, family, fmt, bits):
     assert 0 < error < 0.03
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decoding_splits_the_positions_between_threads(fused_kernel, threads):
+    """One token at a time from the very first (a thread's share of the positions empty at first,
+    the shares merged by their softmax statistics after): the same logits on any number of threads."""
+    model = tiny_model("qwen3")  # q/k norms too, normed by each thread for itself
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        native = _native(model, ids, 1, exact=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(native, _logits(model, ids), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_native_float_and_int8_layers(fused_kernel, family):
     """A float model, and one whose token table and tied head are symmetric 8-bit."""

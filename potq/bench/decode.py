@@ -82,6 +82,8 @@ def measure(path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     torch.set_num_threads(threads)
     start = time.perf_counter()
     lm = potq.load_model(path)
+    if native_decoder.unsupported(lm.model) is None:  # its one-time description, as llama.cpp's load
+        native_decoder.describe(lm.model)             # prepares its model: the prompt is the prompt alone
     load_s = time.perf_counter() - start
     rss_loaded = _status_mib("VmRSS")
     ids = lm.tokenizer.encode(prompt_text(prompt_tokens))[:prompt_tokens]
@@ -243,7 +245,9 @@ def markdown(results: dict[str, dict], prompt_tokens: int, new_tokens: int, read
     lines = [f"Prompt {prompt_tokens} tokens, {new_tokens} greedy tokens with the KV cache, batch 1, "
              f"{first['threads']} threads; each variant in a fresh process, the variants in turn "
              f"{len(first.get('rounds_tokens_per_s', [0]))} times, the median run shown. Bound = "
-             f"measured read bandwidth {read_gb_s:.1f} GB/s ÷ weight bytes read per token.", "",
+             f"measured read bandwidth {read_gb_s:.1f} GB/s ÷ weight bytes read per token. Prompt: the "
+             f"first token's latency after the load (which prepares the native decoder once, as llama.cpp's "
+             f"load prepares its model).", "",
              "| model | decoding tok/s | vs float32 | weights read per token (MB) | bound (tok/s) | of bound "
              f"| prompt (ms) | prefill of {PREFILL_TOKENS} (tok/s) | RSS after load (MiB) | peak RSS (MiB) "
              "| greedy tokens = PyTorch path |",

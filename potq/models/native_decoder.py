@@ -106,6 +106,12 @@ class NativeDecoder:
         return logits
 
 
+def describe(model: nn.Module, exact: bool = False) -> None:
+    """Describe ``model`` to the extension now (repacking its codes for the 8-bit-activation
+    kernel), not at its first token — what a server or a benchmark does once at load time."""
+    _layers(model, exact)
+
+
 # model -> {exact: (its tensors' addresses, its description)}; held beside the model, not in it,
 # so that the model still copies and pickles
 _described: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

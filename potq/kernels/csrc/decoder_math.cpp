@@ -11,7 +11,7 @@
 namespace {
 
 void attend_scalar(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                   int64_t D, float scaling, float* scores, float* out, int64_t out_stride) {
+                   int64_t D, float scaling, float* scores, float* out, int64_t out_stride, float* stats) {
   for (int64_t g = 0; g < G; ++g) {
     float* p = scores + g * span;
     float top = -INFINITY;
@@ -22,6 +22,7 @@ void attend_scalar(const float* q, int64_t G, int64_t q_stride, const float* K, 
     }
     float total = 0.0f;
     for (int64_t s = 0; s < span; ++s) total += (p[s] = std::exp(p[s] - top));
+    if (stats) stats[2 * g] = top, stats[2 * g + 1] = total;
     float* o = out + g * out_stride;
     std::fill(o, o + D, 0.0f);
     for (int64_t s = 0; s < span; ++s)
@@ -55,7 +56,7 @@ AVX2 inline __m256 exp_clamped(__m256 x) {
 constexpr int64_t kMaxGroup = 8;
 
 AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                      int64_t D, float scaling, float* scores, float* out, int64_t out_stride) {
+                      int64_t D, float scaling, float* scores, float* out, int64_t out_stride, float* stats) {
   for (int64_t s = 0; s < span; ++s) {  // scores: each key row read once for the group
     __m256 acc[kMaxGroup];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
@@ -78,7 +79,9 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
     }
     float rest = 0.0f;
     for (; s < span; ++s) rest += (p[s] = std::exp(p[s] - top));
-    inverse[g] = 1.0f / (hsum(total) + rest);
+    const float sum = hsum(total) + rest;
+    inverse[g] = 1.0f / sum;
+    if (stats) stats[2 * g] = top, stats[2 * g + 1] = sum;
   }
   for (int64_t j = 0; j < D; j += 8) {  // outputs: each value row read once for the group
     __m256 acc[kMaxGroup];
@@ -137,15 +140,43 @@ bool avx2_here() {
 }  // namespace
 
 void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                  int64_t D, float scaling, float* scores, float* out, int64_t out_stride) {
+                  int64_t D, float scaling, float* scores, float* out, int64_t out_stride, float* stats) {
   static const bool avx2 = avx2_here();
+  if (span == 0) {  // an empty part of the positions: nothing to weigh
+    for (int64_t g = 0; g < G; ++g) {
+      std::fill(out + g * out_stride, out + g * out_stride + D, 0.0f);
+      if (stats) stats[2 * g] = -INFINITY, stats[2 * g + 1] = 0.0f;
+    }
+    return;
+  }
   if (avx2 && D % 8 == 0) {
     for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup)  // groups wider than the registers hold: in parts
       attend_avx2(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V, span, D, scaling, scores,
-                  out + g0 * out_stride, out_stride);
+                  out + g0 * out_stride, out_stride, stats ? stats + 2 * g0 : nullptr);
     return;
   }
-  attend_scalar(q, G, q_stride, K, V, span, D, scaling, scores, out, out_stride);
+  attend_scalar(q, G, q_stride, K, V, span, D, scaling, scores, out, out_stride, stats);
+}
+
+void attend_merge(const float* outputs, const float* stats, int64_t parts, int64_t part_stride, int64_t H, int64_t D,
+                  float* out) {
+  for (int64_t h = 0; h < H; ++h) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p < parts; ++p) top = std::max(top, stats[p * 2 * H + 2 * h]);
+    auto weight = [&](int64_t p) {  // an empty part (max −∞) weighs nothing
+      const float part_top = stats[p * 2 * H + 2 * h];
+      return part_top == -INFINITY ? 0.0f : stats[p * 2 * H + 2 * h + 1] * std::exp(part_top - top);
+    };
+    float total = 0.0f;
+    for (int64_t p = 0; p < parts; ++p) total += weight(p);
+    float* o = out + h * D;
+    std::fill(o, o + D, 0.0f);
+    for (int64_t p = 0; p < parts; ++p) {
+      const float w = weight(p) / total;
+      if (w > 0.0f)
+        for (int64_t j = 0; j < D; ++j) o[j] += w * outputs[p * part_stride + h * D + j];
+    }
+  }
 }
 
 void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const float* K, const float* V,

@@ -8,8 +8,17 @@
 // attention): the keys and values of each cached position are read once for the whole group.
 // For g = 0 .. G−1: out[g·out_stride ..][0..D) = softmax(q_g·Kᵀ·scaling)·V over positions
 // 0 .. span−1 (K, V: [span, D] rows); q_g at q + g·q_stride; scores: room for G·span floats.
+// With `stats`, each head's largest score and its softmax's denominator go to stats[2g], [2g + 1]
+// (what merging attention over parts of the positions needs: attend_merge); a span of 0 gives
+// −∞, 0 and zero outputs.
 void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                  int64_t D, float scaling, float* scores, float* out, int64_t out_stride);
+                  int64_t D, float scaling, float* scores, float* out, int64_t out_stride, float* stats = nullptr);
+
+// Attention over all positions from `parts` attentions over disjoint parts of them (attend_group
+// with stats): out[h·D ..] = Σ_p w_p·o_p / Σ_p w_p, w_p = total_p·e^(max_p − max), for the H heads;
+// part p's outputs at outputs + p·part_stride, its stats at stats + p·2·H.
+void attend_merge(const float* outputs, const float* stats, int64_t parts, int64_t part_stride, int64_t H, int64_t D,
+                  float* out);
 
 // A block of a prompt's tokens' attention for the query heads of one key/value head, as two
 // matrix products (PyTorch's BLAS, one thread: the caller is a thread of the decoder's team):

@@ -11,12 +11,13 @@
 // formats in one model are one switch, not a copy of the block per format.
 //
 // Threads: one OpenMP parallel region per call. Each thread takes a fixed slice of every
-// projection's output rows (for all the tokens fed), of the (token, kv head) attention items and
-// of the tokens for the elementwise steps (norms, residual adds, the activations' 8-bit
-// rounding) — or, decoding one token, every thread computes those few small vectors itself, which
-// saves half the barriers; potq's own barrier (spin briefly, then yield the core) separates the
-// phases that read other threads' results. A prompt goes through each layer as one batch, so a weight unit
-// decoded once serves up to eight tokens (q8_kernel.cpp).
+// projection's output rows (for all the tokens fed), of the attention items (blocks of tokens for a
+// kv head) and of the tokens for the elementwise steps (norms, residual adds, the activations'
+// 8-bit rounding) — or, decoding one token, every thread computes those few small vectors itself,
+// which saves half the barriers, and attends over its share of the cached positions; potq's own
+// barrier (spin briefly, then yield the core) separates the phases that read other threads'
+// results. A prompt goes through each layer as one batch, so a weight unit decoded once serves up
+// to eight tokens (q8_kernel.cpp, q8_vnni.cpp).
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -279,7 +280,7 @@ class Decoder {
       every_ = logits->numel() == T * head_->out && T > 1;
     }
     const int threads = std::max(1, at::get_num_threads());
-    Batch batch(T, hidden_, H_ * D_, KV_ * D_, inter_, threads);
+    Batch batch(T, hidden_, H_ * D_, KV_ * D_, inter_, H_, threads);
     pybind11::gil_scoped_release no_gil;
 #pragma omp parallel num_threads(threads)
     {
@@ -295,10 +296,12 @@ class Decoder {
     Barrier barrier;  // first: constructed before the vectors, as the initialiser list is ordered
     int64_t T;
     std::vector<float> h, x, q, k, v, attended, y, gate, up, act;
+    std::vector<float> parts, stats;  // one token: each thread's attention over its share of the positions
     Q8Activations xq, aq, iq;
-    Batch(int64_t T, int64_t hidden, int64_t qd, int64_t kvd, int64_t inter, int threads)
+    Batch(int64_t T, int64_t hidden, int64_t qd, int64_t kvd, int64_t inter, int64_t heads, int threads)
         : barrier(threads), T(T), h(T * hidden), x(T * hidden), q(T * qd), k(T * kvd), v(T * kvd), attended(T * qd), y(T * hidden),
-          gate(T * inter), up(T * inter), act(T * inter), xq(hidden, T), aq(qd, T), iq(inter, T) {
+          gate(T * inter), up(T * inter), act(T * inter), parts(T == 1 ? threads * qd : 0),
+          stats(T == 1 ? threads * 2 * heads : 0), xq(hidden, T), aq(qd, T), iq(inter, T) {
       xq.reset(x.data()), aq.reset(attended.data()), iq.reset(act.data());
     }
   };
@@ -307,9 +310,10 @@ class Decoder {
   // the vectors the layers read. Each thread computes these few small vectors itself, which costs
   // less than the barriers that sharing them would take.
   struct Own {
-    std::vector<float> h, x;
+    std::vector<float> h, x, q, attended;  // q: every query head, normed and rotated
     Q8Activations xq, aq, iq;
-    Own(int64_t hidden, int64_t qd, int64_t inter) : h(hidden), x(hidden), xq(hidden), aq(qd), iq(inter) {}
+    Own(int64_t hidden, int64_t qd, int64_t inter)
+        : h(hidden), x(hidden), q(qd), attended(qd), xq(hidden), aq(qd), iq(inter) {}
   };
 
   static constexpr int64_t kAttentionBlock = 16;  // a prompt's tokens per attention item
@@ -324,7 +328,8 @@ class Decoder {
     Q8Activations& xq = step ? own->xq : B.xq;
     Q8Activations& aq = step ? own->aq : B.aq;
     Q8Activations& iq = step ? own->iq : B.iq;
-    if (step) xq.reset(x), aq.reset(B.attended.data()), iq.reset(B.act.data());
+    float* attended = step ? own->attended.data() : B.attended.data();
+    if (step) xq.reset(x), aq.reset(attended), iq.reset(B.act.data());
     const auto [b0, b1] = step ? std::pair<int64_t, int64_t>{0, 1} : share(T, t, n);  // the tokens it keeps
     auto publish = [&]() { if (!step) B.barrier.wait(); };  // only a prompt's tokens are shared out
     // h += m(in) for the tokens this thread keeps: in's 8-bit form, the product, then the residual add
@@ -352,26 +357,48 @@ class Decoder {
       project(*L.k, x, xq, B.k.data(), T, t, n);
       project(*L.v, x, xq, B.v.data(), T, t, n);
       B.barrier.wait();
-      for (int64_t item = t; item < items; item += n) {  // its key (normed, rotated) and value into the cache,
-        const int64_t b = item / KV_, g = item % KV_;  // its query heads normed and rotated in place
-        float* k = B.k.data() + item * D_;
-        if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
-        rotate(k, pos + b, K + (g * max_len_ + pos + b) * D_);
-        std::copy(B.v.data() + item * D_, B.v.data() + (item + 1) * D_, V + (g * max_len_ + pos + b) * D_);
-        for (int64_t hd = g * group; hd < (g + 1) * group; ++hd) {
-          float* q = B.q.data() + (b * H_ + hd) * D_;
-          if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, q);
-          rotate(q, pos + b, rotated.data());
-          std::copy(rotated.begin(), rotated.end(), q);
+      if (step) {
+        // one token: the positions split between the threads, each attending every query head over
+        // its share (a kv head's keys read once for its heads), then every thread merging the shares
+        // into its own copy — even work whatever the number of kv heads. Each thread norms and rotates
+        // every query head for itself; the thread whose share holds this token's position (the last)
+        // writes the token's keys and values into the cache.
+        const auto [s0, s1] = share(pos + 1, t, n);
+        for (int64_t hd = 0; hd < H_; ++hd) {
+          const float* q = B.q.data() + hd * D_;
+          if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, rotated.data()), q = rotated.data();
+          rotate(q, pos, own->q.data() + hd * D_);
         }
-      }
-      publish();  // a prompt's tokens attend to keys other threads wrote
-      if (step) {  // its query heads over the positions up to its own, the kv head's keys read once for them
-        for (int64_t g = t; g < KV_; g += n)
-          attend_group(B.q.data() + g * group * D_, group, D_, K + g * max_len_ * D_, V + g * max_len_ * D_, pos + 1, D_,
-                       scaling_, scores.data(), B.attended.data() + g * group * D_, D_);
-      } else {  // a prompt: blocks of tokens for one kv head as two matrix products (every n-th block
-                // to this thread: later tokens see more positions, so contiguous shares would be uneven)
+        if (s1 == pos + 1)
+          for (int64_t g = 0; g < KV_; ++g) {
+            float* k = B.k.data() + g * D_;
+            if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
+            rotate(k, pos, K + (g * max_len_ + pos) * D_);
+            std::copy(B.v.data() + g * D_, B.v.data() + (g + 1) * D_, V + (g * max_len_ + pos) * D_);
+          }
+        for (int64_t g = 0; g < KV_; ++g)
+          attend_group(own->q.data() + g * group * D_, group, D_, K + (g * max_len_ + s0) * D_,
+                       V + (g * max_len_ + s0) * D_, s1 - s0, D_, scaling_, scores.data(),
+                       B.parts.data() + (t * H_ + g * group) * D_, D_, B.stats.data() + 2 * (t * H_ + g * group));
+        B.barrier.wait();
+        attend_merge(B.parts.data(), B.stats.data(), n, H_ * D_, H_, D_, attended);
+      } else {
+        for (int64_t item = t; item < items; item += n) {  // its key (normed, rotated) and value into the
+          const int64_t b = item / KV_, g = item % KV_;      // cache, its query heads normed and rotated in place
+          float* k = B.k.data() + item * D_;
+          if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
+          rotate(k, pos + b, K + (g * max_len_ + pos + b) * D_);
+          std::copy(B.v.data() + item * D_, B.v.data() + (item + 1) * D_, V + (g * max_len_ + pos + b) * D_);
+          for (int64_t hd = g * group; hd < (g + 1) * group; ++hd) {
+            float* q = B.q.data() + (b * H_ + hd) * D_;
+            if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, q);
+            rotate(q, pos + b, rotated.data());
+            std::copy(rotated.begin(), rotated.end(), q);
+          }
+        }
+        B.barrier.wait();  // the tokens attend to keys other threads wrote
+        // blocks of tokens for one kv head as two matrix products (every n-th block to this thread:
+        // later tokens see more positions, so contiguous shares would be uneven)
         const int64_t blocks = (T + kAttentionBlock - 1) / kAttentionBlock;
         for (int64_t item = t; item < blocks * KV_; item += n) {
           const int64_t b = item / KV_ * kAttentionBlock, g = item % KV_, count = std::min(kAttentionBlock, T - b);
@@ -379,9 +406,9 @@ class Decoder {
                        V + g * max_len_ * D_, pos + b, D_, scaling_, B.attended.data() + (b * H_ + g * group) * D_,
                        H_ * D_, work);
         }
+        B.barrier.wait();
       }
-      B.barrier.wait();
-      add_to_stream(*L.o, B.attended.data(), aq);
+      add_to_stream(*L.o, attended, aq);
       norm_rows(h, L.mlp_norm.data_ptr<float>(), x, xq, L.gate->act_block, b0, b1);
       publish();
       {  // gate and up rows of the same slice, so silu(gate)·up needs no barrier between them
