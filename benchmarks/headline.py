@@ -22,8 +22,6 @@ ROWS = [
     ("llama.cpp:Q3_K_M", "llama.cpp Q3_K_M", "peer:Q3_K_M"),
     ("uniform:4:awq", "uniform 4-bit AWQ, G128", None),
     ("pot:4:blockap+e2e:64", "PoT 4-bit Block-AP + E2E, G64", "pot4"),
-    ("pot:4:e2e:64", "PoT 4-bit grid + E2E, G64", "pot4"),
-    ("pot:4:grid:64,objective=act", "PoT 4-bit grid-searched scales, G64", "pot4"),
     ("uniform:3:blockap+e2e", "uniform 3-bit Block-AP + E2E, G128", None),
     ("pot:3:blockap+e2e:64", "PoT 3-bit Block-AP + E2E, G64", "pot3"),
     ("pot:2:blockap+e2e:64", "PoT 2-bit Block-AP + E2E, G64", "pot2"),
