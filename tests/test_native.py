@@ -10,6 +10,7 @@ import torch
 import potq
 from potq.config import QuantConfig
 from potq.eval.generate import next_tokens
+from potq.formats.grouping import group_width
 from potq.models import native_decoder
 from potq.models.native_decoder import NativeDecoder
 from potq.quantize import INT8_TABLES
@@ -173,7 +174,7 @@ def _q8_reference(layer, x):
     """Σ over groups of (integer weights · int8 activations) · scales, in float64: what every
     8-bit-activation kernel computes in exact integer sums (x rounded to int8 per group as they
     round it: x · (1 / (max|x| / 127)) in float32, to nearest even)."""
-    width = native_decoder.group_width(layer.in_features, layer.group_size)
+    width = group_width(layer.in_features, layer.group_size)
     weight = layer.dequantize().double()
     y = torch.zeros(x.shape[0], layer.out_features, dtype=torch.float64)
     for start in range(0, layer.in_features, width):
@@ -201,7 +202,7 @@ def test_every_8_bit_activation_kernel_computes_the_same_sums(fused_kernel, fmt,
     torch.manual_seed(group + bits)
     for in_features in (576, 1536):
         layer = QuantLinear.from_quantized(quantize_weight(torch.randn(37, in_features), get_format(fmt, bits), group))
-        width = native_decoder.group_width(in_features, layer.group_size)
+        width = group_width(in_features, layer.group_size)
         def matrix_for(isa: str):  # noqa: ANN202
             if fmt == "uniform-sym":
                 return ext.int8_matrix(layer.codes, layer.scales, width, None, True, isa)

@@ -187,11 +187,12 @@ void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_str
   float *queries = work.data(), *outputs = queries + rows * D, *scores = outputs + rows * D;
   for (int64_t i = 0; i < tokens; ++i) std::copy(q + i * q_token_stride, q + i * q_token_stride + G * D, queries + i * G * D);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor Q = at::from_blob(queries, {rows, D}, f32), S = at::from_blob(scores, {rows, width}, f32);
+  const at::Tensor Q = at::from_blob(queries, {rows, D}, f32);
+  at::Tensor S = at::from_blob(scores, {rows, width}, f32);
   const at::Tensor keys = at::from_blob(const_cast<float*>(K), {width, D}, f32);
   const at::Tensor values = at::from_blob(const_cast<float*>(V), {width, D}, f32);
   at::Tensor O = at::from_blob(outputs, {rows, D}, f32);
-  at::mm_out(const_cast<at::Tensor&>(S), Q, keys.t());
+  at::mm_out(S, Q, keys.t());
   for (int64_t r = 0; r < rows; ++r)
     (avx2 ? softmax_row_avx2 : softmax_row_scalar)(scores + r * width, first + r / G + 1, width, scaling);
   at::mm_out(O, S, values);
