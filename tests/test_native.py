@@ -1,6 +1,8 @@
 """The native decoder (one C++ call per token) against transformers' own forward, on tiny models of
-every family it runs and on the real stories260K: exact mode to float rounding, the default
-8-bit-activation mode within the activations' rounding and with the same greedy tokens."""
+every family it runs (each family's options — sliding windows, soft-capping, Gemma's norms,
+partial rotary — switched on where a tiny default config leaves them off) and on the real
+stories260K: exact mode to float rounding, the default 8-bit-activation mode within the
+activations' rounding and with the same greedy tokens."""
 
 import copy
 
@@ -16,7 +18,16 @@ from potq.models.native_decoder import NativeDecoder
 from potq.quantize import INT8_TABLES
 from zoo import tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
+
+# each family's options that its tiny default config leaves off or makes irrelevant at 14 tokens
+OPTIONS = {
+    "mistral": dict(sliding_window=4),
+    "phi3": dict(sliding_window=6, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+    "gemma2": dict(sliding_window=5, attn_logit_softcapping=0.05, final_logit_softcapping=0.5),
+    "gemma3_text": dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"]),  # two rotary bases
+    "qwen2": dict(use_sliding_window=True, sliding_window=3, layer_types=["full_attention", "sliding_attention"]),
+}
 
 
 def _logits(model, ids):
@@ -50,6 +61,35 @@ def test_native_logits_match_transformers(fused_kernel, family, fmt, bits):
     fast = _native(model, ids, 10, exact=False)  # int8 activations: within their rounding, not exact
     error = (fast - reference).abs().max() / reference.abs().max()
     assert 0 < error < 0.03
+
+
+@pytest.mark.parametrize("family", OPTIONS)
+def test_native_block_options(fused_kernel, family):
+    """Sliding windows shorter than the text, soft-capped scores and logits, per-layer-type rotary
+    bases, partial rotary embeddings, norms that are not 1 (Gemma's 1 + w): the same logits as
+    transformers, prompt and steps, on two threads, float and packed — and the options change those
+    logits, so the comparison covers them. (The 8-bit-activation mode of each family is checked
+    in the test above; with Gemma's norms of each sublayer's output its rounding reaches the
+    residual stream at full size rather than diluted, so its bound there would be another one.)"""
+    model, plain = tiny_model(family, **OPTIONS[family]), tiny_model(family)
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *plain.named_parameters()]:
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    ids = torch.randint(0, 512, (1, 14), generator=torch.Generator().manual_seed(1))
+    reference = _logits(model, ids)
+    assert (reference - _logits(plain, ids)).abs().max() > 0.05
+    potq.quantize_(packed := copy.deepcopy(model), QuantConfig("pot", 3, 32), method="rtn", progress=False)
+    packed_reference = _logits(packed, ids)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for split in (10, 1):
+            assert torch.allclose(_native(model, ids, split, exact=True), reference[split - 1:], atol=2e-5, rtol=1e-4)
+            assert torch.allclose(_native(packed, ids, split, exact=True), packed_reference[split - 1:],
+                                  atol=2e-5, rtol=1e-4)  # packed rows (Phi-3's fused projections: row ranges)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -106,13 +146,10 @@ def test_bounds_and_fallbacks(fused_kernel):
         decoder(torch.tensor([[4, 5]]))
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         NativeDecoder(model, 4)(torch.tensor([[600]]))
-    gemma = tiny_model("gemma3_text")
-    assert "not gemma3_text" in native_decoder.unsupported(gemma)
-    assert len(_greedy(gemma, [1, 5, 7], 3)) == 3  # falls back to transformers' forward
-    window = copy.deepcopy(model)
-    window.config.model_type, window.config.sliding_window = "mistral", 8
-    assert native_decoder.unsupported(window, 8) is None
-    assert "sliding-window" in native_decoder.unsupported(window, 9)
+    gpt2 = tiny_model("gpt2")
+    assert "not gpt2" in native_decoder.unsupported(gpt2)
+    assert len(_greedy(gpt2, [1, 5, 7], 3)) == 3  # falls back to transformers' forward
+    assert "activations are silu and gelu_tanh" in native_decoder.unsupported(tiny_model("llama", hidden_act="relu"))
     with native_decoder.enabled(False):
         assert native_decoder.unsupported(model) == "the native decoder is switched off"
 

@@ -34,9 +34,14 @@ CONFIGS = {
 }
 
 
-def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random-init ``kind`` model; ``overrides`` change its config (given to the config class,
+    which derives what depends on them, e.g. Gemma 3's rotary bases per layer type)."""
+    config = CONFIGS[kind]()
+    if overrides:
+        config = type(config)(**{**config.to_dict(), **overrides})
     torch.manual_seed(seed)
-    return T.AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval()
+    return T.AutoModelForCausalLM.from_config(config).eval()
 
 
 def tiny_folder(kind: str, folder: Path, tokenizer) -> Path:  # noqa: ANN001

@@ -1,6 +1,6 @@
 """Text generation for eyeballing a quantized model: greedy or seeded sampling, with a KV cache.
 
-Llama, Mistral, Qwen2 and Qwen3 models decode natively (:mod:`potq.models.native_decoder`: one C++
+Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma-2/3 models decode natively (:mod:`potq.models.native_decoder`: one C++
 call per token); where that cannot run, LLaMA models go through potq's lean Python decoder
 (:mod:`potq.models.llama_decoder`, its own KV cache); other transformers models through their forward with a ``DynamicCache``: either way the prompt
 is run once and every new token costs a single position; models whose ``forward`` takes no ``past_key_values`` (a plain nanoGPT) fall back to

@@ -11,15 +11,17 @@
 namespace {
 
 void attend_scalar(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                   int64_t D, float scaling, float* scores, float* out, int64_t out_stride, float* stats) {
+                   int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
+                   float* stats) {
   for (int64_t g = 0; g < G; ++g) {
     float* p = scores + g * span;
-    float top = -INFINITY;
     for (int64_t s = 0; s < span; ++s) {
       float dot = 0.0f;
       for (int64_t j = 0; j < D; ++j) dot += q[g * q_stride + j] * K[s * D + j];
-      top = std::max(top, p[s] = dot * scaling);
+      p[s] = dot * scaling;
     }
+    if (softcap > 0.0f) soft_cap(p, span, softcap);
+    const float top = *std::max_element(p, p + span);
     float total = 0.0f;
     for (int64_t s = 0; s < span; ++s) total += (p[s] = std::exp(p[s] - top));
     if (stats) stats[2 * g] = top, stats[2 * g + 1] = total;
@@ -56,7 +58,8 @@ AVX2 inline __m256 exp_clamped(__m256 x) {
 constexpr int64_t kMaxGroup = 8;
 
 AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                      int64_t D, float scaling, float* scores, float* out, int64_t out_stride, float* stats) {
+                      int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
+                      float* stats) {
   for (int64_t s = 0; s < span; ++s) {  // scores: each key row read once for the group
     __m256 acc[kMaxGroup];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
@@ -66,6 +69,7 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
     }
     for (int64_t g = 0; g < G; ++g) scores[g * span + s] = hsum(acc[g]) * scaling;
   }
+  if (softcap > 0.0f) soft_cap(scores, G * span, softcap);
   float inverse[kMaxGroup];
   for (int64_t g = 0; g < G; ++g) {  // softmax, unnormalised; 1/total kept for the output
     float* p = scores + g * span;
@@ -121,15 +125,25 @@ void softmax_row_scalar(float* p, int64_t span, int64_t width, float scaling) {
   std::fill(p + span, p + width, 0.0f);
 }
 
-AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
+constexpr float kGeluTanh = 1.5957691216057308f, kGeluCube = 0.044715f;  // 2·√(2/π), and the cube's weight
+
+// The argument of the sigmoid in act(g) = g·σ(z): z = g (silu) or 2√(2/π)(g + 0.044715g³) (gelu).
+inline float sigmoid_argument(Activation act, float g) {
+  return act == Activation::kSilu ? g : kGeluTanh * (g + kGeluCube * g * g * g);
+}
+
+AVX2 void gated_activation_avx2(Activation act, const float* gate, const float* up, float* out, int64_t n) {
   int64_t j = 0;
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 outer = _mm256_set1_ps(kGeluTanh), cube = _mm256_set1_ps(kGeluCube);
   for (; j + 8 <= n; j += 8) {
     const __m256 g = _mm256_loadu_ps(gate + j);
-    const __m256 e = exp_clamped(_mm256_sub_ps(zero, g));
+    const __m256 z = act == Activation::kSilu
+        ? g : _mm256_mul_ps(outer, _mm256_fmadd_ps(_mm256_mul_ps(cube, g), _mm256_mul_ps(g, g), g));
+    const __m256 e = exp_clamped(_mm256_sub_ps(zero, z));
     _mm256_storeu_ps(out + j, _mm256_div_ps(_mm256_mul_ps(g, _mm256_loadu_ps(up + j)), _mm256_add_ps(one, e)));
   }
-  for (; j < n; ++j) out[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];
+  for (; j < n; ++j) out[j] = gate[j] / (1.0f + std::exp(-sigmoid_argument(act, gate[j]))) * up[j];
 }
 
 bool avx2_here() {
@@ -140,7 +154,8 @@ bool avx2_here() {
 }  // namespace
 
 void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                  int64_t D, float scaling, float* scores, float* out, int64_t out_stride, float* stats) {
+                  int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
+                  float* stats) {
   static const bool avx2 = avx2_here();
   if (span == 0) {  // an empty part of the positions: nothing to weigh
     for (int64_t g = 0; g < G; ++g) {
@@ -151,11 +166,11 @@ void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, c
   }
   if (avx2 && D % 8 == 0) {
     for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup)  // groups wider than the registers hold: in parts
-      attend_avx2(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V, span, D, scaling, scores,
+      attend_avx2(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V, span, D, scaling, softcap, scores,
                   out + g0 * out_stride, out_stride, stats ? stats + 2 * g0 : nullptr);
     return;
   }
-  attend_scalar(q, G, q_stride, K, V, span, D, scaling, scores, out, out_stride, stats);
+  attend_scalar(q, G, q_stride, K, V, span, D, scaling, softcap, scores, out, out_stride, stats);
 }
 
 void attend_merge(const float* outputs, const float* stats, int64_t parts, int64_t part_stride, int64_t H, int64_t D,
@@ -180,27 +195,44 @@ void attend_merge(const float* outputs, const float* stats, int64_t parts, int64
 }
 
 void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const float* K, const float* V,
-                  int64_t first, int64_t D, float scaling, float* out, int64_t out_token_stride, std::vector<float>& work) {
+                  int64_t first, int64_t window, int64_t D, float scaling, float softcap, float* out,
+                  int64_t out_token_stride, std::vector<float>& work) {
   static const bool avx2 = avx2_here();
-  const int64_t rows = tokens * G, width = first + tokens;  // the last token sees `width` positions
+  auto earliest = [&](int64_t i) { return window ? std::max<int64_t>(0, first + i - window + 1) : 0; };
+  const int64_t start = earliest(0);  // the first position any of the block's tokens sees
+  const int64_t rows = tokens * G, width = first + tokens - start;  // the last token sees up to `width` of them
   work.resize(rows * D * 2 + rows * width);
   float *queries = work.data(), *outputs = queries + rows * D, *scores = outputs + rows * D;
   for (int64_t i = 0; i < tokens; ++i) std::copy(q + i * q_token_stride, q + i * q_token_stride + G * D, queries + i * G * D);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor Q = at::from_blob(queries, {rows, D}, f32);
   at::Tensor S = at::from_blob(scores, {rows, width}, f32);
-  const at::Tensor keys = at::from_blob(const_cast<float*>(K), {width, D}, f32);
-  const at::Tensor values = at::from_blob(const_cast<float*>(V), {width, D}, f32);
+  const at::Tensor keys = at::from_blob(const_cast<float*>(K + start * D), {width, D}, f32);
+  const at::Tensor values = at::from_blob(const_cast<float*>(V + start * D), {width, D}, f32);
   at::Tensor O = at::from_blob(outputs, {rows, D}, f32);
   at::mm_out(S, Q, keys.t());
-  for (int64_t r = 0; r < rows; ++r)
-    (avx2 ? softmax_row_avx2 : softmax_row_scalar)(scores + r * width, first + r / G + 1, width, scaling);
+  for (int64_t r = 0; r < rows; ++r) {  // row r: token r / G, positions [begin, end) of the block's columns
+    float* p = scores + r * width;
+    const int64_t begin = earliest(r / G) - start, end = first + r / G + 1 - start;
+    std::fill(p, p + begin, 0.0f);
+    float row_scaling = scaling;
+    if (softcap > 0.0f) {  // capped scores first: the softmax then takes them as they are
+      for (int64_t s = begin; s < end; ++s) p[s] *= scaling;
+      soft_cap(p + begin, end - begin, softcap);
+      row_scaling = 1.0f;
+    }
+    (avx2 ? softmax_row_avx2 : softmax_row_scalar)(p + begin, end - begin, width - begin, row_scaling);
+  }
   at::mm_out(O, S, values);
   for (int64_t i = 0; i < tokens; ++i) std::copy(outputs + i * G * D, outputs + (i + 1) * G * D, out + i * out_token_stride);
 }
 
-void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+void gated_activation(Activation act, const float* gate, const float* up, float* out, int64_t n) {
   static const bool avx2 = avx2_here();
-  if (avx2) return silu_mul_avx2(gate, up, out, n);
-  for (int64_t j = 0; j < n; ++j) out[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];
+  if (avx2) return gated_activation_avx2(act, gate, up, out, n);
+  for (int64_t j = 0; j < n; ++j) out[j] = gate[j] / (1.0f + std::exp(-sigmoid_argument(act, gate[j]))) * up[j];
+}
+
+void soft_cap(float* p, int64_t n, float cap) {
+  for (int64_t j = 0; j < n; ++j) p[j] = cap * std::tanh(p[j] / cap);
 }

@@ -1,11 +1,15 @@
 // potq's native decoder: one call per token runs the whole model — embedding, every block's
-// RMSNorms, projections, rotary embedding, KV cache and grouped-query attention, SwiGLU, the final
-// norm and the output head — with no Python between the layers (llama.cpp's "one graph per token").
+// RMSNorms, projections, rotary embedding, KV cache and grouped-query attention, the gated MLP, the
+// final norm and the output head — with no Python between the layers (llama.cpp's "one graph per
+// token").
 //
-// The model is the LLaMA-style block every dense family potq takes shares (Llama, Mistral, Qwen2
-// with q/k/v biases, Qwen3 with per-head q/k norms), described to this file by the Python side
-// (potq/runtime/native.py) from the loaded module: sizes, the rotary tables the model's own
-// rotary embedding computed, and one `Matrix` per linear layer — packed PoT codes (the fused
+// The model is the LLaMA-style block every dense family potq takes shares, with the options the
+// families add: Qwen2's q/k/v biases, Qwen3's and Gemma 3's per-head q/k norms, Gemma's norms of
+// each sublayer's output ("sandwich" norms), scaled token table, GeGLU and soft-capped scores and
+// logits, sliding-window attention per layer with its own rotary tables (Mistral, Gemma 2/3,
+// Phi-3), partial rotary embeddings (Phi-3 variants). It is described to this file by the Python
+// side (potq/models/native_decoder.py) from the loaded module: sizes, the rotary tables the
+// model's own rotary embedding computed, and one `Matrix` per linear layer — packed PoT codes (the fused
 // kernel), PoT codes in the runtime's 8-bit-activation layout (q8_layout.h), symmetric 8-bit codes
 // (integer dot products against 8-bit activations, or the float 8-bit GEMV) or float32 — so mixed
 // formats in one model are one switch, not a copy of the block per format.
@@ -230,27 +234,51 @@ class Barrier {
   int n_;
 };
 
-// One block's layers and norm weights.
+// One block's layers, norm weights (each as it multiplies: Gemma's 1 + w already added) and
+// attention options.
 struct Block {
   MatrixPtr q, k, v, o, gate, up, down;
-  torch::Tensor attn_norm, mlp_norm;
-  c10::optional<torch::Tensor> q_norm, k_norm;  // Qwen3: RMSNorm over each head's D values
+  torch::Tensor attn_norm, mlp_norm;              // the norms before attention and before the MLP
+  c10::optional<torch::Tensor> q_norm, k_norm;    // Qwen3, Gemma 3: RMSNorm over each head's D values
+  c10::optional<torch::Tensor> attn_out_norm, mlp_out_norm;  // Gemma 2/3: RMSNorm of each sublayer's output
+  int64_t window = 0;  // attention over the last `window` positions (0: all of them)
 };
 using BlockPtr = std::shared_ptr<Block>;
 
 class Decoder {
  public:
-  Decoder(std::vector<BlockPtr> blocks, MatrixPtr embed, MatrixPtr head, torch::Tensor final_norm, torch::Tensor cos,
-          torch::Tensor sin, int64_t heads, int64_t kv_heads, double eps, double scaling)
+  // The model-wide options: the token table's rows are multiplied by `embed_scale` (Gemma: √hidden);
+  // attention scores and the logits soft-capped where `attn_softcap`, `final_softcap` > 0 (Gemma 2);
+  // `activation` is the gated MLP's ("silu": SwiGLU, "gelu_tanh": GeGLU). cos[i], sin[i]: block i's
+  // rotary tables [max_len, R], R <= head_dim (the first R of a head's values rotate); blocks of one
+  // kind share the tensors. They set the positions the decoder holds.
+  Decoder(std::vector<BlockPtr> blocks, MatrixPtr embed, MatrixPtr head, torch::Tensor final_norm,
+          std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin, int64_t heads, int64_t kv_heads,
+          int64_t head_dim, double eps, double scaling, double embed_scale, double attn_softcap, double final_softcap,
+          const std::string& activation)
       : blocks_(std::move(blocks)), embed_(std::move(embed)), head_(std::move(head)), final_norm_(final_norm),
-        cos_(cos), sin_(sin), H_(heads), KV_(kv_heads), eps_(float(eps)), scaling_(float(scaling)) {
+        cos_(std::move(cos)), sin_(std::move(sin)), H_(heads), KV_(kv_heads), D_(head_dim), eps_(float(eps)),
+        scaling_(float(scaling)),
+        embed_scale_(float(embed_scale)), attn_softcap_(float(attn_softcap)), final_softcap_(float(final_softcap)) {
     TORCH_CHECK(!blocks_.empty() && heads % kv_heads == 0, "the decoder needs blocks and heads divisible by kv heads");
-    for (const auto& t : {final_norm, cos, sin})
-      TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "norms and rotary tables: contiguous float32");
+    TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "activation: silu or gelu_tanh, not ", activation);
+    activation_ = activation == "silu" ? Activation::kSilu : Activation::kGeluTanh;
+    TORCH_CHECK(final_norm.dtype() == torch::kFloat32 && final_norm.is_contiguous(), "norms: contiguous float32");
     hidden_ = embed_->in;
-    D_ = cos.size(1), max_len_ = cos.size(0), inter_ = blocks_[0]->gate->out;
-    TORCH_CHECK(D_ % 2 == 0 && sin.sizes() == cos.sizes(), "rotary tables: [max_len, head_dim], head_dim even");
-    for (const auto& b : blocks_) {
+    TORCH_CHECK(cos_.size() == blocks_.size() && sin_.size() == blocks_.size(), "rotary tables: one pair per block");
+    max_len_ = cos_[0].size(0), inter_ = blocks_[0]->gate->out;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const Block* b = blocks_[i].get();
+      for (const auto& t : {cos_[i], sin_[i]})
+        TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous() && t.dim() == 2, "rotary tables: contiguous float32");
+      TORCH_CHECK(cos_[i].sizes() == sin_[i].sizes() && cos_[i].size(0) == max_len_ && cos_[i].size(1) % 2 == 0 &&
+                      cos_[i].size(1) <= D_ && b->window >= 0,
+                  "rotary tables: [max_len, R] for every block, R even and at most head_dim");
+      TORCH_CHECK(b->attn_norm.numel() == hidden_ && b->mlp_norm.numel() == hidden_ &&
+                      (!b->attn_out_norm || b->attn_out_norm->numel() == hidden_) &&
+                      (!b->mlp_out_norm || b->mlp_out_norm->numel() == hidden_) &&
+                      (!b->q_norm || b->q_norm->numel() == D_) && (!b->k_norm || b->k_norm->numel() == D_),
+                  "norm weights: [hidden] (q/k norms: [head_dim])");
       TORCH_CHECK(b->q->out == H_ * D_ && b->k->out == KV_ * D_ && b->v->out == KV_ * D_ && b->o->in == H_ * D_ &&
                       b->o->out == hidden_ && b->gate->in == hidden_ && b->down->in == inter_ &&
                       b->down->out == hidden_ && b->up->out == inter_ && b->q->in == hidden_,
@@ -321,6 +349,7 @@ class Decoder {
   // Every thread runs this; barriers separate the phases that read other threads' results.
   void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n) {
     const int64_t T = B.T, group = H_ / KV_;
+    std::vector<float> normed(hidden_);  // a sublayer's output normed before the residual add (Gemma)
     const bool step = T == 1;  // one token: each thread keeps the token's small vectors itself
     std::unique_ptr<Own> own = step ? std::make_unique<Own>(hidden_, H_ * D_, inter_) : nullptr;
     float* h = step ? own->h.data() : B.h.data();
@@ -332,18 +361,27 @@ class Decoder {
     if (step) xq.reset(x), aq.reset(attended), iq.reset(B.act.data());
     const auto [b0, b1] = step ? std::pair<int64_t, int64_t>{0, 1} : share(T, t, n);  // the tokens it keeps
     auto publish = [&]() { if (!step) B.barrier.wait(); };  // only a prompt's tokens are shared out
-    // h += m(in) for the tokens this thread keeps: in's 8-bit form, the product, then the residual add
-    auto add_to_stream = [&](const Matrix& m, const float* in, Q8Activations& in_q) {
+    // h += m(in) (normed by out_norm where given) for the tokens this thread keeps: in's 8-bit form,
+    // the product, then the residual add
+    auto add_to_stream = [&](const Matrix& m, const float* in, Q8Activations& in_q,
+                             const c10::optional<torch::Tensor>& out_norm) {
       if (m.act_block) {
         in_q.quantize(m.act_block, b0, b1);
         publish();
       }
       project(m, in, in_q, B.y.data(), T, t, n);
       B.barrier.wait();
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += B.y[b * hidden_ + j];
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* y = B.y.data() + b * hidden_;
+        if (out_norm) rms_norm_into(y, out_norm->data_ptr<float>(), hidden_, eps_, normed.data()), y = normed.data();
+        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += y[j];
+      }
     };
-    for (int64_t b = b0; b < b1; ++b) embed_->row(tokens[b], h + b * hidden_);
+    for (int64_t b = b0; b < b1; ++b) {
+      embed_->row(tokens[b], h + b * hidden_);
+      if (embed_scale_ != 1.0f)
+        for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] *= embed_scale_;
+    }
     // the rotary embedding's items (token b, kv head g), every n-th to this thread
     const int64_t items = T * KV_;
     std::vector<float> scores(group * (pos + T)), rotated(D_), work;
@@ -363,22 +401,24 @@ class Decoder {
         // into its own copy — even work whatever the number of kv heads. Each thread norms and rotates
         // every query head for itself; the thread whose share holds this token's position (the last)
         // writes the token's keys and values into the cache.
-        const auto [s0, s1] = share(pos + 1, t, n);
+        const int64_t earliest = L.window ? std::max<int64_t>(0, pos + 1 - L.window) : 0;
+        const auto [part0, part1] = share(pos + 1 - earliest, t, n);
+        const int64_t s0 = earliest + part0, s1 = earliest + part1;
         for (int64_t hd = 0; hd < H_; ++hd) {
           const float* q = B.q.data() + hd * D_;
           if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, rotated.data()), q = rotated.data();
-          rotate(q, pos, own->q.data() + hd * D_);
+          rotate(i, q, pos, own->q.data() + hd * D_);
         }
         if (s1 == pos + 1)
           for (int64_t g = 0; g < KV_; ++g) {
             float* k = B.k.data() + g * D_;
             if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
-            rotate(k, pos, K + (g * max_len_ + pos) * D_);
+            rotate(i, k, pos, K + (g * max_len_ + pos) * D_);
             std::copy(B.v.data() + g * D_, B.v.data() + (g + 1) * D_, V + (g * max_len_ + pos) * D_);
           }
         for (int64_t g = 0; g < KV_; ++g)
           attend_group(own->q.data() + g * group * D_, group, D_, K + (g * max_len_ + s0) * D_,
-                       V + (g * max_len_ + s0) * D_, s1 - s0, D_, scaling_, scores.data(),
+                       V + (g * max_len_ + s0) * D_, s1 - s0, D_, scaling_, attn_softcap_, scores.data(),
                        B.parts.data() + (t * H_ + g * group) * D_, D_, B.stats.data() + 2 * (t * H_ + g * group));
         B.barrier.wait();
         attend_merge(B.parts.data(), B.stats.data(), n, H_ * D_, H_, D_, attended);
@@ -387,12 +427,12 @@ class Decoder {
           const int64_t b = item / KV_, g = item % KV_;      // cache, its query heads normed and rotated in place
           float* k = B.k.data() + item * D_;
           if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
-          rotate(k, pos + b, K + (g * max_len_ + pos + b) * D_);
+          rotate(i, k, pos + b, K + (g * max_len_ + pos + b) * D_);
           std::copy(B.v.data() + item * D_, B.v.data() + (item + 1) * D_, V + (g * max_len_ + pos + b) * D_);
           for (int64_t hd = g * group; hd < (g + 1) * group; ++hd) {
             float* q = B.q.data() + (b * H_ + hd) * D_;
             if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, q);
-            rotate(q, pos + b, rotated.data());
+            rotate(i, q, pos + b, rotated.data());
             std::copy(rotated.begin(), rotated.end(), q);
           }
         }
@@ -403,31 +443,34 @@ class Decoder {
         for (int64_t item = t; item < blocks * KV_; item += n) {
           const int64_t b = item / KV_ * kAttentionBlock, g = item % KV_, count = std::min(kAttentionBlock, T - b);
           attend_block(B.q.data() + (b * H_ + g * group) * D_, count, group, H_ * D_, K + g * max_len_ * D_,
-                       V + g * max_len_ * D_, pos + b, D_, scaling_, B.attended.data() + (b * H_ + g * group) * D_,
-                       H_ * D_, work);
+                       V + g * max_len_ * D_, pos + b, L.window, D_, scaling_, attn_softcap_,
+                       B.attended.data() + (b * H_ + g * group) * D_, H_ * D_, work);
         }
         B.barrier.wait();
       }
-      add_to_stream(*L.o, attended, aq);
+      add_to_stream(*L.o, attended, aq, L.attn_out_norm);
       norm_rows(h, L.mlp_norm.data_ptr<float>(), x, xq, L.gate->act_block, b0, b1);
       publish();
-      {  // gate and up rows of the same slice, so silu(gate)·up needs no barrier between them
+      {  // gate and up rows of the same slice, so act(gate)·up needs no barrier between them
         const auto [r0, r1] = slice(inter_, t, n);
         L.gate->rows(x, xq, B.gate.data(), T, r0, r1);
         L.up->rows(x, xq, B.up.data(), T, r0, r1);
         for (int64_t b = 0; b < T; ++b)
-          silu_mul(B.gate.data() + b * inter_ + r0, B.up.data() + b * inter_ + r0, B.act.data() + b * inter_ + r0,
-                   r1 - r0);
+          gated_activation(activation_, B.gate.data() + b * inter_ + r0, B.up.data() + b * inter_ + r0,
+                           B.act.data() + b * inter_ + r0, r1 - r0);
       }
       B.barrier.wait();
-      add_to_stream(*L.down, B.act.data(), iq);
+      add_to_stream(*L.down, B.act.data(), iq, L.mlp_out_norm);
     }
     if (!logits) return;
     publish();
     if (every_) {  // every token's logits: the final norm of this thread's tokens, then the head for all
       norm_rows(h, final_norm_.data_ptr<float>(), x, xq, head_->act_block, b0, b1);
       B.barrier.wait();
-      project(*head_, x, xq, logits, T, t, n);
+      const auto [r0, r1] = slice(head_->out, t, n);
+      head_->rows(x, xq, logits, T, r0, r1);
+      if (final_softcap_ > 0.0f)
+        for (int64_t b = 0; b < T; ++b) soft_cap(logits + b * head_->out + r0, r1 - r0, final_softcap_);
       return;
     }
     std::vector<float> last(hidden_);  // the last token's final norm, each thread its own copy
@@ -437,6 +480,7 @@ class Decoder {
     lq.ensure(head_->act_block);
     const auto [r0, r1] = slice(head_->out, t, n);
     head_->rows(last.data(), lq, logits, 1, r0, r1);
+    if (final_softcap_ > 0.0f) soft_cap(logits + r0, r1 - r0, final_softcap_);
   }
 
   // RMSNorm of rows [b0, b1) of h into x, and their 8-bit form for blocks of `block` (0: none)
@@ -452,18 +496,22 @@ class Decoder {
     m.rows(x, xq, y, T, r0, r1);
   }
 
-  // x·cos + halves-swapped(x)·sin at `pos` (sin's first half negated, as LlamaDecoder keeps it)
-  void rotate(const float* x, int64_t pos, float* out) const {
-    const float *c = cos_.data_ptr<float>() + pos * D_, *s = sin_.data_ptr<float>() + pos * D_;
-    const int64_t half = D_ / 2;
-    for (int64_t j = 0; j < D_; ++j) out[j] = x[j] * c[j] + x[j < half ? j + half : j - half] * s[j];
+  // The first R values: x·cos + halves-swapped(x)·sin at `pos` (sin's first half negated, as
+  // LlamaDecoder keeps it) with the block's tables; the other D − R as they are.
+  void rotate(size_t block, const float* x, int64_t pos, float* out) const {
+    const int64_t R = cos_[block].size(1), half = R / 2;
+    const float *c = cos_[block].data_ptr<float>() + pos * R, *s = sin_[block].data_ptr<float>() + pos * R;
+    for (int64_t j = 0; j < R; ++j) out[j] = x[j] * c[j] + x[j < half ? j + half : j - half] * s[j];
+    std::copy(x + R, x + D_, out + R);
   }
 
   std::vector<BlockPtr> blocks_;
   MatrixPtr embed_, head_;
-  torch::Tensor final_norm_, cos_, sin_;
-  int64_t H_, KV_, D_ = 0, hidden_ = 0, inter_ = 0, max_len_ = 0;
-  float eps_, scaling_;
+  torch::Tensor final_norm_;
+  std::vector<torch::Tensor> cos_, sin_;
+  int64_t H_, KV_, D_, hidden_ = 0, inter_ = 0, max_len_ = 0;
+  float eps_, scaling_, embed_scale_, attn_softcap_, final_softcap_;
+  Activation activation_;
   bool every_ = false;  // this call writes every token's logits
   std::vector<float> keys_, values_;
 };
@@ -492,18 +540,27 @@ void bind_native_decoder(pybind11::module& m) {
   m.def("q8_best_isa", [] { return q8_best_isa(); }, "the widest 8-bit-activation kernel here (0 scalar, 1 AVX2, 2 VNNI)");
   py::class_<Block, BlockPtr>(m, "Block")
       .def(py::init([](MatrixPtr q, MatrixPtr k, MatrixPtr v, MatrixPtr o, MatrixPtr gate, MatrixPtr up, MatrixPtr down,
-                       torch::Tensor attn_norm, torch::Tensor mlp_norm, c10::optional<torch::Tensor> q_norm,
-                       c10::optional<torch::Tensor> k_norm) {
+                       torch::Tensor attn_norm, torch::Tensor mlp_norm, c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+                       c10::optional<torch::Tensor> attn_out_norm, c10::optional<torch::Tensor> mlp_out_norm,
+                       int64_t window) {
              for (const auto& t : {attn_norm, mlp_norm})
                TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "norm weights: contiguous float32");
-             return std::make_shared<Block>(Block{q, k, v, o, gate, up, down, attn_norm, mlp_norm, q_norm, k_norm});
+             for (const auto& t : {q_norm, k_norm, attn_out_norm, mlp_out_norm})
+               TORCH_CHECK(!t || (t->dtype() == torch::kFloat32 && t->is_contiguous()), "norm weights: contiguous float32");
+             return std::make_shared<Block>(Block{q, k, v, o, gate, up, down, attn_norm, mlp_norm, q_norm, k_norm,
+                                                  attn_out_norm, mlp_out_norm, window});
            }),
            py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"),
-           py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none());
+           py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("q_norm") = py::none(),
+           py::arg("k_norm") = py::none(), py::arg("attn_out_norm") = py::none(), py::arg("mlp_out_norm") = py::none(),
+           py::arg("window") = 0);
   py::class_<Decoder>(m, "Decoder")
-      .def(py::init<std::vector<BlockPtr>, MatrixPtr, MatrixPtr, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
-                    int64_t, double, double>(),
+      .def(py::init<std::vector<BlockPtr>, MatrixPtr, MatrixPtr, torch::Tensor, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double, double, double, double, double,
+                    const std::string&>(),
            py::arg("blocks"), py::arg("embed"), py::arg("head"), py::arg("final_norm"), py::arg("cos"), py::arg("sin"),
-           py::arg("heads"), py::arg("kv_heads"), py::arg("eps"), py::arg("scaling"))
+           py::arg("heads"),
+           py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scaling"), py::arg("embed_scale") = 1.0,
+           py::arg("attn_softcap") = 0.0, py::arg("final_softcap") = 0.0, py::arg("activation") = "silu")
       .def("feed", &Decoder::feed, py::arg("tokens"), py::arg("pos"), py::arg("logits") = py::none());
 }
