@@ -24,6 +24,7 @@ ROWS = [
     ("pot:4:blockap+e2e:64", "PoT 4-bit Block-AP + E2E, G64", "pot4"),
     ("uniform:3:blockap+e2e", "uniform 3-bit Block-AP + E2E, G128", None),
     ("pot:3:blockap+e2e:64", "PoT 3-bit Block-AP + E2E, G64", "pot3"),
+    ("uniform:2:blockap+e2e", "uniform 2-bit Block-AP + E2E, G128", None),
     ("pot:2:blockap+e2e:64", "PoT 2-bit Block-AP + E2E, G64", "pot2"),
 ]
 
@@ -39,6 +40,8 @@ RECIPES = [
      "--format pot --bits 4 --group-size 64 --method grid --objective act"),
     ("uniform, best 4-bit", "uniform:4:awq", "--format uniform --bits 4 --method awq"),
     ("uniform, best 3-bit", "uniform:3:blockap+e2e", "--format uniform --bits 3 --method blockap,e2e"),
+    ("smallest error at about 2.25 bits (uniform)", "uniform:2:blockap+e2e",
+     "--format uniform --bits 2 --method blockap,e2e"),
     ("a quick baseline", "uniform:4", "--format uniform --bits 4 --method rtn"),
 ]
 
