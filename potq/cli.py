@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue")
     _add_sampling_args(p, 64, "tokens to generate at most")
     p.add_argument("--kernel", choices=["native", "fused", "torch"], default="native",
-                   help="native (default): Llama/Mistral/Qwen2/Qwen3 decode in one C++ call per token, PoT layers "
-                        "on 8-bit activations; fused: the Python decoder with the exact fused PoT kernel; "
+                   help="native (default): Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma-2/3 decode in one C++ call per "
+                        "token, PoT layers on 8-bit activations, a float16 KV cache; fused: the Python decoder with the exact fused PoT kernel; "
                         "torch: the pure-PyTorch path")
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s and which path computed the layers after the text")

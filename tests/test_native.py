@@ -98,24 +98,33 @@ def test_decoding_splits_the_positions_between_threads(fused_kernel, threads, he
     """One token at a time from the very first (a thread's share of the positions empty at first,
     the shares merged by their softmax statistics after): the same logits on any number of threads,
     for heads of 64 and 128 values (the AVX-512 attention's, 16 positions at a time: 40 tokens
-    make whole and partial blocks) as for others."""
+    make whole and partial blocks) as for others; and the default float16 KV cache within its
+    rounding of the exact float32 one, decoding and reading a prompt."""
     model = tiny_model("qwen3", head_dim=head_dim)  # q/k norms too, normed by each thread for itself
     ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         native = _native(model, ids, 1, exact=True)
+        half = _native(model, ids, 1, exact=False)  # a float model: only the float16 KV cache differs
+        prompt = _native(model, ids, 25, exact=False)  # a prompt's attention over the float16 cache
     finally:
         torch.set_num_threads(before)
     assert torch.allclose(native, _logits(model, ids), atol=2e-5, rtol=1e-4)
+    scale = native.abs().max()
+    assert 0 < (half - native).abs().max() / scale < 2e-3
+    assert 0 < (prompt - native[24:]).abs().max() / scale < 2e-3
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_native_float_and_int8_layers(fused_kernel, family):
-    """A float model, and one whose token table and tied head are symmetric 8-bit."""
+    """A float model (its float layers exact; by default only the float16 KV cache rounds), and
+    one whose token table and tied head are symmetric 8-bit."""
     model = tiny_model(family)
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
-    assert torch.allclose(_native(model, ids, 6, exact=False), _logits(model, ids)[5:], atol=2e-5, rtol=1e-4)
+    reference = _logits(model, ids)[5:]
+    assert torch.allclose(_native(model, ids, 6, exact=True), reference, atol=2e-5, rtol=1e-4)
+    assert (_native(model, ids, 6, exact=False) - reference).abs().max() / reference.abs().max() < 2e-3
     potq.quantize_(model, QuantConfig("pot", 4, 32), method="rtn", embeddings=INT8_TABLES, progress=False)
     reference = _logits(model, ids)[5:]
     assert torch.allclose(_native(model, ids, 6, exact=True), reference, atol=2e-5, rtol=1e-4)

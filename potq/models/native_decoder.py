@@ -24,8 +24,10 @@ Each linear layer becomes, by its format:
   8-bit activations (``exact=True``: the float 8-bit GEMV);
 - anything else: its float32 weight (decoded once).
 
-The decoder's results are logits equal to the PyTorch path's up to the activations' 8-bit
-rounding (exact mode: float rounding) — tested on tiny models of each family.
+The KV cache holds float16 keys and values (llama.cpp's default: a step's attention reads half
+the bytes; ``exact=True``: float32). The decoder's results are logits equal to the PyTorch path's
+up to the activations' 8-bit rounding and the cache's float16 rounding (exact mode: float
+rounding) — tested on tiny models of each family.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ class NativeDecoder:
             config.rms_norm_eps, inner.layers[0].self_attn.scaling, embed_scale=1.0 if scale is None else float(scale),
             attn_softcap=getattr(config, "attn_logit_softcapping", None) or 0.0,
             final_softcap=getattr(config, "final_logit_softcapping", None) or 0.0,
-            activation=activation(inner.layers[0].mlp))
+            activation=activation(inner.layers[0].mlp), half_cache=not exact)
         self._logits = torch.empty(model.lm_head.out_features)
 
     def __call__(self, ids: Tensor) -> Tensor:

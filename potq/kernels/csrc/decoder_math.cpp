@@ -1,5 +1,6 @@
 // The native decoder's attention and activation (decoder_math.h): AVX-512 or AVX2 where the CPU
-// has it, else scalar loops.
+// has it, else scalar loops. The attention reads a KV cache of float32 or float16 (T): one
+// template, the cache's rows widened to float32 as they are loaded.
 #include "decoder_math.h"
 
 #include <ATen/ATen.h>
@@ -10,14 +11,18 @@
 
 namespace {
 
-void attend_scalar(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+inline float value(float x) { return x; }
+inline float value(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+void attend_scalar(const float* q, int64_t G, int64_t q_stride, const T* K, const T* V, int64_t span,
                    int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
                    float* stats) {
   for (int64_t g = 0; g < G; ++g) {
     float* p = scores + g * span;
     for (int64_t s = 0; s < span; ++s) {
       float dot = 0.0f;
-      for (int64_t j = 0; j < D; ++j) dot += q[g * q_stride + j] * K[s * D + j];
+      for (int64_t j = 0; j < D; ++j) dot += q[g * q_stride + j] * value(K[s * D + j]);
       p[s] = dot * scaling;
     }
     if (softcap > 0.0f) soft_cap(p, span, softcap);
@@ -28,11 +33,14 @@ void attend_scalar(const float* q, int64_t G, int64_t q_stride, const float* K, 
     float* o = out + g * out_stride;
     std::fill(o, o + D, 0.0f);
     for (int64_t s = 0; s < span; ++s)
-      for (int64_t j = 0; j < D; ++j) o[j] += p[s] / total * V[s * D + j];
+      for (int64_t j = 0; j < D; ++j) o[j] += p[s] / total * value(V[s * D + j]);
   }
 }
 
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 AVX2 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -78,14 +86,15 @@ AVX2 void softmax_rows_avx2(float* scores, int64_t G, int64_t span, float* inver
   }
 }
 
-AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+template <typename T>
+AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const T* K, const T* V, int64_t span,
                       int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
                       float* stats) {
   for (int64_t s = 0; s < span; ++s) {  // scores: each key row read once for the group
     __m256 acc[kMaxGroup];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t j = 0; j < D; j += 8) {
-      const __m256 k = _mm256_loadu_ps(K + s * D + j);
+      const __m256 k = load8(K + s * D + j);
       for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + j), k, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g) scores[g * span + s] = hsum(acc[g]) * scaling;
@@ -97,14 +106,19 @@ AVX2 void attend_avx2(const float* q, int64_t G, int64_t q_stride, const float* 
     __m256 acc[kMaxGroup];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t s = 0; s < span; ++s) {
-      const __m256 v = _mm256_loadu_ps(V + s * D + j);
+      const __m256 v = load8(V + s * D + j);
       for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + g * span + s), v, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g) _mm256_storeu_ps(out + g * out_stride + j, _mm256_mul_ps(acc[g], _mm256_set1_ps(inverse[g])));
   }
 }
 
-#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // [a.L0 + a.L1, a.L2 + a.L3, b.L0 + b.L1, b.L2 + b.L3] of the 128-bit lanes L of a and b
 AVX512 inline __m512 add_lane_pairs(__m512 a, __m512 b) {
@@ -124,20 +138,20 @@ AVX512 inline __m512 sums16(const __m512* v) {
 }
 
 // scores[i] = q·K[i]·scaling for the `count` (<= 16) key rows at K, q: C vectors of 16 (D = 16·C)
-template <int C>
-AVX512 inline void scores16(const float* q, const float* K, int64_t count, __m512 scale, float* scores) {
+template <int C, typename T>
+AVX512 inline void scores16(const float* q, const T* K, int64_t count, __m512 scale, float* scores) {
   __m512 qv[C], acc[16];
   for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
   if (count == 16) {
     for (int i = 0; i < 16; ++i) {
-      acc[i] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(K + i * 16 * C));
-      for (int c = 1; c < C; ++c) acc[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(K + i * 16 * C + 16 * c), acc[i]);
+      acc[i] = _mm512_mul_ps(qv[0], load16(K + i * 16 * C));
+      for (int c = 1; c < C; ++c) acc[i] = _mm512_fmadd_ps(qv[c], load16(K + i * 16 * C + 16 * c), acc[i]);
     }
   } else {
     for (int i = 0; i < 16; ++i) {
       acc[i] = _mm512_setzero_ps();
       if (i < count)
-        for (int c = 0; c < C; ++c) acc[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(K + i * 16 * C + 16 * c), acc[i]);
+        for (int c = 0; c < C; ++c) acc[i] = _mm512_fmadd_ps(qv[c], load16(K + i * 16 * C + 16 * c), acc[i]);
     }
   }
   _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << count) - 1), _mm512_mul_ps(sums16(acc), scale));
@@ -146,14 +160,14 @@ AVX512 inline void scores16(const float* q, const float* K, int64_t count, __m51
 // attend_avx2 with 16-float vectors, for heads of 64 or 128 values: the scores of 16 positions at a
 // time (their keys, a few KB, read by every head of the group), the 16 sums formed together
 // (sums16); each value row read once for the group.
-template <int C>
-AVX512 void attend_avx512(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+template <int C, typename T>
+AVX512 void attend_avx512(const float* q, int64_t G, int64_t q_stride, const T* K, const T* V, int64_t span,
                           float scaling, float softcap, float* scores, float* out, int64_t out_stride, float* stats) {
   constexpr int64_t D = 16 * C, chunks = C;
   const __m512 scale = _mm512_set1_ps(scaling);
   for (int64_t s0 = 0; s0 < span; s0 += 16)
     for (int64_t g = 0; g < G; ++g)
-      scores16<C>(q + g * q_stride, K + s0 * D, std::min<int64_t>(16, span - s0), scale, scores + g * span + s0);
+      scores16<C, T>(q + g * q_stride, K + s0 * D, std::min<int64_t>(16, span - s0), scale, scores + g * span + s0);
   if (softcap > 0.0f) soft_cap(scores, G * span, softcap);
   float inverse[kMaxGroup];
   softmax_rows_avx2(scores, G, span, inverse, stats);
@@ -161,7 +175,7 @@ AVX512 void attend_avx512(const float* q, int64_t G, int64_t q_stride, const flo
     __m512 acc[kMaxGroup];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t s = 0; s < span; ++s) {
-      const __m512 v = _mm512_loadu_ps(V + s * D + 16 * c);
+      const __m512 v = load16(V + s * D + 16 * c);
       for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * span + s]), v, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g)
@@ -219,7 +233,20 @@ AVX2 void gated_activation_avx2(Activation act, const float* gate, const float* 
 
 bool avx2_here() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+AVX2 void widen_avx2(const c10::Half* x, float* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, load8(x + j));
+  for (; j < n; ++j) out[j] = static_cast<float>(x[j]);
+}
+
+// out[j] = x[j] as float32, j < n
+void widen(const c10::Half* x, float* out, int64_t n) {
+  static const bool avx2 = avx2_here();
+  if (avx2) return widen_avx2(x, out, n);
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(x[j]);
 }
 
 bool avx512_here() {
@@ -229,9 +256,11 @@ bool avx512_here() {
 
 }  // namespace
 
-void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
-                  int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
-                  float* stats) {
+namespace {
+
+template <typename T>
+void attend_group_of(const float* q, int64_t G, int64_t q_stride, const T* K, const T* V, int64_t span, int64_t D,
+                     float scaling, float softcap, float* scores, float* out, int64_t out_stride, float* stats) {
   static const bool avx2 = avx2_here(), avx512 = avx512_here();
   if (span == 0) {  // an empty part of the positions: nothing to weigh
     for (int64_t g = 0; g < G; ++g) {
@@ -242,18 +271,30 @@ void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, c
   }
   if (avx512 && (D == 64 || D == 128)) {
     for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup)  // groups wider than the registers hold: in parts
-      (D == 64 ? attend_avx512<4> : attend_avx512<8>)(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V,
+      (D == 64 ? attend_avx512<4, T> : attend_avx512<8, T>)(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V,
                                                       span, scaling, softcap, scores, out + g0 * out_stride, out_stride,
                                                       stats ? stats + 2 * g0 : nullptr);
     return;
   }
   if (avx2 && D % 8 == 0) {
     for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup)  // groups wider than the registers hold: in parts
-      attend_avx2(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V, span, D, scaling, softcap, scores,
+      attend_avx2<T>(q + g0 * q_stride, std::min(kMaxGroup, G - g0), q_stride, K, V, span, D, scaling, softcap, scores,
                   out + g0 * out_stride, out_stride, stats ? stats + 2 * g0 : nullptr);
     return;
   }
-  attend_scalar(q, G, q_stride, K, V, span, D, scaling, softcap, scores, out, out_stride, stats);
+  attend_scalar<T>(q, G, q_stride, K, V, span, D, scaling, softcap, scores, out, out_stride, stats);
+}
+
+}  // namespace
+
+void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span, int64_t D,
+                  float scaling, float softcap, float* scores, float* out, int64_t out_stride, float* stats) {
+  attend_group_of(q, G, q_stride, K, V, span, D, scaling, softcap, scores, out, out_stride, stats);
+}
+
+void attend_group(const float* q, int64_t G, int64_t q_stride, const c10::Half* K, const c10::Half* V, int64_t span,
+                  int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride, float* stats) {
+  attend_group_of(q, G, q_stride, K, V, span, D, scaling, softcap, scores, out, out_stride, stats);
 }
 
 void attend_merge(const float* outputs, const float* stats, int64_t parts, int64_t part_stride, int64_t H, int64_t D,
@@ -284,7 +325,7 @@ void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_str
   auto earliest = [&](int64_t i) { return window ? std::max<int64_t>(0, first + i - window + 1) : 0; };
   const int64_t start = earliest(0);  // the first position any of the block's tokens sees
   const int64_t rows = tokens * G, width = first + tokens - start;  // the last token sees up to `width` of them
-  work.resize(rows * D * 2 + rows * width);
+  work.resize(std::max<size_t>(work.size(), rows * D * 2 + rows * width));
   float *queries = work.data(), *outputs = queries + rows * D, *scores = outputs + rows * D;
   for (int64_t i = 0; i < tokens; ++i) std::copy(q + i * q_token_stride, q + i * q_token_stride + G * D, queries + i * G * D);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
@@ -308,6 +349,21 @@ void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_str
   }
   at::mm_out(O, S, values);
   for (int64_t i = 0; i < tokens; ++i) std::copy(outputs + i * G * D, outputs + (i + 1) * G * D, out + i * out_token_stride);
+}
+
+void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const c10::Half* K,
+                  const c10::Half* V, int64_t first, int64_t window, int64_t D, float scaling, float softcap, float* out,
+                  int64_t out_token_stride, std::vector<float>& work) {
+  // the positions the block's tokens see, widened to float32 once for the block's two products
+  const int64_t start = window ? std::max<int64_t>(0, first - window + 1) : 0, width = first + tokens - start;
+  std::vector<float>& wide = work;
+  const int64_t rows = tokens * G, room = rows * D * 2 + rows * width;  // what the float call keeps at the front
+  wide.resize(room + 2 * (first + tokens) * D);
+  float *keys = wide.data() + room, *values = keys + (first + tokens) * D;
+  widen(K + start * D, keys + start * D, width * D);
+  widen(V + start * D, values + start * D, width * D);
+  attend_block(q, tokens, G, q_token_stride, keys, values, first, window, D, scaling, softcap, out, out_token_stride,
+               wide);
 }
 
 void gated_activation(Activation act, const float* gate, const float* up, float* out, int64_t n) {

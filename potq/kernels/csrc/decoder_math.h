@@ -3,6 +3,8 @@
 //
 // Attention scores are q·k·scaling, then — where `softcap` > 0 (Gemma 2) — softcap·tanh(s/softcap).
 #pragma once
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -14,6 +16,10 @@
 // (what merging attention over parts of the positions needs: attend_merge); a span of 0 gives
 // −∞, 0 and zero outputs.
 void attend_group(const float* q, int64_t G, int64_t q_stride, const float* K, const float* V, int64_t span,
+                  int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
+                  float* stats = nullptr);
+// The same over a float16 cache (the decoder's default; exact mode keeps float32).
+void attend_group(const float* q, int64_t G, int64_t q_stride, const c10::Half* K, const c10::Half* V, int64_t span,
                   int64_t D, float scaling, float softcap, float* scores, float* out, int64_t out_stride,
                   float* stats = nullptr);
 
@@ -32,6 +38,10 @@ void attend_merge(const float* outputs, const float* stats, int64_t parts, int64
 // outputs go to out + i·out_token_stride + g·D. `work` is scratch the call grows as it needs.
 void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const float* K, const float* V,
                   int64_t first, int64_t window, int64_t D, float scaling, float softcap, float* out,
+                  int64_t out_token_stride, std::vector<float>& work);
+// The same over a float16 cache: the positions the block sees widened to float32 first (in `work`).
+void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const c10::Half* K,
+                  const c10::Half* V, int64_t first, int64_t window, int64_t D, float scaling, float softcap, float* out,
                   int64_t out_token_stride, std::vector<float>& work);
 
 // The gated MLP's activation, as the model names it.

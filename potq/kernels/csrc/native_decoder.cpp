@@ -251,15 +251,17 @@ class Decoder {
   // attention scores and the logits soft-capped where `attn_softcap`, `final_softcap` > 0 (Gemma 2);
   // `activation` is the gated MLP's ("silu": SwiGLU, "gelu_tanh": GeGLU). cos[i], sin[i]: block i's
   // rotary tables [max_len, R], R <= head_dim (the first R of a head's values rotate); blocks of one
-  // kind share the tensors. They set the positions the decoder holds.
+  // kind share the tensors. They set the positions the decoder holds. `half_cache`: keep the KV
+  // cache in float16 (llama.cpp's default: half the bytes a step's attention reads), else float32.
   Decoder(std::vector<BlockPtr> blocks, MatrixPtr embed, MatrixPtr head, torch::Tensor final_norm,
           std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin, int64_t heads, int64_t kv_heads,
           int64_t head_dim, double eps, double scaling, double embed_scale, double attn_softcap, double final_softcap,
-          const std::string& activation)
+          const std::string& activation, bool half_cache)
       : blocks_(std::move(blocks)), embed_(std::move(embed)), head_(std::move(head)), final_norm_(final_norm),
         cos_(std::move(cos)), sin_(std::move(sin)), H_(heads), KV_(kv_heads), D_(head_dim), eps_(float(eps)),
         scaling_(float(scaling)),
-        embed_scale_(float(embed_scale)), attn_softcap_(float(attn_softcap)), final_softcap_(float(final_softcap)) {
+        embed_scale_(float(embed_scale)), attn_softcap_(float(attn_softcap)), final_softcap_(float(final_softcap)),
+        half_cache_(half_cache) {
     TORCH_CHECK(!blocks_.empty() && heads % kv_heads == 0, "the decoder needs blocks and heads divisible by kv heads");
     TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "activation: silu or gelu_tanh, not ", activation);
     activation_ = activation == "silu" ? Activation::kSilu : Activation::kGeluTanh;
@@ -287,8 +289,9 @@ class Decoder {
                       b->gate->act_block == b->up->act_block,
                   "q/k/v (and gate/up) must read the same activation blocks");
     }
-    keys_.assign(blocks_.size() * KV_ * max_len_ * D_, 0.0f);
-    values_.assign(keys_.size(), 0.0f);
+    const size_t cache = blocks_.size() * KV_ * max_len_ * D_;
+    if (half_cache_) keys16_.resize(cache), values16_.resize(cache);
+    else keys_.resize(cache), values_.resize(cache);
   }
 
   // Feed `tokens` at positions pos, pos + 1, ...; when `logits` is given, write into it the logits
@@ -314,7 +317,8 @@ class Decoder {
     {
 #pragma omp single
       batch.barrier.resize(omp_get_num_threads());  // the team OpenMP gave (its implicit barrier: before any wait)
-      run(tokens, pos, batch, out, omp_get_thread_num(), omp_get_num_threads());
+      if (half_cache_) run(tokens, pos, batch, out, omp_get_thread_num(), omp_get_num_threads(), keys16_, values16_);
+      else run(tokens, pos, batch, out, omp_get_thread_num(), omp_get_num_threads(), keys_, values_);
     }
   }
 
@@ -347,7 +351,10 @@ class Decoder {
   static constexpr int64_t kAttentionBlock = 16;  // a prompt's tokens per attention item
 
   // Every thread runs this; barriers separate the phases that read other threads' results.
-  void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n) {
+  // Cached: the KV cache's element (float, or c10::Half: half the bytes a step's attention reads).
+  template <typename Cached>
+  void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n,
+           std::vector<Cached>& keys, std::vector<Cached>& values) {
     const int64_t T = B.T, group = H_ / KV_;
     std::vector<float> normed(hidden_);  // a sublayer's output normed before the residual add (Gemma)
     const bool step = T == 1;  // one token: each thread keeps the token's small vectors itself
@@ -387,8 +394,8 @@ class Decoder {
     std::vector<float> scores(group * (pos + T)), rotated(D_), work;
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const Block& L = *blocks_[i];
-      float* K = keys_.data() + i * KV_ * max_len_ * D_;
-      float* V = values_.data() + i * KV_ * max_len_ * D_;
+      Cached* K = keys.data() + i * KV_ * max_len_ * D_;
+      Cached* V = values.data() + i * KV_ * max_len_ * D_;
       norm_rows(h, L.attn_norm.data_ptr<float>(), x, xq, L.q->act_block, b0, b1);
       publish();
       project(*L.q, x, xq, B.q.data(), T, t, n);
@@ -413,8 +420,9 @@ class Decoder {
           for (int64_t g = 0; g < KV_; ++g) {
             float* k = B.k.data() + g * D_;
             if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
-            rotate(i, k, pos, K + (g * max_len_ + pos) * D_);
-            std::copy(B.v.data() + g * D_, B.v.data() + (g + 1) * D_, V + (g * max_len_ + pos) * D_);
+            rotate(i, k, pos, rotated.data());
+            store(rotated.data(), K + (g * max_len_ + pos) * D_);
+            store(B.v.data() + g * D_, V + (g * max_len_ + pos) * D_);
           }
         for (int64_t g = 0; g < KV_; ++g)
           attend_group(own->q.data() + g * group * D_, group, D_, K + (g * max_len_ + s0) * D_,
@@ -427,8 +435,9 @@ class Decoder {
           const int64_t b = item / KV_, g = item % KV_;      // cache, its query heads normed and rotated in place
           float* k = B.k.data() + item * D_;
           if (L.k_norm) rms_norm_into(k, L.k_norm->data_ptr<float>(), D_, eps_, k);
-          rotate(i, k, pos + b, K + (g * max_len_ + pos + b) * D_);
-          std::copy(B.v.data() + item * D_, B.v.data() + (item + 1) * D_, V + (g * max_len_ + pos + b) * D_);
+          rotate(i, k, pos + b, rotated.data());
+          store(rotated.data(), K + (g * max_len_ + pos + b) * D_);
+          store(B.v.data() + item * D_, V + (g * max_len_ + pos + b) * D_);
           for (int64_t hd = g * group; hd < (g + 1) * group; ++hd) {
             float* q = B.q.data() + (b * H_ + hd) * D_;
             if (L.q_norm) rms_norm_into(q, L.q_norm->data_ptr<float>(), D_, eps_, q);
@@ -496,6 +505,12 @@ class Decoder {
     m.rows(x, xq, y, T, r0, r1);
   }
 
+  // One head's D values into the cache: as they are, or rounded to float16.
+  void store(const float* x, float* out) const { std::copy(x, x + D_, out); }
+  void store(const float* x, c10::Half* out) const {
+    for (int64_t j = 0; j < D_; ++j) out[j] = c10::Half(x[j]);
+  }
+
   // The first R values: x·cos + halves-swapped(x)·sin at `pos` (sin's first half negated, as
   // LlamaDecoder keeps it) with the block's tables; the other D − R as they are.
   void rotate(size_t block, const float* x, int64_t pos, float* out) const {
@@ -513,7 +528,9 @@ class Decoder {
   float eps_, scaling_, embed_scale_, attn_softcap_, final_softcap_;
   Activation activation_;
   bool every_ = false;  // this call writes every token's logits
-  std::vector<float> keys_, values_;
+  bool half_cache_;
+  std::vector<float> keys_, values_;         // the KV cache: [block, kv head, position, D], float32 ...
+  std::vector<c10::Half> keys16_, values16_;  // ... or float16
 };
 
 void bind_native_decoder(pybind11::module& m) {
@@ -557,10 +574,11 @@ void bind_native_decoder(pybind11::module& m) {
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<std::vector<BlockPtr>, MatrixPtr, MatrixPtr, torch::Tensor, std::vector<torch::Tensor>,
                     std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double, double, double, double, double,
-                    const std::string&>(),
+                    const std::string&, bool>(),
            py::arg("blocks"), py::arg("embed"), py::arg("head"), py::arg("final_norm"), py::arg("cos"), py::arg("sin"),
            py::arg("heads"),
            py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scaling"), py::arg("embed_scale") = 1.0,
-           py::arg("attn_softcap") = 0.0, py::arg("final_softcap") = 0.0, py::arg("activation") = "silu")
+           py::arg("attn_softcap") = 0.0, py::arg("final_softcap") = 0.0, py::arg("activation") = "silu",
+           py::arg("half_cache") = false)
       .def("feed", &Decoder::feed, py::arg("tokens"), py::arg("pos"), py::arg("logits") = py::none());
 }
