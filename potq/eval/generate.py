@@ -34,7 +34,7 @@ def next_tokens(model: nn.Module, prompt_ids: list[int], steps: int,
                  pick: Picker) -> Iterator[int]:
     """Up to ``steps`` tokens, each chosen by ``pick`` from the logits of the last position."""
     device = model_device(model)
-    native = native_decoder.unsupported(model, len(prompt_ids) + steps) is None
+    native = native_decoder.unsupported(model) is None
     if native or llama_decoder.supports(model):
         cls = native_decoder.NativeDecoder if native else llama_decoder.LlamaDecoder
         decoder = cls(model, len(prompt_ids) + steps)

@@ -130,7 +130,7 @@ def _windows(ids: list[int], ctx: int, cap: int | None, max_windows: int | None,
 def _native_forward(model: nn.Module, ctx: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A window's logits through the native decoder (what ``potq generate`` computes, 8-bit
     activations included), or None where it cannot run the model."""
-    if native_decoder.unsupported(model, ctx) is not None:
+    if native_decoder.unsupported(model) is not None:
         return None
     decoder = native_decoder.NativeDecoder(model, ctx)
     return decoder.every_logits
@@ -166,7 +166,7 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, dataset: str, ctx: int = 
     bar = tqdm(windows, desc=f"ppl {dataset}", unit="win", disable=not progress)
     forward = _native_forward(model, ctx) if native else lambda window: logits_of(model, window)[0]
     if native and forward is None:
-        raise PotqError(f"--kernel native: {native_decoder.unsupported(model, ctx)}")
+        raise PotqError(f"--kernel native: {native_decoder.unsupported(model)}")
     with torch.inference_mode(), precision:
         for done, window in enumerate(bar, 1):
             logits = forward(window[None])

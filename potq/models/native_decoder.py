@@ -58,7 +58,7 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 enabled = Switch("POTQ_NATIVE")
 
 
-def unsupported(model: nn.Module, max_len: int | None = None) -> str | None:  # noqa: ARG001 (the callers' interface)
+def unsupported(model: nn.Module) -> str | None:
     """Why ``model`` cannot decode natively here, in a few words; None where it can."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
