@@ -67,9 +67,12 @@ def extension() -> ModuleType | None:
 
 
 def build_digest() -> str:
-    """The name of this kernel's build folder: a digest of its sources, torch's version and the flags."""
+    """The name of this kernel's build folder: a digest of its sources, where they are, torch's
+    version and the flags. The sources' folder counts because torch's build reads them by path:
+    two checkouts of the same code sharing one folder would each rebuild the other's library."""
     code = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
-    return hashlib.sha256(code + torch.__version__.encode() + BUILD_FLAGS.encode()).hexdigest()[:16]
+    where = str(CSRC.resolve()).encode()
+    return hashlib.sha256(code + where + torch.__version__.encode() + BUILD_FLAGS.encode()).hexdigest()[:16]
 
 
 def _fallback(why: str) -> None:
