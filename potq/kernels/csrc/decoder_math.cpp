@@ -254,10 +254,6 @@ bool avx512_here() {
   return avx2_here() && __builtin_cpu_supports("avx512f");
 }
 
-}  // namespace
-
-namespace {
-
 template <typename T>
 void attend_group_of(const float* q, int64_t G, int64_t q_stride, const T* K, const T* V, int64_t span, int64_t D,
                      float scaling, float softcap, float* scores, float* out, int64_t out_stride, float* stats) {
@@ -354,16 +350,17 @@ void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_str
 void attend_block(const float* q, int64_t tokens, int64_t G, int64_t q_token_stride, const c10::Half* K,
                   const c10::Half* V, int64_t first, int64_t window, int64_t D, float scaling, float softcap, float* out,
                   int64_t out_token_stride, std::vector<float>& work) {
-  // the positions the block's tokens see, widened to float32 once for the block's two products
+  // the positions the block's tokens see, widened to float32 once for the block's two products: the
+  // first of them (`start`) becomes position 0 of the widened rows, the block's first token `first −
+  // start` (the window, counted back from each token, is the same)
   const int64_t start = window ? std::max<int64_t>(0, first - window + 1) : 0, width = first + tokens - start;
-  std::vector<float>& wide = work;
   const int64_t rows = tokens * G, room = rows * D * 2 + rows * width;  // what the float call keeps at the front
-  wide.resize(room + 2 * (first + tokens) * D);
-  float *keys = wide.data() + room, *values = keys + (first + tokens) * D;
-  widen(K + start * D, keys + start * D, width * D);
-  widen(V + start * D, values + start * D, width * D);
-  attend_block(q, tokens, G, q_token_stride, keys, values, first, window, D, scaling, softcap, out, out_token_stride,
-               wide);
+  work.resize(room + 2 * width * D);
+  float *keys = work.data() + room, *values = keys + width * D;
+  widen(K + start * D, keys, width * D);
+  widen(V + start * D, values, width * D);
+  attend_block(q, tokens, G, q_token_stride, keys, values, first - start, window, D, scaling, softcap, out,
+               out_token_stride, work);
 }
 
 void gated_activation(Activation act, const float* gate, const float* up, float* out, int64_t n) {

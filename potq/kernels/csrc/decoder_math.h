@@ -1,5 +1,5 @@
 // The native decoder's vector math besides the matrix products: attention and the gated MLP's
-// activation, in AVX2 where the CPU has it (decoder_math.cpp), else scalar loops.
+// activation, in AVX-512 or AVX2 where the CPU has it (decoder_math.cpp), else scalar loops.
 //
 // Attention scores are q·k·scaling, then — where `softcap` > 0 (Gemma 2) — softcap·tanh(s/softcap).
 #pragma once
