@@ -65,7 +65,7 @@ def write_gguf(kind: str, path: Path, tensor_type: str = "F32", model=None,  # n
             writer.add_tensor(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", values.copy())
             continue
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new is None and name == "lm_head.weight" and c.tie_word_embeddings:  # llama.cpp writes it once
+        if name == "lm_head.weight" and c.tie_word_embeddings:  # llama.cpp writes it once
             continue
         if arch.startswith("gemma") and name.endswith("norm.weight"):  # llama.cpp stores Gemma's 1 + w
             values = values + 1

@@ -39,6 +39,29 @@ def test_pot3_with_zero_by_hand():
     assert codes.flatten().tolist() == [3, 4 | 1, 0, 2]
 
 
+def test_apot_by_hand():
+    # 3 bits: magnitudes {1, 3, 5, 8}/8 -> levels ±{1/8, 3/8, 5/8, 1}, nearest in value (linear
+    # midpoints): .3 -> 3/8 (midpoints 1/4, 1/2), .1 -> 1/8, .6 -> 5/8 (midpoint 13/16 above it).
+    codes, deq, qp = _roundtrip("apot", 3)
+    assert deq.flatten().tolist() == [1.0, -0.375, 0.125, 0.625]
+    assert codes.flatten().tolist() == [3, 4 | 1, 0, 2]  # sign bit | index
+    # 2 bits is PoT with the exponents 0 and -2; 4 bits sums of two powers of two up to 16
+    assert get_format("apot", 2).levels(QParams(torch.ones(1, 1))).flatten().tolist() == [0.25, 1.0, -0.25, -1.0]
+    four = get_format("apot", 4).levels(QParams(torch.ones(1, 1))).flatten()[:8] * 16
+    assert four.tolist() == [1, 2, 4, 6, 8, 10, 12, 16] and all(bin(int(m)).count("1") <= 2 for m in four)
+
+
+def test_apot_gradient_reaches_weights_and_scale():
+    # blockap's "lsq" gradient: the weight's slope is the ratio of the neighbouring level gaps
+    # (1 inside evenly spaced levels), the scale's the held level
+    fmt = get_format("apot", 4)
+    w = torch.tensor([[[0.55, -0.3, 0.9, 0.02]]], requires_grad=True)
+    scale = torch.ones(1, 1, requires_grad=True)
+    fmt.fake_quant(w, QParams(scale), grad="lsq").sum().backward()
+    assert w.grad.flatten().tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])  # below the lowest level: clamped
+    assert scale.grad.item() == pytest.approx(0.5 - 0.25 + 1.0 + 0.0625)  # Σ sign·level
+
+
 def test_uniform_asym2_by_hand():
     codes, deq, qp = _roundtrip("uniform", 2)
     s = qp.scale.item()
@@ -61,8 +84,9 @@ def test_uniform_sym3_by_hand():
 def test_every_code_is_a_grid_level(name, bits):
     torch.manual_seed(bits)
     w = torch.randn(16, 100) * torch.rand(16, 1)
-    if bits < FORMATS[name].min_bits:
-        with pytest.raises(PotqError, match=f"{name} bits must be an integer from {bits + 1}"):
+    cls = FORMATS[name]
+    if not cls.min_bits <= bits <= cls.max_bits:
+        with pytest.raises(PotqError, match=f"{name} bits must be an integer from {cls.min_bits} to {cls.max_bits}"):
             get_format(name, bits)
         return
     fmt = get_format(name, bits)

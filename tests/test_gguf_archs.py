@@ -9,6 +9,7 @@ import torch
 import potq
 from potq.errors import PotqError
 from tests.gguf_writer import write_gguf
+from tests.zoo import tiny_model
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 432]])
 
@@ -118,13 +119,15 @@ def write_gguf_path(tmp_path, tensor_type: str):  # noqa: ANN001, ANN201
     return tmp_path / f"{tensor_type}.gguf"
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_a_llama_gguf_quantizes_lazily_to_the_same_tensors(method, tmp_path):
+@pytest.mark.parametrize("method, tied", [("gptq", False), ("awq", False), ("gptq", True)])
+def test_a_llama_gguf_quantizes_lazily_to_the_same_tensors(method, tied, tmp_path):
     """``lazy=True`` on a llama GGUF: each block's tensors are dequantized from the file when the
-    engine reaches them (q/k reordered as on a whole load); the result equals the whole load's."""
+    engine reaches them (q/k reordered as on a whole load); the result equals the whole load's.
+    Tied (SmolLM2's GGUF): the Q8_0 token table is packed losslessly before the blocks, and the
+    head, absent from the file, must become that packed table, not a float copy or an error."""
     from potq.models import transformer_blocks
 
-    write_gguf("mistral", tmp_path / "m.gguf", "Q8_0")
+    write_gguf("mistral", tmp_path / "m.gguf", "Q8_0", tiny_model("mistral", tie_word_embeddings=True) if tied else None)
     lazy = potq.load_model(str(tmp_path / "m.gguf"), lazy=True)
     assert all(p.is_meta for p in transformer_blocks(lazy.model).parameters())
     whole = potq.load_model(str(tmp_path / "m.gguf"))

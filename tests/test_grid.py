@@ -59,12 +59,12 @@ def test_padding_never_counts():
     assert to_groups(w, 16).shape == (2, 2, 16)
 
 
-@pytest.mark.parametrize("name", ["pot", "pot-zero"])
+@pytest.mark.parametrize("name", ["pot", "pot-zero", "apot"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_exact_pot_shortcut_equals_trying_every_multiplier(stories_float, name, bits):
+def test_exact_shortcut_equals_trying_every_multiplier(stories_float, name, bits):
     # The histogram shortcut must give the same errors as quantizing with all 200 multipliers,
     # on real weights, with per-column weights and a ragged last group (64 = 24 + 24 + 16).
-    from potq.methods.grid import log_grid_errors, tried_errors
+    from potq.methods.grid import stepped_errors, tried_errors
 
     w = stories_float.model.get_submodule("model.layers.0.self_attn.q_proj").weight.detach()
     torch.manual_seed(bits)
@@ -72,7 +72,7 @@ def test_exact_pot_shortcut_equals_trying_every_multiplier(stories_float, name, 
     wg = to_groups(w.float(), 24)
     weight = to_groups(column_weight[None], 24)
     fmt = get_format(name, bits)
-    fast = log_grid_errors(wg, fmt, MULTIPLIERS, weight)
+    fast = stepped_errors(wg, fmt.magnitude_steps(), MULTIPLIERS, weight)
     slow = tried_errors(wg, fmt, MULTIPLIERS, weight)
     assert fast.shape == slow.shape == (200, w.shape[0], 3)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-9)

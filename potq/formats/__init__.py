@@ -8,13 +8,14 @@ from __future__ import annotations
 import inspect
 
 from potq.errors import PotqError
+from potq.formats.apot import AdditivePoT
 from potq.formats.base import Format, QParams
 from potq.formats.pot import PoT, PoTWithZero
 from potq.formats.pot_seed import PoTSeed
 from potq.formats.uniform import UniformAsym, UniformSym
 
 FORMATS: dict[str, type[Format]] = {
-    cls.name: cls for cls in (PoT, PoTWithZero, PoTSeed, UniformAsym, UniformSym)
+    cls.name: cls for cls in (PoT, PoTWithZero, PoTSeed, AdditivePoT, UniformAsym, UniformSym)
 }
 
 

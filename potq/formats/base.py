@@ -70,10 +70,11 @@ class Format(ABC):
     # there (ŝ·2^log2(|w|/ŝ) = |w|), so scale-learning methods hold the codes instead ("detach")
     log_rounding: ClassVar[bool] = False
     min_bits: ClassVar[int] = MIN_BITS
+    max_bits: ClassVar[int] = MAX_BITS
 
     def __init__(self, bits: int) -> None:
-        if not isinstance(bits, int) or not self.min_bits <= bits <= MAX_BITS:
-            raise PotqError(f"{self.name} bits must be an integer from {self.min_bits} to {MAX_BITS}, got {bits!r}")
+        if not isinstance(bits, int) or not self.min_bits <= bits <= self.max_bits:
+            raise PotqError(f"{self.name} bits must be an integer from {self.min_bits} to {self.max_bits}, got {bits!r}")
         self.bits = bits
 
     def __repr__(self) -> str:
@@ -115,6 +116,13 @@ class Format(ABC):
     @abstractmethod
     def from_code(self, codes: Tensor, qp: QParams) -> tuple[Tensor, Tensor]:
         """Unpack codes into ``(index, sign)`` as float tensors for :meth:`value_of`."""
+
+    def magnitude_steps(self) -> list[tuple[float, float, float]] | None:
+        """For grids of sign × magnitude whose scale is the largest level: every step down of a
+        weight's magnitude level as ``|w|/a`` falls, largest first, as ``(log2 |w|/a at which it
+        steps, level above, level below)`` in units of ``a`` — what the grid search's exact
+        shortcut needs (:func:`potq.methods.grid.stepped_errors`). None for other grids."""
+        return None
 
     # --- shared behaviour ----------------------------------------------------------------
     def sign(self, w: Tensor) -> Tensor:

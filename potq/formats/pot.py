@@ -41,6 +41,12 @@ class PoT(Format):
                      clip_low: Tensor | float | None = None) -> QParams:
         return QParams((wg.abs().amax(dim=-1) * clip).clamp(min=FP16_TINY))
 
+    def magnitude_steps(self) -> list[tuple[float, float, float]]:
+        """Log-domain rounding steps from exponent n to n − 1 at ``log2|w|/a = n − ½``."""
+        one, unit = torch.tensor(1.0), QParams(torch.tensor(1.0))
+        level = lambda e: float(self.value_of(torch.tensor(float(e)), one, unit))  # noqa: E731
+        return [(n - 0.5, level(n), level(n - 1)) for n in range(0, self.lowest_index, -1)]
+
     def log2_ratio(self, wg: Tensor, qp: QParams) -> Tensor:
         """``log2(|w|/a)``, with zero weights floored below every grid (2^-140 < 2^-128), so that
         they stay finite and carry no gradient instead of giving ``-inf`` and NaN gradients."""

@@ -7,9 +7,9 @@ chunks so that memory stays at ``chunk × weights`` floats. The search goes thro
 ``Format.init_qparams(clip=b)``, so it works for every format, uniform included (there it is the
 usual clipping-ratio search).
 
-PoT grids get an exact shortcut (:func:`log_grid_errors`) that never tries the 200 multipliers
-one by one: trying them costs ``200 × weights`` log/exp evaluations, about six minutes for
-SmolLM2-135M on two cores, where the shortcut takes seconds.
+PoT and APoT grids get an exact shortcut (:func:`stepped_errors`) that never tries the 200
+multipliers one by one: trying them costs ``200 × weights`` log/exp evaluations, about six minutes
+for SmolLM2-135M on two cores, where the shortcut takes seconds.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from potq.engine.blocks import BlockData, BlockJob, block_linears, commit, input
 from potq.errors import PotqError
 from potq.formats import Format, QParams
 from potq.formats.grouping import PER_TENSOR, to_groups
-from potq.formats.pot import PoT
 from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
 
 OBJECTIVES = ("mse", "act")
@@ -43,8 +42,9 @@ def group_errors(w: Tensor, fmt: Format, group_size: int, multipliers: Tensor,
     wg = to_groups(w.float(), group_size)
     ones = torch.ones(w.shape[1], device=w.device) if column_weight is None else column_weight.float()
     weight = to_groups(ones[None], group_size)  # [1, groups, G], zeros on the padding
-    if isinstance(fmt, PoT):
-        return log_grid_errors(wg, fmt, multipliers, weight)
+    steps = fmt.magnitude_steps()
+    if steps is not None:
+        return stepped_errors(wg, steps, multipliers, weight)
     return tried_errors(wg, fmt, multipliers, weight)
 
 
@@ -58,16 +58,18 @@ def tried_errors(wg: Tensor, fmt: Format, multipliers: Tensor, weight: Tensor, c
     return torch.cat(errors)
 
 
-def log_grid_errors(wg: Tensor, fmt: PoT, multipliers: Tensor, weight: Tensor) -> Tensor:
-    """PoT grids, exactly, without trying each multiplier.
+def stepped_errors(wg: Tensor, steps: list[tuple[float, float, float]], multipliers: Tensor,
+                   weight: Tensor) -> Tensor:
+    """Sign × magnitude grids scaled by their largest level (PoT, APoT), exactly, without trying
+    each multiplier; ``steps`` is the format's :meth:`~potq.formats.Format.magnitude_steps`.
 
-    With ``a0 = max|w|`` of a group and ``x = log2(|w|/a0)``, a weight's exponent under the
-    multiplier b is ``clamp(round(x − log2 b), lo, 0)``: a step function of b that drops by one
-    each time ``log2 b`` passes ``x + ½ − n``. Writing ``c(e)`` for the level ``2^e`` (0 for the
-    zero level), the weighted error of a group is
-    ``Σλw² − 2·a0·b·Σλ|w|c(e) + a0²·b²·Σλc(e)²``; both sums change only at those crossings, so
-    each weight adds its crossings to a per-group histogram over the b grid, and a cumulative
-    sum gives both sums at every b. Cost: ``(−lo)`` bucket look-ups per weight instead of 200
+    With ``a0 = max|w|`` of a group and ``x = log2(|w|/a0)``, a weight's level ``c`` under the
+    multiplier b depends on ``x − log2 b`` alone (the grid is ``a0·b`` times fixed levels): a
+    step function of b that drops one level each time ``log2 b`` passes ``x − t`` for a step at
+    ``t`` (``t = n − ½`` for PoT's log-domain rounding). The weighted error of a group is
+    ``Σλw² − 2·a0·b·Σλ|w|c + a0²·b²·Σλc²``; both sums change only at those crossings, so each
+    weight adds its crossings to a per-group histogram over the b grid, and a cumulative sum
+    gives both sums at every b. Cost: one bucket look-up per step and weight instead of 200
     quantizations.
     """
     m = len(multipliers)
@@ -78,19 +80,18 @@ def log_grid_errors(wg: Tensor, fmt: PoT, multipliers: Tensor, weight: Tensor) -
     x = torch.log2((mag / a0.clamp(min=torch.finfo(torch.float32).tiny)).clamp(min=2.0**-140))
     lam = weight.expand_as(wg).double()
     lam_mag = lam * mag.double()
-    level = lambda e: float(fmt.value_of(torch.tensor(float(e)), torch.tensor(1.0), QParams(torch.tensor(1.0))))  # noqa: E731
-    lo = fmt.lowest_index
     slot = torch.arange(rows * groups, device=wg.device).view(rows, groups, 1) * (m + 1)
     h1 = torch.zeros(rows * groups * (m + 1), dtype=torch.float64, device=wg.device)
     h2 = torch.zeros_like(h1)
-    for n in range(0, lo, -1):  # the crossing from exponent n down to n − 1
-        flat = (slot + crossings(x + (0.5 - n))).reshape(-1)
-        h1.index_add_(0, flat, (lam_mag * (level(n) - level(n - 1))).reshape(-1))
-        h2.index_add_(0, flat, (lam * (level(n) ** 2 - level(n - 1) ** 2)).reshape(-1))
+    for at, above, below in steps:  # a weight's level steps from `above` down to `below`
+        flat = (slot + crossings(x - at)).reshape(-1)
+        h1.index_add_(0, flat, (lam_mag * (above - below)).reshape(-1))
+        h2.index_add_(0, flat, (lam * (above**2 - below**2)).reshape(-1))
+    lowest = steps[-1][2]
     # Σ over weights whose crossing lies beyond grid point j: a reversed cumulative sum
     tail = lambda h: h.view(rows, groups, m + 1).flip(-1).cumsum(-1).flip(-1)[..., 1:]  # noqa: E731
-    s1 = level(lo) * lam_mag.sum(-1, keepdim=True) + tail(h1)
-    s2 = level(lo) ** 2 * lam.sum(-1, keepdim=True) + tail(h2)
+    s1 = lowest * lam_mag.sum(-1, keepdim=True) + tail(h1)
+    s2 = lowest**2 * lam.sum(-1, keepdim=True) + tail(h2)
     b = multipliers.double()
     a = a0.double()
     err = (lam_mag * mag.double()).sum(-1, keepdim=True) - 2 * a * b * s1 + (a * b) ** 2 * s2

@@ -98,11 +98,16 @@ class LazyBlocks:
                 continue
             if name.removeprefix(self.tensors.prefix) in self.tensors.where:
                 setattr(model.get_submodule(owner), leaf, nn.Parameter(self.tensors.read(name), requires_grad=False))
-        model.tie_weights()  # a tied head is not in the files: it becomes the token table again
-        missing = [name for name, parameter in model.named_parameters() if parameter.is_meta
-                   and not name.startswith(f"{self.prefix}.") and model.get_submodule(name.rpartition(".")[0]) is not skip]
+        if self._missing(model, None):  # a tied head is not in the files: it becomes the token table again
+            model.tie_weights()  # (only while unfilled: once the table is packed, the head shares its codes)
+        missing = self._missing(model, skip)
         if missing:  # check_weights compared the files with the model: only an untied copy can be left
             raise PotqError(f"{self.tensors.prefix}{missing[0]} is missing from the files; re-save the model")
+
+    def _missing(self, model: nn.Module, skip: nn.Module | None) -> list[str]:
+        """The parameters outside the blocks (but ``skip``'s) still without values."""
+        return [name for name, parameter in model.named_parameters() if parameter.is_meta
+                and not name.startswith(f"{self.prefix}.") and model.get_submodule(name.rpartition(".")[0]) is not skip]
 
     def finish(self, model: nn.Module) -> None:
         """Once every block is done: read what was left in the files (the output head)."""
