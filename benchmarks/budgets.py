@@ -5,7 +5,7 @@ against bits/weight — all views of the ``benchmarks/ppl_table.py`` store, noth
     python benchmarks/budgets.py --model smollm2-135m --out docs/results/budgets
 
 Each table holds the decisive rows of its budget, all measured on the full test set: the best
-PoT row, the best uniform row, the best uniform row with the best PoT row's recipe (its twin),
+PoT and APoT rows, the best uniform row, the best uniform row with the better one's recipe (its twin),
 the two-step PoT row the budget had before the staged methods, and the llama.cpp row closest to
 the budget (over it, llama.cpp has no type that small for this model). ``--summary`` gets one
 record per measured row and data set — model, format, recipe, bits/weight, data set, windows,
@@ -36,7 +36,8 @@ def full(r: dict, dataset: str) -> bool:
 
 
 def family(spec: str) -> str:
-    return "llama.cpp" if spec.startswith(PEER) else spec.split(":")[0].split("-")[0]  # pot-zero is PoT
+    """pot (pot, pot-zero, pot-seed), apot (additive PoT: sums of two powers of two), uniform or llama.cpp."""
+    return "llama.cpp" if spec.startswith(PEER) else spec.split(":")[0].split("-")[0]
 
 
 def recipe(spec: str) -> str:
@@ -75,14 +76,14 @@ def decisive(runs: dict, budget: float) -> list[tuple[str, str]]:
     inside = {s: r for s, r in runs.items() if s != "float" and not s.startswith(PEER) and full(r, "wikitext2")
               and budget - 1 < r["bits_per_weight"] <= budget + 1e-9}
     best = {}
-    for fam in ("pot", "uniform"):
+    for fam in ("pot", "apot", "uniform"):
         mine = [s for s in inside if family(s) == fam]
         if mine:
             best[fam] = min(mine, key=lambda s: inside[s]["wikitext2"]["ppl"])
-    chosen = []
-    if "pot" in best:
-        chosen.append(("best PoT", best["pot"]))
-        twins = [s for s in inside if family(s) == "uniform" and recipe(s).split(":")[0] == recipe(best["pot"]).split(":")[0]]
+    chosen = [(why, best[fam]) for why, fam in (("best PoT", "pot"), ("best APoT", "apot")) if fam in best]
+    if chosen:
+        lead = min((s for _, s in chosen), key=lambda s: inside[s]["wikitext2"]["ppl"])
+        twins = [s for s in inside if family(s) == "uniform" and recipe(s).split(":")[0] == recipe(lead).split(":")[0]]
         if twins:
             chosen.append(("uniform, same recipe", min(twins, key=lambda s: inside[s]["wikitext2"]["ppl"])))
     if "uniform" in best and best["uniform"] not in [s for _, s in chosen]:
@@ -106,14 +107,15 @@ def table(runs: dict, budget: float) -> list[str]:
             if r.get("quantize_seconds") else "–"
         lines.append(f"| {why} | `{spec}` | {r['bits_per_weight']:.3f} | {ppl} | {seconds} | {peak} |")
     rows = dict((why, runs[spec]) for why, spec in decisive(runs, budget))
-    if "best PoT" in rows:
-        pot = rows["best PoT"]["wikitext2"]["ppl"]
-        uniform = min((r["wikitext2"]["ppl"] for why, r in rows.items() if why.startswith(("best uniform", "uniform"))),
-                      default=None)
-        verdict = "met" if pot <= TARGETS[budget] else f"missed by {pot - TARGETS[budget]:.2f}"
-        against = ("" if uniform is None else
-                   f"; {'below' if pot < uniform else 'above'} the best uniform row here ({uniform:.2f})")
-        lines += ["", f"Target for PoT on WikiText-2: ≤ {TARGETS[budget]}: {verdict} ({pot:.2f}){against}."]
+    uniform = min((r["wikitext2"]["ppl"] for why, r in rows.items() if why.startswith(("best uniform", "uniform"))),
+                  default=None)
+    for why, name in (("best PoT", "PoT"), ("best APoT", "APoT")):
+        if why in rows:
+            ppl = rows[why]["wikitext2"]["ppl"]
+            verdict = "met" if ppl <= TARGETS[budget] else f"missed by {ppl - TARGETS[budget]:.2f}"
+            against = ("" if uniform is None else
+                       f"; {'below' if ppl < uniform else 'above'} the best uniform row here ({uniform:.2f})")
+            lines += ["", f"Target for {name} on WikiText-2: ≤ {TARGETS[budget]}: {verdict} ({ppl:.2f}){against}."]
     return lines + [""]
 
 
@@ -126,7 +128,8 @@ def plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"pot": ("tab:red", "o"), "uniform": ("tab:blue", "D"), "llama.cpp": ("tab:green", "*")}
+    styles = {"pot": ("tab:red", "o"), "apot": ("tab:orange", "s"), "uniform": ("tab:blue", "D"),
+              "llama.cpp": ("tab:green", "*")}
     for fam, (color, marker) in styles.items():
         points = sorted((r["bits_per_weight"], r["wikitext2"]["ppl"]) for s, r in runs.items()
                         if s != "float" and family(s) == fam and full(r, "wikitext2"))

@@ -39,7 +39,8 @@ def _add_format_args(p: argparse.ArgumentParser, fmt: str = "pot", bits: int = 4
     """The weight-format flags, with a command's own defaults (``int_format``: PT2E's integers too)."""
     p.add_argument("--format", default=fmt, choices=[*FORMAT_NAMES, *(["int"] if int_format else [])],
                    help="weight grid: pot (zero-excluded, the thesis'), pot-zero, pot-seed (the 'PoT weights in "
-                        "LLMs' definition, exponents [-E, E] and epsilon), uniform (asymmetric), uniform-sym"
+                        "LLMs' definition, exponents [-E, E] and epsilon), apot (additive PoT, 2-4 bits: each "
+                        "magnitude a sum of at most two powers of two), uniform (asymmetric), uniform-sym"
                         + ("; int = PT2E's own symmetric per-channel integers (2-32 bits)" if int_format else "")
                         + f" (default {fmt})")
     p.add_argument("--bits", type=int, default=bits, help=f"bits per weight code (default {bits})")

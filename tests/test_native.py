@@ -49,7 +49,7 @@ def _greedy(model, prompt, steps):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("fmt, bits", [("pot", 3), ("pot", 4), ("pot", 2), ("pot-zero", 3)])
+@pytest.mark.parametrize("fmt, bits", [("pot", 3), ("pot", 4), ("pot", 2), ("pot-zero", 3), ("apot", 2), ("apot", 4)])
 def test_native_logits_match_transformers(fused_kernel, family, fmt, bits):
     model = tiny_model(family)
     potq.quantize_(model, QuantConfig(fmt, bits, 32), method="rtn", progress=False)
@@ -236,13 +236,15 @@ def _q8_reference(layer, x):
     return y
 
 
-@pytest.mark.parametrize("fmt, bits", [("pot", 2), ("pot", 3), ("pot", 4), ("pot-zero", 3), ("uniform-sym", 8)])
+@pytest.mark.parametrize("fmt, bits", [("pot", 2), ("pot", 3), ("pot", 4), ("pot-zero", 3), ("uniform-sym", 8),
+                                       ("apot", 2), ("apot", 3), ("apot", 4)])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_every_8_bit_activation_kernel_computes_the_same_sums(fused_kernel, fmt, bits, group):
     """The scalar, AVX2 and (where the CPU has it) AVX-512 VNNI kernels, each in its own layout —
     VNNI's rows interleaved in fours, its offset operand corrected per group — give the exact
     integer sums of the reference for one token and for prompts of 4, 8 and 13 (the four-token and
-    four-row loops and their tails), 37 rows (not a multiple of 4), a ragged last group."""
+    four-row loops and their tails), 37 rows (not a multiple of 4), a ragged last group. APoT
+    layers are the same kernels with the format's magnitudes in their byte tables."""
     from potq.formats import get_format
     from potq.formats.pot import PoTWithZero
     from potq.kernels import fused
@@ -257,6 +259,9 @@ def test_every_8_bit_activation_kernel_computes_the_same_sums(fused_kernel, fmt,
         def matrix_for(isa: str):  # noqa: ANN202
             if fmt == "uniform-sym":
                 return ext.int8_matrix(layer.codes, layer.scales, width, None, True, isa)
+            if fmt == "apot":
+                return ext.pot_matrix(layer.codes, layer.scales, in_features, bits, width, 0, False, None, True, isa,
+                                      magnitudes=list(layer.fmt.magnitudes))
             return ext.pot_matrix(layer.codes, layer.scales, in_features, bits, width, layer.fmt.top_exponent,
                                   isinstance(layer.fmt, PoTWithZero), None, True, isa)
 
@@ -268,3 +273,7 @@ def test_every_8_bit_activation_kernel_computes_the_same_sums(fused_kernel, fmt,
                 assert torch.allclose(matrix.gemv(x).double(), _q8_reference(layer, x), rtol=1e-5, atol=1e-4), (name, rows)
     with pytest.raises(RuntimeError, match="not avx9"):
         matrix_for("avx9")
+    if fmt == "apot":  # the float kernels decode 2^f: a table of magnitudes is refused there
+        with pytest.raises(RuntimeError, match="needs the 8-bit-activation kernel"):
+            ext.pot_matrix(layer.codes, layer.scales, in_features, bits, width, 0, False, None, False,
+                           magnitudes=list(layer.fmt.magnitudes))

@@ -53,6 +53,24 @@ def test_save_load_gives_bit_identical_logits(stories, tmp_path):
     assert len(manifest["source"]["sha256"]) == 64
 
 
+def test_an_apot_model_saves_loads_and_runs_natively(stories, tmp_path):
+    """Additive PoT: packed, reloaded to the same logits, and decoded by the native runtime's
+    8-bit-activation kernels (its magnitudes as their byte table) within their rounding."""
+    from potq.models.native_decoder import NativeDecoder
+
+    potq.quantize_(stories.model, potq.QuantConfig("apot", 4, 64))
+    before = logits(stories)
+    loaded = potq.load(potq.save(stories, tmp_path / "m"))
+    assert torch.equal(logits(loaded), before)
+    assert json.loads((tmp_path / "m" / "potq.json").read_text())["format"] == "apot"
+    if potq.kernels.fused.extension() is not None:
+        ids = torch.tensor([stories.tokenizer.encode("Once upon a time there was")])
+        native = NativeDecoder(loaded.model, ids.shape[1])(ids)
+        with torch.inference_mode():
+            reference = loaded.model(ids).logits[0, -1]
+        assert (native - reference).abs().max() < 0.03 * reference.abs().max()
+
+
 def test_float_model_round_trips_too(stories, tmp_path):
     folder = potq.save(stories, tmp_path / "f")
     assert torch.equal(logits(potq.load(folder)), logits(stories))

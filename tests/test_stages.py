@@ -39,8 +39,8 @@ def block0_error(float_model, model, calib) -> float:
     return sum(F.mse_loss(g, w).item() for g, w in zip(got, wanted)) / len(got)
 
 
-@pytest.mark.parametrize("config", [potq.PoTConfig(bits=3, group_size=32), potq.UniformConfig(bits=3, group_size=32)],
-                         ids=["pot3", "uniform3"])
+@pytest.mark.parametrize("config", [potq.PoTConfig(bits=3, group_size=32), potq.UniformConfig(bits=3, group_size=32),
+                                    potq.QuantConfig("apot", 3, 32)], ids=["pot3", "uniform3", "apot3"])
 def test_blockap_lowers_every_block_loss_below_step2s_and_packs_what_it_trained(stories_float, calib, config):
     """Weights and scales trained together reach a lower block loss than Step 2's scales alone from
     the same start; the packed block reproduces the loss the trainer kept."""
@@ -74,7 +74,7 @@ def test_scaled_codes_is_the_packed_weight_at_every_scale(stories_float):
     """Every format's value is linear in its group scale: the trainable view equals the decode."""
     w = stories_float.model.get_submodule("model.layers.0.mlp.up_proj").weight.detach()
     for config in (potq.PoTConfig(bits=3, group_size=32), potq.PoTConfig(bits=4, group_size=32, zero=True),
-                   potq.UniformConfig(bits=3, group_size=32)):
+                   potq.UniformConfig(bits=3, group_size=32), potq.QuantConfig("apot", 4, 32)):
         from potq.formats.weights import quantize_weight
 
         layer = ScaledCodes(quantize_weight(w, config.make_format(), 32), None)

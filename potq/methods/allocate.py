@@ -41,7 +41,7 @@ def candidates(config: QuantConfig) -> list[QuantConfig]:
     options = []
     for bits in WIDTHS:
         fmt = config.format
-        if bits == 8 and fmt.startswith("pot"):
+        if bits == 8 and fmt.startswith(("pot", "apot")):  # a sign-magnitude grid's 8 bits: int8's are better
             fmt = "uniform-sym"
         try:
             options.append(QuantConfig(fmt, bits, config.group_size, config.options if fmt == config.format else {}))

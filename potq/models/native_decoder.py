@@ -20,6 +20,8 @@ Each linear layer becomes, by its format:
   quantized to int8 per group, the weights' ±2^f as bytes, exact integer dot products, one float
   scale per group — llama.cpp's Q8 activations), or with ``exact=True`` the fused float kernel,
   whose result equals the PyTorch path to float rounding;
+- packed APoT of 2–4 bits: the same kernel with the format's magnitudes in its byte table (exact
+  mode: its float32 weight);
 - symmetric 8-bit (a GGUF's Q8_0 token table kept as is): integer dot products against the same
   8-bit activations (``exact=True``: the float 8-bit GEMV);
 - anything else: its float32 weight (decoded once).
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from potq.formats.apot import AdditivePoT
 from potq.formats.grouping import group_width
 from potq.formats.pot import PoT, PoTWithZero
 from potq.formats.uniform import UniformSym
@@ -260,6 +263,9 @@ def _matrix(ext, layer: nn.Module, exact: bool, rows: slice = slice(None)) -> ob
         if isinstance(fmt, PoT) and fmt.bits <= 4:
             return ext.pot_matrix(codes, scales, layer.in_features, fmt.bits, width, fmt.top_exponent,
                                   isinstance(fmt, PoTWithZero), bias, not exact)
+        if isinstance(fmt, AdditivePoT) and not exact and ext.q8_serves(fmt.bits, width, layer.in_features):
+            return ext.pot_matrix(codes, scales, layer.in_features, fmt.bits, width, 0, False, bias,
+                                  magnitudes=list(fmt.magnitudes))
         if isinstance(fmt, UniformSym) and fmt.bits == 8:
             return ext.int8_matrix(codes, scales, width, bias, not exact)
         weight = layer.dequantize()

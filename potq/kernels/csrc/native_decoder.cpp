@@ -156,14 +156,21 @@ MatrixPtr dense_matrix(torch::Tensor weight, c10::optional<torch::Tensor> bias) 
   return m;
 }
 
+// A packed sign-magnitude layer. `magnitudes` empty: PoT (field f is 2^f, or zero for pot-zero's
+// field 0); else a table of the integer magnitudes of the fields (APoT), which only the
+// 8-bit-activation kernels read (their byte tables take any magnitudes up to 127).
 MatrixPtr pot_matrix(torch::Tensor codes, torch::Tensor scales, int64_t in, int64_t bits, int64_t group, int64_t top,
-                     bool with_zero, c10::optional<torch::Tensor> bias, bool q8, const std::string& isa) {
+                     bool with_zero, c10::optional<torch::Tensor> bias, bool q8, const std::string& isa,
+                     const std::vector<int64_t>& magnitudes) {
   auto m = std::make_shared<Matrix>();
   m->pot = packed_layer(codes, scales, in, bits, group, top, with_zero);
   m->kind = kPot, m->out = codes.size(0), m->in = in;
   m->keep = {codes, scales};
+  TORCH_CHECK(magnitudes.empty() || (q8 && q8_serves(m->pot.layout)),
+              "a table of magnitudes needs the 8-bit-activation kernel (see q8_serves)");
   if (q8 && q8_serves(m->pot.layout)) {
     for (auto& t : q8_repack(m->pot, m->q8, q8_isa_named(isa))) m->keep.push_back(t);
+    if (!magnitudes.empty()) q8_use_magnitudes(m->q8, magnitudes);
     m->kind = kPotQ8, m->act_block = group, m->q8_isa = m->q8.isa;
   }
   m->bias = optional_bias(bias, m->out, *m);
@@ -551,7 +558,11 @@ void bind_native_decoder(pybind11::module& m) {
       });
   m.def("dense_matrix", &dense_matrix, py::arg("weight"), py::arg("bias") = py::none());
   m.def("pot_matrix", &pot_matrix, py::arg("codes"), py::arg("scales"), py::arg("in_features"), py::arg("bits"),
-        py::arg("group"), py::arg("top"), py::arg("with_zero"), py::arg("bias") = py::none(), py::arg("q8") = true, py::arg("isa") = "");
+        py::arg("group"), py::arg("top"), py::arg("with_zero"), py::arg("bias") = py::none(), py::arg("q8") = true, py::arg("isa") = "",
+        py::arg("magnitudes") = std::vector<int64_t>{});
+  m.def("q8_serves", [](int64_t bits, int64_t group, int64_t in) { return q8_serves(Layout{bits, group, 0, in, 0, false}); },
+        py::arg("bits"), py::arg("group"), py::arg("in_features"),
+        "whether a packed sign-magnitude layer of this shape runs on the 8-bit-activation kernels");
   m.def("int8_matrix", &int8_matrix, py::arg("codes"), py::arg("scales"), py::arg("group"), py::arg("bias") = py::none(),
         py::arg("q8") = true, py::arg("isa") = "");
   m.def("q8_best_isa", [] { return q8_best_isa(); }, "the widest 8-bit-activation kernel here (0 scalar, 1 AVX2, 2 VNNI)");

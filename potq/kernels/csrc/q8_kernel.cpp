@@ -223,6 +223,11 @@ bool avx2_here() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
+// The VNNI multiply-add's unsigned operand of each code: sign·magnitude + offset (offset: the largest magnitude).
+void shift_table(Q8Layer& Q) {
+  for (int c = 0; c < 16; ++c) Q.shifted[c] = static_cast<uint8_t>(static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c] + Q.offset);
+}
+
 }  // namespace
 
 int q8_best_isa() {
@@ -279,7 +284,7 @@ std::vector<torch::Tensor> q8_repack(const Args& A, Q8Layer& Q, int isa) {
     Q.sign[c] = code >> (L.bits - 1) ? -1 : 1;
   }
   Q.offset = 1 << ((1 << (L.bits - 1)) - 1);  // the largest magnitude
-  for (int c = 0; c < 16; ++c) Q.shifted[c] = static_cast<uint8_t>(static_cast<uint8_t>(Q.magnitude[c]) * Q.sign[c] + Q.offset);
+  shift_table(Q);
   if (Q.isa != kQ8Vnni) return {data};
   auto quad = torch::zeros({rows * A.groups}, torch::kInt16);
   uint16_t* q = reinterpret_cast<uint16_t*>(quad.data_ptr<int16_t>());
@@ -287,6 +292,17 @@ std::vector<torch::Tensor> q8_repack(const Args& A, Q8Layer& Q, int isa) {
     for (int64_t g = 0; g < A.groups; ++g) q[((r / 4) * A.groups + g) * 4 + r % 4] = A.scales[r * A.groups + g];
   Q.quad_scales = q;
   return {data, quad};
+}
+
+void q8_use_magnitudes(Q8Layer& Q, const std::vector<int64_t>& magnitudes) {
+  const int64_t fields = int64_t{1} << (Q.bits - 1);
+  TORCH_CHECK(static_cast<int64_t>(magnitudes.size()) == fields, "magnitudes: one per field, ", fields);
+  for (const int64_t m : magnitudes) TORCH_CHECK(m >= 1 && m <= magnitudes.back(), "magnitudes: 1 .. the last");
+  TORCH_CHECK(magnitudes.back() <= 127, "magnitudes: at most 127");
+  for (int c = 0; c < 16; ++c) Q.magnitude[c] = static_cast<int8_t>(magnitudes[c & (fields - 1)]);
+  Q.offset = static_cast<int>(magnitudes.back());
+  Q.unit = 1.0f / static_cast<float>(magnitudes.back());
+  shift_table(Q);
 }
 
 void q8_rows(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1) {

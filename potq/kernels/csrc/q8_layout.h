@@ -103,6 +103,9 @@ inline bool q8_serves(const Layout& L) {
 // The layer's codes (and for VNNI its scales) repacked into the runtime layout of the kernel for
 // `isa` (the returned tensors own them) and `Q` filled in to read them.
 std::vector<torch::Tensor> q8_repack(const Args& A, Q8Layer& Q, int isa);
+// Field f of a code decodes to magnitudes[f] (integers 1..127, the largest last) instead of 2^f;
+// a group's factor becomes its scale / the largest (APoT: the scale stores the largest level).
+void q8_use_magnitudes(Q8Layer& Q, const std::vector<int64_t>& magnitudes);
 // y[b·out + r] for rows [r0, r1) and every activation row b of x (8-bit, blocks = the layer's
 // group width). Several activation rows (a prompt) share each unit's decoding.
 void q8_rows(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t r0, int64_t r1);
