@@ -33,24 +33,26 @@ from potq.errors import PotqError
 from potq.paths import home_dir
 from potq.storage import read_manifest
 
-# variant -> (format bits, quantize embeddings too); None = the float model
-VARIANTS: dict[str, tuple[int, bool] | None] = {"float32": None, "pot4": (4, False), "pot3": (3, False),
-                                                "pot2": (2, False), "pot3 + embeddings": (3, True)}
+# variant -> (format, bits, quantize embeddings too); None = the float model. APoT runs on PoT's
+# 8-bit-activation kernels with its magnitudes as their byte table: timed to show it costs the same.
+VARIANTS: dict[str, tuple[str, int, bool] | None] = {
+    "float32": None, "pot4": ("pot", 4, False), "pot3": ("pot", 3, False), "pot2": ("pot", 2, False),
+    "pot3 + embeddings": ("pot", 3, True), "apot4": ("apot", 4, False), "apot2": ("apot", 2, False)}
 # the ablation of an 8-bit table: pot3 with the token table (and tied head) held in float32 again
 FLOAT_TABLES = "pot3, float32 table"
 
 
 def variant_folder(model: str, variant: str, cache: Path, group: int = 128) -> str:
     """The model to load for ``variant``: the float model itself, or a packed folder made once in ``cache``."""
-    spec = (3, False) if variant == FLOAT_TABLES else VARIANTS[variant]
+    spec = ("pot", 3, False) if variant == FLOAT_TABLES else VARIANTS[variant]
     if spec is None:
         return model
-    bits, embeddings = spec
+    fmt, bits, embeddings = spec
     suffix = "-emb" if embeddings else "-float-table" if variant == FLOAT_TABLES else ""
-    folder = cache / f"{Path(model).name}-pot{bits}-g{group}{suffix}"
+    folder = cache / f"{Path(model).name}-{fmt}{bits}-g{group}{suffix}"
     if not _cached(folder):
         lm = potq.load_model(model)
-        potq.quantize_(lm, potq.QuantConfig("pot", bits, group), method="rtn", embeddings=embeddings, progress=False)
+        potq.quantize_(lm, potq.QuantConfig(fmt, bits, group), method="rtn", embeddings=embeddings, progress=False)
         if variant == FLOAT_TABLES:
             _float_tables_(lm.model)
         potq.save(lm, folder, overwrite=True)
