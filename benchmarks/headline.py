@@ -21,16 +21,25 @@ ROWS = [
     ("llama.cpp:Q4_0", "llama.cpp Q4_0", "peer:Q4_0"),
     ("llama.cpp:Q3_K_M", "llama.cpp Q3_K_M", "peer:Q3_K_M"),
     ("uniform:4:awq", "uniform 4-bit AWQ, G128", None),
+    ("apot:4:blockap+e2e:64", "APoT 4-bit Block-AP + E2E, G64", "apot4"),
     ("pot:4:blockap+e2e:64", "PoT 4-bit Block-AP + E2E, G64", "pot4"),
     ("uniform:3:blockap+e2e", "uniform 3-bit Block-AP + E2E, G128", None),
+    ("apot:3:blockap+e2e:64", "APoT 3-bit Block-AP + E2E, G64", "apot3"),
     ("pot:3:blockap+e2e:64", "PoT 3-bit Block-AP + E2E, G64", "pot3"),
     ("uniform:2:blockap+e2e", "uniform 2-bit Block-AP + E2E, G128", None),
+    ("apot:2:blockap+e2e:64", "APoT 2-bit (PoT ±a, ±a/4) Block-AP + E2E, G64", "apot2"),
     ("pot:2:blockap+e2e:64", "PoT 2-bit Block-AP + E2E, G64", "pot2"),
 ]
 
 
 # (what a user wants, the row in the perplexity store, the options that make it)
 RECIPES = [
+    ("APoT (sums of two powers of two), smallest error at about 4.25 bits", "apot:4:blockap+e2e:64",
+     "--format apot --bits 4 --group-size 64 --method blockap,e2e"),
+    ("APoT, smallest error at about 3.25 bits", "apot:3:blockap+e2e:64",
+     "--format apot --bits 3 --group-size 64 --method blockap,e2e"),
+    ("smallest error at about 2.25 bits (PoT: ±a, ±a/4)", "apot:2:blockap+e2e:64",
+     "--format apot --bits 2 --group-size 64 --method blockap,e2e"),
     ("PoT, smallest error at about 4.25 bits", "pot:4:blockap+e2e:64",
      "--format pot --bits 4 --group-size 64 --method blockap,e2e"),
     ("PoT 4-bit, scales tuned end to end", "pot:4:e2e:64", "--format pot --bits 4 --group-size 64 --method e2e"),
@@ -40,8 +49,7 @@ RECIPES = [
      "--format pot --bits 4 --group-size 64 --method grid --objective act"),
     ("uniform, best 4-bit", "uniform:4:awq", "--format uniform --bits 4 --method awq"),
     ("uniform, best 3-bit", "uniform:3:blockap+e2e", "--format uniform --bits 3 --method blockap,e2e"),
-    ("smallest error at about 2.25 bits (uniform)", "uniform:2:blockap+e2e",
-     "--format uniform --bits 2 --method blockap,e2e"),
+    ("uniform, best 2-bit", "uniform:2:blockap+e2e", "--format uniform --bits 2 --method blockap,e2e"),
     ("a quick baseline", "uniform:4", "--format uniform --bits 4 --method rtn"),
 ]
 
@@ -84,8 +92,8 @@ def main() -> None:
             continue
         r = runs[row]
         mib = f"{r['file_bytes'] / 2**20:.1f}" if r.get("file_bytes") else "–"
-        timed = (None if variant is None else speed["peer"][variant[5:]] if variant.startswith("peer:")
-                 else speed["decode"][variant])
+        timed = (None if variant is None else speed["peer"].get(variant[5:]) if variant.startswith("peer:")
+                 else speed["decode"].get(variant))  # None: not in the last speed run
         tok_s = "–" if timed is None else f"{timed['tokens_per_s']:.1f}"
         prefill = "–" if timed is None else f"{timed['prefill_tokens_per_s']:.0f}"
         mark = "†" if r["wikitext2"].get("dtype") == "bf16" else ""
@@ -95,8 +103,8 @@ def main() -> None:
               f"Decoding: {speed['new_tokens']} greedy "
               f"tokens after a {speed['prompt_tokens']}-token prompt, batch 1, {speed['threads']} threads on "
               f"{speed['cpu']}, all rows in one run, potq's rows through its native decoder (one C++ call a "
-              "token, PoT layers on 8-bit activations); a PoT row's speed is that of its bits at G128 (the packing "
-              "the speed run measured); uniform rows were not timed (potq computes them from float weights, "
+              "token, PoT and APoT layers on 8-bit activations); a PoT or APoT row's speed is that of its format "
+              "and bits at G128 (the packing the speed run measured; – where that run had none); uniform rows were not timed (potq computes them from float weights, "
               "at about float speed). potq's file sizes are of folders that kept the embedding/output head "
               "in float32 (llama.cpp's quantize it); potq now stores a table the GGUF held as Q8_0 as the same "
               "8-bit codes, losslessly, so its files are smaller by the table's float32-to-8.5-bit difference "

@@ -37,7 +37,8 @@ from potq.storage import read_manifest
 # 8-bit-activation kernels with its magnitudes as their byte table: timed to show it costs the same.
 VARIANTS: dict[str, tuple[str, int, bool] | None] = {
     "float32": None, "pot4": ("pot", 4, False), "pot3": ("pot", 3, False), "pot2": ("pot", 2, False),
-    "pot3 + embeddings": ("pot", 3, True), "apot4": ("apot", 4, False), "apot2": ("apot", 2, False)}
+    "pot3 + embeddings": ("pot", 3, True), "apot4": ("apot", 4, False), "apot3": ("apot", 3, False),
+    "apot2": ("apot", 2, False)}
 # the ablation of an 8-bit table: pot3 with the token table (and tied head) held in float32 again
 FLOAT_TABLES = "pot3, float32 table"
 

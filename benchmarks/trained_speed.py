@@ -1,0 +1,47 @@
+"""Decoding speed of the trained rows themselves: the packed folders of the budget tables (PoT and
+APoT, `blockap,e2e`), each in its own process, in turn, in one run — so that a PoT row and its APoT
+twin are compared on the same machine minute, and the "greedy tokens = PyTorch path" check runs on
+models whose perplexity means something (``potq bench`` times round-to-nearest folders).
+
+    python benchmarks/trained_speed.py --work out/bench/smollm2-135m --rows pot-4-blockap+e2e-64 \
+        apot-4-blockap+e2e-64 pot-2-blockap+e2e-64 apot-2-blockap+e2e-64 --out docs/results/trained-speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from potq.bench import bandwidth, decode
+from potq.bench.timing import machine
+from potq.paths import write_text_atomic
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="the folder holding the packed rows (ppl_table.py's --work/MODEL)")
+    p.add_argument("--rows", nargs="+", required=True, help="folder names under --work")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
+    args = p.parse_args()
+    folders = {row: str(Path(args.work) / row) for row in args.rows}
+    missing = [f for f in folders.values() if not (Path(f) / "potq.json").is_file()]
+    if missing:
+        sys.exit(f"trained_speed.py: no packed folder at {missing[0]} (make it with benchmarks/ppl_table.py)")
+    results = decode.run("", threads=args.threads, variants=list(folders), folders=folders, rounds=args.rounds)
+    read = bandwidth.read_gb_s()
+    this = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lines = ["# Decoding speed of the trained PoT and APoT rows", "", "```", this, "```", "",
+             f"{machine()}.", "", *decode.markdown(results, 64, 128, read), ""]
+    write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines))
+    write_text_atomic(Path(args.out).with_suffix(".json"),
+                      json.dumps({"machine": machine(), "read_gb_s": read, "decode": results}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
