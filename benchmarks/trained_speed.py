@@ -4,7 +4,8 @@ twin are compared on the same machine minute, and the "greedy tokens = PyTorch p
 models whose perplexity means something (``potq bench`` times round-to-nearest folders).
 
     python benchmarks/trained_speed.py --work out/bench/smollm2-135m --rows pot-4-blockap+e2e-64 \
-        apot-4-blockap+e2e-64 pot-2-blockap+e2e-64 apot-2-blockap+e2e-64 --out docs/results/trained-speed
+        apot-4-blockap+e2e-64 pot-2-blockap+e2e-64 apot-2-blockap+e2e-64 --peer smollm2-135m \
+        --out docs/results/trained-speed
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from potq.bench import bandwidth, decode
+from potq.bench import bandwidth, decode, peer
 from potq.bench.timing import machine
 from potq.paths import write_text_atomic
 
@@ -26,20 +27,38 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", required=True, help="folder names under --work")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--peer", default=None, metavar="MODEL",
+                   help="also time llama.cpp's Q4_0 of this model (a short name or .gguf) in the same rounds")
     p.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
     args = p.parse_args()
     folders = {row: str(Path(args.work) / row) for row in args.rows}
     missing = [f for f in folders.values() if not (Path(f) / "potq.json").is_file()]
     if missing:
         sys.exit(f"trained_speed.py: no packed folder at {missing[0]} (make it with benchmarks/ppl_table.py)")
-    results = decode.run("", threads=args.threads, variants=list(folders), folders=folders, rounds=args.rounds)
+    peers = {}
+    if args.peer and peer.available():
+        from potq.models.registry import resolve
+
+        peers = {"llama.cpp Q4_0": peer.files(resolve(args.peer)[1])["Q4_0"]}
+    timed = decode.run("", threads=args.threads, variants=list(folders), folders=folders, rounds=args.rounds,
+                       peers=peers)
+    results = {name: r for name, r in timed.items() if name not in peers}
     read = bandwidth.read_gb_s()
     this = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lines = ["# Decoding speed of the trained PoT and APoT rows", "", "```", this, "```", "",
              f"{machine()}.", "", *decode.markdown(results, 64, 128, read), ""]
+    if peers:
+        q4 = timed["llama.cpp Q4_0"]
+        lines += [f"llama.cpp Q4_0 in the same rounds: {q4['tokens_per_s']:.1f} tok/s decoding, "
+                  f"{q4['prefill_tokens_per_s']:.0f} tok/s prefill.", "",
+                  "| model | decoding / llama.cpp Q4_0 | prefill / llama.cpp Q4_0 |", "|---|---:|---:|"]
+        lines += [f"| {name} | {r['tokens_per_s'] / q4['tokens_per_s']:.2f}× | "
+                  f"{r['prefill_tokens_per_s'] / q4['prefill_tokens_per_s']:.2f}× |" for name, r in results.items()]
+        lines.append("")
     write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines))
     write_text_atomic(Path(args.out).with_suffix(".json"),
-                      json.dumps({"machine": machine(), "read_gb_s": read, "decode": results}, indent=1))
+                      json.dumps({"machine": machine(), "read_gb_s": read, "decode": results,
+                                  "peer": {name: timed[name] for name in peers}}, indent=1))
     print("\n".join(lines))
 
 
