@@ -3,17 +3,18 @@ a sum of at most two powers of two, so a weight still multiplies by two shifts a
 
 Why: a PoT grid spends each extra bit on a smaller exponent. At 4 bits its eight magnitudes run
 from ``a`` down to ``a/128``, and the octave between ``a/2`` and ``a`` — where most of a group's
-large weights lie — has no level inside it; its squared error on SmolLM2-135M's weights (G64) is
-barely below 3-bit PoT's and 3.6× uniform 4-bit's. Letting a magnitude be a sum of two powers of
+large weights lie — has no level inside it; its squared error on SmolLM2-135M's weights is barely
+below 3-bit PoT's and several times uniform 4-bit's. Letting a magnitude be a sum of two powers of
 two fills those octaves while keeping the multiply-free arithmetic.
 
-The magnitude sets below were chosen by squared error on SmolLM2-135M's block weights in groups
-of 64 (each group at its best scale), among all sets of such integers up to 16 (4 bits) or 32:
+The magnitude sets below are the ones with the least squared error on SmolLM2-135M's block weights
+in groups of 64 (each group at its best scale) among all sets of such integers
+(``benchmarks/apot_magnitudes.py``; the scores: docs/results/apot-magnitudes.md):
 
 - 2 bits ``{1, 4}``: still pure PoT, the exponents 0 and −2 (skipping −1 puts the two levels
-  where a 4-level quantizer of a bell-shaped group wants them; 34 % below PoT's ``{1, 2}``);
-- 3 bits ``{1, 3, 5, 8}`` (14 % below PoT's ``{1, 2, 4, 8}``);
-- 4 bits ``{1, 2, 4, 6, 8, 10, 12, 16}`` (72 % below PoT's ``{1 … 128}``).
+  where a 4-level quantizer of a bell-shaped group wants them, about three apart);
+- 3 bits ``{1, 3, 5, 8}``;
+- 4 bits ``{1, 2, 4, 6, 8, 10, 12, 16}``.
 
 A code is ``sign bit | index`` into the set, as PoT's ``sign bit | exponent field``, and the group
 scale stores the largest level ``a``. Rounding is to the nearest level (linear midpoints): the
