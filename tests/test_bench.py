@@ -27,10 +27,10 @@ def test_decoding_runs_each_variant_in_its_own_process(tmp_path, fused_kernel):
     assert (tmp_path / "stories260k-pot3-g128" / "potq.json").is_file()
     table = "\n".join(decode.markdown(results, 8, 4, read_gb_s=10.0))
     assert "| pot3 |" in table and "| float32 |" in table
-    for r in results.values():  # the native decoder's step: with and without its head
+    for r in results.values():  # the native decoder's step, and its own clock per phase
         parts = r["step_ms"]
-        assert r["path"] == "native" and set(parts) == {"step", "output head", "blocks"}
-        assert parts["step"] > 0 and parts["blocks"] > 0 and r["prefill_tokens_per_s"] > 0
+        assert r["path"] == "native" and set(parts) == {"step", *decode.PHASES, "outside"}
+        assert parts["step"] > 0 and parts["projections"] > 0 and r["prefill_tokens_per_s"] > 0
     assert "| pot3 |" in "\n".join(decode.breakdown_markdown(results))
 
 

@@ -152,6 +152,33 @@ def test_the_layers_are_described_once_per_model(fused_kernel, stories):
     assert native_decoder._layers(stories.model, False) is not first  # changed tensors: described again
 
 
+def test_the_profile_adds_up_a_steps_phases_and_changes_nothing(fused_kernel, stories):
+    """Decoder.profile: the same logits with the clock on; every phase's time is charged (the
+    layers' products and the head above zero), and the phases add up to no more than the calls took."""
+    import time
+
+    potq.quantize_(stories, QuantConfig("pot", 3, 32), method="rtn", progress=False)
+    ids = torch.tensor([stories.tokenizer.encode("Once upon a time, there was a little girl")])
+    decoder = NativeDecoder(stories.model, ids.shape[1] + 1)
+    decoder(ids)
+    native, at = decoder._decoder, ids.shape[1]
+    plain, profiled = torch.empty(stories.model.lm_head.out_features), torch.empty(stories.model.lm_head.out_features)
+    native.feed([5], at, plain)
+    native.profile(True)
+    start = time.perf_counter()
+    for _ in range(20):
+        native.feed([5], at, profiled)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    native.profile(False)
+    phases = native.phase_ms()
+    assert torch.equal(plain, profiled)
+    assert set(phases) == {"projections", "attention", "elementwise", "waiting", "output head"}
+    assert phases["projections"] > 0 and phases["output head"] > 0 and min(phases.values()) >= 0
+    assert sum(phases.values()) <= wall_ms
+    native.profile(True)  # afresh
+    assert sum(native.phase_ms().values()) == 0
+
+
 def test_bounds_and_fallbacks(fused_kernel):
     model = tiny_model("llama")
     decoder = NativeDecoder(model, 4)

@@ -221,22 +221,8 @@ def _reading(report: dict) -> list[str]:
         f"to int8 per group, exact integer sums of ±2^f·x, one float scale per group), which is why the "
         f"greedy-tokens column compares with the PyTorch path. " + _kernel_reading(report.get("q8_isa")) +
         " The 'of bound' column shows how far each run is from reading its weights at full memory bandwidth.")
-    if pot3.get("step_ms") and "blocks" in pot3["step_ms"]:
-        p, f = pot3["step_ms"], flt.get("step_ms") or {}
-        block_bytes = pot3["weight_bytes_per_token"] - pot3["head_bytes"]
-        rates = ""
-        if p["output head"] > 0 and p["blocks"] > 0:
-            rates = (f" Read as bandwidth, the head streams its {pot3['head_bytes'] / 1e6:.0f} MB at "
-                     f"{pot3['head_bytes'] / p['output head'] / 1e6:.1f} GB/s and the blocks their "
-                     f"{block_bytes / 1e6:.0f} MB at {block_bytes / p['blocks'] / 1e6:.1f} GB/s (measured read "
-                     f"bandwidth {report['read_gb_s']:.1f} GB/s): the blocks' time also holds what is not weight "
-                     f"reading — attention over the KV cache, the activations' 8-bit rounding, and the threads "
-                     f"waiting for each other at the five barriers of every layer.")
-        lines.append(
-            f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.1f} ms the "
-            f"{'8-bit' if packed_head else 'float32'} output head takes {p['output head']:.1f} ms and the blocks "
-            f"{p['blocks']:.1f} ms" + (f" (float32: {f['output head']:.1f} and {f['blocks']:.1f} ms)." if f else ".")
-            + rates)
+    if pot3.get("step_ms") and "projections" in pot3["step_ms"]:
+        lines.append(_step_reading(pot3, report["read_gb_s"], packed_head))
     if "peer" in report:
         q4 = report["peer"]["Q4_0"]
         lines.append(
@@ -245,6 +231,25 @@ def _reading(report: dict) -> list[str]:
             f"of 256; where a model's are not, its quantizer falls back to other types for those tensors, so "
             f"the Q3_K_M and Q2_K files can be barely smaller than Q4_0 (file column).")
     return lines
+
+
+def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool) -> str:
+    """Where a pot3 step's time goes (the breakdown table), and what would have to give for the
+    bandwidth target."""
+    p = pot3["step_ms"]
+    block_bytes = pot3["weight_bytes_per_token"] - pot3["head_bytes"]
+    products = block_bytes / p["projections"] / 1e6
+    head = pot3["head_bytes"] / p["output head"] / 1e6
+    target_ms = pot3["weight_bytes_per_token"] / (read_gb_s * 1e9 * RUNTIME["bound"]) * 1e3
+    limit = ("below the machine's read bandwidth, so their instructions, not memory, set their pace"
+             if products < 0.7 * read_gb_s else "close to the machine's read bandwidth")
+    return (f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.2f} ms, the layers' "
+            f"products take {p['projections']:.2f} ms — the blocks' {block_bytes / 1e6:.0f} MB at {products:.1f} GB/s "
+            f"against a measured read bandwidth of {read_gb_s:.1f} GB/s, {limit} — attention "
+            f"{p['attention']:.2f} ms, the elementwise steps {p['elementwise']:.2f} ms, waiting at barriers "
+            f"{p['waiting']:.2f} ms, the {'8-bit' if packed_head else 'float32'} output head {p['output head']:.2f} ms "
+            f"({pot3['head_bytes'] / 1e6:.0f} MB at {head:.1f} GB/s) and the call from Python {p['outside']:.2f} ms. "
+            f"At 70 % of the bound the whole step would take {target_ms:.2f} ms.")
 
 
 def _kernel_reading(isa: str | None) -> str:

@@ -136,22 +136,33 @@ def step_breakdown(model: torch.nn.Module, prompt: list[int], steps: int = 32, r
 
 
 def native_breakdown(model: torch.nn.Module, prompt: list[int], steps: int = 32, repeats: int = 5) -> dict[str, float]:
-    """Where a native decoding step's time goes, in milliseconds: a whole step after ``prompt``,
-    the same step without the output head (the blocks), and the difference (the head). Medians
-    of ``repeats`` timings of ``steps`` steps, each at the same position; the two kinds timed in
-    turn, so that the machine's drift does not fall on one of them."""
+    """Where a native decoding step's time goes, in milliseconds: a whole step after ``prompt``
+    (the median of ``repeats`` timings of ``steps`` steps, each at the same position), then the
+    decoder's own clock over ``repeats`` × ``steps`` more steps, per phase and averaged over its
+    threads (the layers' products, attention, the elementwise steps, waiting at barriers, the
+    output head); ``outside`` is what the step's wall time holds beyond them (the call from
+    Python, starting the thread team). The clock is read only in those steps, so ``step`` is
+    the unprofiled time."""
     decoder = native_decoder.NativeDecoder(model, len(prompt) + 1)
     decoder(torch.tensor([prompt]))
-    feed, logits, at = decoder._decoder.feed, torch.empty(model.lm_head.out_features), len(prompt)
-    timings: dict[bool, list[float]] = {True: [], False: []}
+    native, logits, at = decoder._decoder, torch.empty(model.lm_head.out_features), len(prompt)
+    timings = []
     for _ in range(repeats):
-        for with_head in (True, False):
-            start = time.perf_counter()
-            for _ in range(steps):
-                feed([prompt[-1]], at, logits if with_head else None)
-            timings[with_head].append((time.perf_counter() - start) / steps * 1e3)
-    step, blocks = (sorted(timings[kind])[repeats // 2] for kind in (True, False))
-    return {"step": step, "output head": step - blocks, "blocks": blocks}
+        start = time.perf_counter()
+        for _ in range(steps):
+            native.feed([prompt[-1]], at, logits)
+        timings.append((time.perf_counter() - start) / steps * 1e3)
+    native.profile(True)
+    for _ in range(repeats * steps):
+        native.feed([prompt[-1]], at, logits)
+    native.profile(False)
+    parts = {name: ms / (repeats * steps) for name, ms in native.phase_ms().items()}
+    step = sorted(timings)[repeats // 2]
+    return {"step": step, **{name: parts[name] for name in PHASES}, "outside": step - sum(parts.values())}
+
+
+# the native decoder's phases (Decoder.phase_ms), in the breakdown table's order
+PHASES = ("projections", "attention", "elementwise", "waiting", "output head")
 
 
 PREFILL_TOKENS = 512  # the runtime issue's prompt length
@@ -267,16 +278,26 @@ def markdown(results: dict[str, dict], prompt_tokens: int, new_tokens: int, read
 
 
 def breakdown_markdown(results: dict[str, dict]) -> list[str]:
-    """The step breakdown table (variants measured with :func:`step_breakdown`)."""
-    rows = {name: r["step_ms"] for name, r in results.items() if r.get("step_ms")}
+    """The step breakdown table (:func:`native_breakdown`, or :func:`step_breakdown` for a model
+    off the native path), with the rate at which the layers' products read the blocks' weights."""
+    rows = {name: r for name, r in results.items() if r.get("step_ms")}
     if not rows:
         return []
-    parts = [k for k in next(iter(rows.values())) if k != "step"]
+    parts = list(dict.fromkeys(k for r in rows.values() for k in r["step_ms"] if k != "step"))
     lines = ["Where a decoding step's time goes (ms per token, in the same processes): the native decoder's "
-             "step with and without its output head ('blocks': every layer, attention included):", "",
-             "| model | step | " + " | ".join(parts) + " |", "|---|" + "---:|" * (len(parts) + 1)]
+             "step (wall time), then its own clock per phase, the mean over its threads — the layers' "
+             "products, attention (rotary embedding and KV cache included), the elementwise steps (norms, the "
+             "activations' 8-bit rounding, the gated activation, residual adds), waiting for the other "
+             "thread at barriers, the output head; 'outside': the call from Python and starting the threads. "
+             "'products read': the blocks' weight bytes ÷ the products' time.", "",
+             "| model | step | " + " | ".join(parts) + " | products read (GB/s) |",
+             "|---|" + "---:|" * (len(parts) + 2)]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['step']:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in parts) + " |")
+        p = r["step_ms"]
+        rate = ((r["weight_bytes_per_token"] - r["head_bytes"]) / p["projections"] / 1e6
+                if p.get("projections") else None)
+        lines.append(f"| {name} | {p['step']:.2f} | " + " | ".join(f"{p[k]:.2f}" if k in p else "–" for k in parts)
+                     + (f" | {rate:.1f} |" if rate else " | – |"))
     return lines
 
 

@@ -49,7 +49,8 @@ def machine() -> str:
     one result store do not all get the same machine, and a time only compares with its own kind
     (native bf16 is named because it changes bf16 evaluation and training speed severalfold)."""
     capability = torch.backends.cpu.get_cpu_capability() + (" with native bf16" if cpu_native_bf16() else "")
-    return f"{cpu_name()}, {capability}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {capability}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def last_level_cache_bytes() -> int:

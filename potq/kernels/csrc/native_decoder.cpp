@@ -29,8 +29,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "decoder_math.h"
@@ -241,6 +244,31 @@ class Barrier {
   int n_;
 };
 
+// Where a profiled call's time goes, per thread (Decoder::profile): each phase's milliseconds,
+// charged when the phase ends — the layers' products, attention (rotary embedding and KV cache
+// included), the elementwise steps (embedding lookup, norms, the activations' 8-bit rounding,
+// the gated activation, residual adds), waiting at barriers, and the output head with its final
+// norm. Off (no clock read) unless the decoder is profiling.
+enum Phase { kProject = 0, kAttend, kElementwise, kWait, kHead, kPhases };
+const char* const kPhaseNames[kPhases] = {"projections", "attention", "elementwise", "waiting", "output head"};
+
+class PhaseClock {
+ public:
+  explicit PhaseClock(double* ms) : ms_(ms), last_(ms ? Clock::now() : Clock::time_point{}) {}
+  // the time since the previous charge was spent on `phase`
+  void charge(int phase) {
+    if (!ms_) return;
+    const auto now = Clock::now();
+    ms_[phase] += std::chrono::duration<double, std::milli>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  double* ms_;
+  Clock::time_point last_;
+};
+
 // One block's layers, norm weights (each as it multiplies: Gemma's 1 + w already added) and
 // attention options.
 struct Block {
@@ -323,10 +351,34 @@ class Decoder {
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp single
-      batch.barrier.resize(omp_get_num_threads());  // the team OpenMP gave (its implicit barrier: before any wait)
-      if (half_cache_) run(tokens, pos, batch, out, omp_get_thread_num(), omp_get_num_threads(), keys16_, values16_);
-      else run(tokens, pos, batch, out, omp_get_thread_num(), omp_get_num_threads(), keys_, values_);
+      {
+        batch.barrier.resize(omp_get_num_threads());  // the team OpenMP gave (its implicit barrier: before any wait)
+        if (profiling_) {
+          phase_ms_.resize(std::max<size_t>(phase_ms_.size(), omp_get_num_threads() * kPhases), 0.0);
+          profile_threads_ = std::max(profile_threads_, omp_get_num_threads());
+        }
+      }
+      const int t = omp_get_thread_num(), n = omp_get_num_threads();
+      PhaseClock clock(profiling_ ? phase_ms_.data() + t * kPhases : nullptr);
+      if (half_cache_) run(tokens, pos, batch, out, t, n, clock, keys16_, values16_);
+      else run(tokens, pos, batch, out, t, n, clock, keys_, values_);
     }
+  }
+
+  // Start (afresh) or stop adding up where the calls' time goes.
+  void profile(bool on) {
+    profiling_ = on;
+    if (on) phase_ms_.assign(phase_ms_.size(), 0.0), profile_threads_ = 0;
+  }
+  // Milliseconds per phase since profile(true), the mean over the threads of the team.
+  std::map<std::string, double> phase_ms() const {
+    std::map<std::string, double> ms;
+    for (int p = 0; p < kPhases; ++p) {
+      double sum = 0.0;
+      for (int t = 0; t < profile_threads_; ++t) sum += phase_ms_[t * kPhases + p];
+      ms[kPhaseNames[p]] = profile_threads_ ? sum / profile_threads_ : 0.0;
+    }
+    return ms;
   }
 
  private:
@@ -360,7 +412,7 @@ class Decoder {
   // Every thread runs this; barriers separate the phases that read other threads' results.
   // Cached: the KV cache's element (float, or c10::Half: half the bytes a step's attention reads).
   template <typename Cached>
-  void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n,
+  void run(const std::vector<int64_t>& tokens, int64_t pos, Batch& B, float* logits, int t, int n, PhaseClock& clock,
            std::vector<Cached>& keys, std::vector<Cached>& values) {
     const int64_t T = B.T, group = H_ / KV_;
     std::vector<float> normed(hidden_);  // a sublayer's output normed before the residual add (Gemma)
@@ -374,22 +426,29 @@ class Decoder {
     float* attended = step ? own->attended.data() : B.attended.data();
     if (step) xq.reset(x), aq.reset(attended), iq.reset(B.act.data());
     const auto [b0, b1] = step ? std::pair<int64_t, int64_t>{0, 1} : share(T, t, n);  // the tokens it keeps
-    auto publish = [&]() { if (!step) B.barrier.wait(); };  // only a prompt's tokens are shared out
+    auto wait = [&]() {
+      B.barrier.wait();
+      clock.charge(kWait);
+    };
+    auto publish = [&]() { if (!step) wait(); };  // only a prompt's tokens are shared out
     // h += m(in) (normed by out_norm where given) for the tokens this thread keeps: in's 8-bit form,
     // the product, then the residual add
     auto add_to_stream = [&](const Matrix& m, const float* in, Q8Activations& in_q,
                              const c10::optional<torch::Tensor>& out_norm) {
       if (m.act_block) {
         in_q.quantize(m.act_block, b0, b1);
+        clock.charge(kElementwise);
         publish();
       }
       project(m, in, in_q, B.y.data(), T, t, n);
-      B.barrier.wait();
+      clock.charge(kProject);
+      wait();
       for (int64_t b = b0; b < b1; ++b) {
         const float* y = B.y.data() + b * hidden_;
         if (out_norm) rms_norm_into(y, out_norm->data_ptr<float>(), hidden_, eps_, normed.data()), y = normed.data();
         for (int64_t j = 0; j < hidden_; ++j) h[b * hidden_ + j] += y[j];
       }
+      clock.charge(kElementwise);
     };
     for (int64_t b = b0; b < b1; ++b) {
       embed_->row(tokens[b], h + b * hidden_);
@@ -404,11 +463,13 @@ class Decoder {
       Cached* K = keys.data() + i * KV_ * max_len_ * D_;
       Cached* V = values.data() + i * KV_ * max_len_ * D_;
       norm_rows(h, L.attn_norm.data_ptr<float>(), x, xq, L.q->act_block, b0, b1);
+      clock.charge(kElementwise);
       publish();
       project(*L.q, x, xq, B.q.data(), T, t, n);
       project(*L.k, x, xq, B.k.data(), T, t, n);
       project(*L.v, x, xq, B.v.data(), T, t, n);
-      B.barrier.wait();
+      clock.charge(kProject);
+      wait();
       if (step) {
         // one token: the positions split between the threads, each attending every query head over
         // its share (a kv head's keys read once for its heads), then every thread merging the shares
@@ -435,8 +496,10 @@ class Decoder {
           attend_group(own->q.data() + g * group * D_, group, D_, K + (g * max_len_ + s0) * D_,
                        V + (g * max_len_ + s0) * D_, s1 - s0, D_, scaling_, attn_softcap_, scores.data(),
                        B.parts.data() + (t * H_ + g * group) * D_, D_, B.stats.data() + 2 * (t * H_ + g * group));
-        B.barrier.wait();
+        clock.charge(kAttend);
+        wait();
         attend_merge(B.parts.data(), B.stats.data(), n, H_ * D_, H_, D_, attended);
+        clock.charge(kAttend);
       } else {
         for (int64_t item = t; item < items; item += n) {  // its key (normed, rotated) and value into the
           const int64_t b = item / KV_, g = item % KV_;      // cache, its query heads normed and rotated in place
@@ -452,7 +515,8 @@ class Decoder {
             std::copy(rotated.begin(), rotated.end(), q);
           }
         }
-        B.barrier.wait();  // the tokens attend to keys other threads wrote
+        clock.charge(kAttend);
+        wait();  // the tokens attend to keys other threads wrote
         // blocks of tokens for one kv head as two matrix products (every n-th block to this thread:
         // later tokens see more positions, so contiguous shares would be uneven)
         const int64_t blocks = (T + kAttentionBlock - 1) / kAttentionBlock;
@@ -462,31 +526,37 @@ class Decoder {
                        V + g * max_len_ * D_, pos + b, L.window, D_, scaling_, attn_softcap_,
                        B.attended.data() + (b * H_ + g * group) * D_, H_ * D_, work);
         }
-        B.barrier.wait();
+        clock.charge(kAttend);
+        wait();
       }
       add_to_stream(*L.o, attended, aq, L.attn_out_norm);
       norm_rows(h, L.mlp_norm.data_ptr<float>(), x, xq, L.gate->act_block, b0, b1);
+      clock.charge(kElementwise);
       publish();
       {  // gate and up rows of the same slice, so act(gate)·up needs no barrier between them
         const auto [r0, r1] = slice(inter_, t, n);
         L.gate->rows(x, xq, B.gate.data(), T, r0, r1);
         L.up->rows(x, xq, B.up.data(), T, r0, r1);
+        clock.charge(kProject);
         for (int64_t b = 0; b < T; ++b)
           gated_activation(activation_, B.gate.data() + b * inter_ + r0, B.up.data() + b * inter_ + r0,
                            B.act.data() + b * inter_ + r0, r1 - r0);
+        clock.charge(kElementwise);
       }
-      B.barrier.wait();
+      wait();
       add_to_stream(*L.down, B.act.data(), iq, L.mlp_out_norm);
     }
     if (!logits) return;
     publish();
     if (every_) {  // every token's logits: the final norm of this thread's tokens, then the head for all
       norm_rows(h, final_norm_.data_ptr<float>(), x, xq, head_->act_block, b0, b1);
-      B.barrier.wait();
+      clock.charge(kHead);
+      wait();
       const auto [r0, r1] = slice(head_->out, t, n);
       head_->rows(x, xq, logits, T, r0, r1);
       if (final_softcap_ > 0.0f)
         for (int64_t b = 0; b < T; ++b) soft_cap(logits + b * head_->out + r0, r1 - r0, final_softcap_);
+      clock.charge(kHead);
       return;
     }
     std::vector<float> last(hidden_);  // the last token's final norm, each thread its own copy
@@ -497,6 +567,7 @@ class Decoder {
     const auto [r0, r1] = slice(head_->out, t, n);
     head_->rows(last.data(), lq, logits, 1, r0, r1);
     if (final_softcap_ > 0.0f) soft_cap(logits + r0, r1 - r0, final_softcap_);
+    clock.charge(kHead);
   }
 
   // RMSNorm of rows [b0, b1) of h into x, and their 8-bit form for blocks of `block` (0: none)
@@ -536,6 +607,9 @@ class Decoder {
   Activation activation_;
   bool every_ = false;  // this call writes every token's logits
   bool half_cache_;
+  bool profiling_ = false;
+  std::vector<double> phase_ms_;  // [thread, phase] while profiling
+  int profile_threads_ = 0;       // the largest team a profiled call had
   std::vector<float> keys_, values_;         // the KV cache: [block, kv head, position, D], float32 ...
   std::vector<c10::Half> keys16_, values16_;  // ... or float16
 };
@@ -591,5 +665,8 @@ void bind_native_decoder(pybind11::module& m) {
            py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scaling"), py::arg("embed_scale") = 1.0,
            py::arg("attn_softcap") = 0.0, py::arg("final_softcap") = 0.0, py::arg("activation") = "silu",
            py::arg("half_cache") = false)
-      .def("feed", &Decoder::feed, py::arg("tokens"), py::arg("pos"), py::arg("logits") = py::none());
+      .def("feed", &Decoder::feed, py::arg("tokens"), py::arg("pos"), py::arg("logits") = py::none())
+      .def("profile", &Decoder::profile, py::arg("on"),
+           "start (afresh) or stop adding up, per phase, where the calls' time goes")
+      .def("phase_ms", &Decoder::phase_ms, "milliseconds per phase since profile(True), the mean over the threads");
 }
