@@ -241,15 +241,17 @@ def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool) -> str:
     products = block_bytes / p["projections"] / 1e6
     head = pot3["head_bytes"] / p["output head"] / 1e6
     target_ms = pot3["weight_bytes_per_token"] / (read_gb_s * 1e9 * RUNTIME["bound"]) * 1e3
-    limit = ("below the machine's read bandwidth, so their instructions, not memory, set their pace"
-             if products < 0.7 * read_gb_s else "close to the machine's read bandwidth")
+    limit = (f"the head's simpler loop (a load and a multiply-add per 64 weights, no unpacking) reads the same "
+             f"memory {head / products:.1f}× as fast, so the products' unpacking instructions, not memory, set their "
+             f"pace" if packed_head and products < 0.8 * head else "")
     return (f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.2f} ms, the layers' "
-            f"products take {p['projections']:.2f} ms — the blocks' {block_bytes / 1e6:.0f} MB at {products:.1f} GB/s "
-            f"against a measured read bandwidth of {read_gb_s:.1f} GB/s, {limit} — attention "
-            f"{p['attention']:.2f} ms, the elementwise steps {p['elementwise']:.2f} ms, waiting at barriers "
-            f"{p['waiting']:.2f} ms, the {'8-bit' if packed_head else 'float32'} output head {p['output head']:.2f} ms "
-            f"({pot3['head_bytes'] / 1e6:.0f} MB at {head:.1f} GB/s) and the call from Python {p['outside']:.2f} ms. "
-            f"At 70 % of the bound the whole step would take {target_ms:.2f} ms.")
+            f"products take {p['projections']:.2f} ms (the blocks' {block_bytes / 1e6:.0f} MB read at "
+            f"{products:.1f} GB/s; measured read bandwidth {read_gb_s:.1f} GB/s), the "
+            f"{'8-bit' if packed_head else 'float32'} output head {p['output head']:.2f} ms "
+            f"({pot3['head_bytes'] / 1e6:.0f} MB at {head:.1f} GB/s), attention {p['attention']:.2f} ms, the "
+            f"elementwise steps {p['elementwise']:.2f} ms, waiting at barriers {p['waiting']:.2f} ms and the call "
+            f"from Python {p['outside']:.2f} ms" + (f"; {limit}." if limit else ".") +
+            f" At 70 % of the bound the whole step would take {target_ms:.2f} ms.")
 
 
 def _kernel_reading(isa: str | None) -> str:
