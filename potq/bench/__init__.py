@@ -249,9 +249,9 @@ def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool) -> str:
                  f"their pace")
     else:
         limit = (f"the products read about as fast as the head's plain loop (a load and a multiply-add per 64 "
-                 f"weights, no unpacking: {products / head:.2f}× its rate), so unpacking the codes costs them at most "
-                 f"{max(0.0, 1 - products / head):.0%}; both stay below the bandwidth of one long read (torch's sum over 1 GiB), likely "
-                 f"because a token's weights arrive as some two hundred short streams — each layer's slice per "
+                 f"weights, no unpacking: {products / head:.2f}× its rate), so unpacking the codes costs them at "
+                 f"most {max(0.0, 1 - products / head):.0%}; both stay below the bandwidth of one long read (torch's "
+                 f"sum over 1 GiB), likely because a token's weights arrive as some two hundred short streams — each layer's slice per "
                  f"thread, a barrier after each — which the hardware prefetchers do not ramp up for as they do for "
                  f"one long read")
     return (f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.2f} ms, the layers' "
