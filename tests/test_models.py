@@ -237,6 +237,11 @@ def test_bad_inputs(tmp_path: Path, stories: LoadedModel) -> None:
     expect_error(str(tmp_path / "folder"), "config.json")
 
 
+def test_a_fetched_name_not_fetched_yet_says_how_to_fetch_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("POTQ_HOME", str(tmp_path))
+    expect_error("gemma3-270m", "not fetched yet", "benchmarks/gemma3.py --fetch-only")
+
+
 def write_gguf(path: Path, architecture_name: str, kind: str = "Q8_1") -> None:
     """A minimal LLaMA-shaped GGUF whose only tensor (2 rows of 256) is stored as ``kind``: Q8_1
     (llama.cpp's activation type) is one potq does not expand, Q4_K one it does."""
