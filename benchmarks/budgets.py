@@ -7,9 +7,10 @@ against bits/weight — all views of the ``benchmarks/ppl_table.py`` store, noth
 Each table holds the decisive rows of its budget, all measured on the full test set: the best
 PoT and APoT rows, the best uniform row, the best uniform row with the better one's recipe (its twin),
 the two-step PoT row the budget had before the staged methods, and the llama.cpp row closest to
-the budget (over it, llama.cpp has no type that small for this model). ``--summary`` gets one
-record per measured row and data set — model, format, recipe, bits/weight, data set, windows,
-perplexity — and the ``ppl_table.py`` command that measures it again.
+the budget (over it, llama.cpp has no type that small for this model); a budget with no such row is
+left out. ``--summary`` gets one record per measured row and data set of every model's store —
+model, format, recipe, bits/weight, data set, windows, perplexity — and the ``ppl_table.py``
+command that measures it again.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from pathlib import Path
 
 from ppl_table import PEER, parse_row
 
+from potq.models.registry import FETCHED_NAMES, SHORT_NAMES, TRAINED_NAMES
 from potq.paths import write_text_atomic
 
 BUDGETS = (2.25, 3.25, 4.25)
 PEERS = {2.25: "llama.cpp:Q2_K", 3.25: "llama.cpp:Q3_K_M", 4.25: "llama.cpp:Q4_0"}
-TARGETS = {2.25: 250.0, 3.25: 38.0, 4.25: 25.5}  # issue 50's WikiText-2 targets for PoT
+TARGETS = {2.25: 250.0, 3.25: 38.0, 4.25: 25.5}  # issue 50's WikiText-2 targets for PoT on SmolLM2-135M
+TARGET_MODEL = "smollm2-135m"
 TWOSTEP = {2.25: "pot:2:twostep:64", 3.25: "pot:3:twostep:64", 4.25: "pot:4:grid:64,objective=act"}
 DATASETS = ("wikitext2", "c4", "ptb")
 
@@ -47,17 +50,19 @@ def recipe(spec: str) -> str:
 
 def command(model: str, spec: str, r: dict, dataset: str) -> str:
     windows = "" if full(r, dataset) else f" --max-windows {r[dataset]['windows']}"
-    return (f"python benchmarks/ppl_table.py --model {model} --dataset {dataset}{windows} --ctx {r[dataset]['ctx']} "
-            f"--rows {shlex.quote(spec)} --force --out /tmp/check")
+    group = r.get("group_size")
+    default = None if spec == "float" or spec.startswith(PEER) else parse_row(spec, 128)["group_size"]
+    groups = f" --group-size {group}" if default is not None and group != default else ""  # the store's default
+    return (f"python benchmarks/ppl_table.py --model {model}{groups} --dataset {dataset}{windows} "
+            f"--ctx {r[dataset]['ctx']} --rows {shlex.quote(spec)} --force --out /tmp/check")
 
 
 def summary(model: str, runs: dict) -> list[dict]:
+    """One record per row and data set of a model's store."""
     records = []
     for spec, r in runs.items():
-        for dataset in DATASETS:
-            if dataset not in r:
-                continue
-            row = None if spec == "float" or spec.startswith(PEER) else parse_row(spec, 128)
+        for dataset in [k for k, v in r.items() if isinstance(v, dict) and "ppl" in v and "ctx" in v]:
+            row = None if spec == "float" or spec.startswith(PEER) else parse_row(spec, r.get("group_size") or 128)
             records.append({"model": model, "row": spec, "format": row["format"] if row else spec.split(":")[-1],
                             "bits": row["bits"] if row else None, "group_size": r.get("group_size"),
                             "recipe": row["method"].replace(",", "+") if row else r.get("method") or "float",
@@ -69,6 +74,14 @@ def summary(model: str, runs: dict) -> list[dict]:
                             "peak_memory_bytes": r.get("peak_memory_bytes"),
                             "command": command(model, spec, r, dataset)})
     return records
+
+
+def every_store(folder: Path) -> list[dict]:
+    """The summary of every model's ``ppl_table.py`` store in ``folder`` (``MODEL-runs.json`` for a
+    model potq names; the stores of settings' short runs have other names)."""
+    names = [*SHORT_NAMES, *FETCHED_NAMES, *TRAINED_NAMES]
+    return [record for name in names if (folder / f"{name}-runs.json").exists()
+            for record in summary(name, json.loads((folder / f"{name}-runs.json").read_text()))]
 
 
 def decisive(runs: dict, budget: float) -> list[tuple[str, str]]:
@@ -95,7 +108,10 @@ def decisive(runs: dict, budget: float) -> list[tuple[str, str]]:
     return chosen
 
 
-def table(runs: dict, budget: float) -> list[str]:
+def table(runs: dict, budget: float, targets: bool) -> list[str]:
+    """The budget's table (empty without a decisive row), with the verdict on its target if ``targets``."""
+    if not decisive(runs, budget):
+        return []
     lines = [f"## ≤ {budget} bits/weight", "",
              "| row | recipe | bits/weight | WikiText-2 | C4 | PTB | quantize s | peak GiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -110,7 +126,7 @@ def table(runs: dict, budget: float) -> list[str]:
     uniform = min((r["wikitext2"]["ppl"] for why, r in rows.items() if why.startswith(("best uniform", "uniform"))),
                   default=None)
     for why, name in (("best PoT", "PoT"), ("best APoT", "APoT")):
-        if why in rows:
+        if why in rows and targets:
             ppl = rows[why]["wikitext2"]["ppl"]
             verdict = "met" if ppl <= TARGETS[budget] else f"missed by {ppl - TARGETS[budget]:.2f}"
             against = ("" if uniform is None else
@@ -173,12 +189,12 @@ def main() -> None:
              "`benchmarks/ppl_table.py` (`blockap+e2e` is `--method blockap,e2e`).", "",
              f"![perplexity against bits per weight]({Path(args.plot).relative_to(Path(args.out).parent)})", ""]
     for budget in BUDGETS:
-        lines += table(runs, budget)
+        lines += table(runs, budget, args.model == TARGET_MODEL)
     lines += ["\\* quantized while other jobs shared the cores: that time is not the method's own.",
               "Peak GiB: the quantizing process's peak resident memory (the float model it starts from "
               "included); a dash where the row was measured before it was recorded.", ""]
     write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines))
-    write_text_atomic(Path(args.summary), json.dumps(summary(args.model, runs), indent=1))
+    write_text_atomic(Path(args.summary), json.dumps(every_store(Path(args.summary).parent), indent=1))
     plot(runs, Path(args.plot))
     print("\n".join(lines))
 

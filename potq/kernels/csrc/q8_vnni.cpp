@@ -21,6 +21,20 @@
 
 namespace {
 
+// How far ahead of the loop the weights are prefetched. Decoding streams every weight from memory
+// once per token; with the hardware prefetcher alone a core ran a layer's loop at about half the
+// speed it reaches on weights already in cache (one core's outstanding misses, not the memory,
+// were the limit), and asking for the lines some kilobytes ahead brings most of that back.
+constexpr int64_t kAheadBytes = 4096;
+
+// The cache lines of the ``bytes`` bytes at ``p + kAheadBytes`` asked for (a prefetch past the
+// weights' end is harmless: it never faults).
+template <int64_t Bytes>
+POTQ_VNNI inline void prefetch_ahead(const uint8_t* p) {
+  for (int64_t line = 0; line < Bytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kAheadBytes + line), _MM_HINT_T0);
+}
+
 // A 64-code unit's unsigned operand; for 4-bit codes also the mask of the negative ones.
 template <int BITS>
 POTQ_VNNI inline __m512i unit_weights(const uint8_t* unit, __m512i table, __mmask64& negative) {
@@ -161,6 +175,7 @@ POTQ_VNNI void quads(const Q8Layer& Q, const Q8Activations& x, float* y, int64_t
       const int64_t end = std::min((g + 1) * units, total_units);
       for (int64_t u = g * units; u < end; ++u) {
         const __m512i xv = _mm512_loadu_si512(xb + u * 64);
+        prefetch_ahead<4 * kUnitBytes>(quad + 4 * u * kUnitBytes);
         for (int i = 0; i < 4; ++i) {
           __mmask64 negative = 0;
           const __m512i w = unit_weights<BITS>(quad + (4 * u + i) * kUnitBytes, table, negative);
@@ -205,6 +220,7 @@ POTQ_VNNI float int8_row_g32(const Int8Layer& L, const uint8_t* row, const uint1
     correction = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(live, offsets + g0), correction);
     __m512i lanes = pair;
     for (int64_t j = g0 * 32; j < std::min(L.in, (g0 + 16) * 32); j += 64) {
+      prefetch_ahead<64>(row + j);
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(row + j),
                                               _mm512_loadu_si512(xq + j));
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lanes, fx), acc);
