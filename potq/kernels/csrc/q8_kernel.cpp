@@ -121,6 +121,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2_q8(const Q8Layer& Q, con
         __m256i pairs[NB];
         for (int b = 0; b < NB; ++b) pairs[b] = _mm256_setzero_si256();
         for (int64_t u = chunk; u < std::min(chunk + kPairsKept, end); ++u) {
+          if constexpr (NB == 1) prefetch_ahead<kUnitBytes>(row + u * kUnitBytes);  // decoding streams the weights
           __m256i w, s;
           unit_weights<BITS>(row + u * kUnitBytes, magnitude, sign, w, s);
           const int8_t* xu = x.q.data() + b0 * x.n + u * 32;

@@ -28,6 +28,22 @@
 
 #include "pot_gemv_layout.h"
 
+#include <xmmintrin.h>
+
+// How far ahead of the loop the weights are prefetched. Decoding streams every weight from memory
+// once per token; with the hardware prefetcher alone a core ran a layer's loop at about half the
+// speed it reaches on weights already in cache (one core's outstanding misses, not the memory,
+// were the limit), and asking for the lines some kilobytes ahead brings most of that back.
+constexpr int64_t kAheadBytes = 4096;
+
+// The cache lines of the ``bytes`` bytes at ``p + kAheadBytes`` asked for (a prefetch past the
+// weights' end is harmless: it never faults).
+template <int64_t Bytes>
+inline void prefetch_ahead(const uint8_t* p) {
+  for (int64_t line = 0; line < Bytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kAheadBytes + line), _MM_HINT_T0);
+}
+
 // The instruction sets of the 8-bit-activation kernels, narrowest first.
 enum Q8Isa { kQ8Scalar = 0, kQ8Avx2 = 1, kQ8Vnni = 2 };
 // The widest this CPU runs; `name` ("scalar", "avx2", "vnni"; "" = the widest) checked against it.

@@ -21,20 +21,6 @@
 
 namespace {
 
-// How far ahead of the loop the weights are prefetched. Decoding streams every weight from memory
-// once per token; with the hardware prefetcher alone a core ran a layer's loop at about half the
-// speed it reaches on weights already in cache (one core's outstanding misses, not the memory,
-// were the limit), and asking for the lines some kilobytes ahead brings most of that back.
-constexpr int64_t kAheadBytes = 4096;
-
-// The cache lines of the ``bytes`` bytes at ``p + kAheadBytes`` asked for (a prefetch past the
-// weights' end is harmless: it never faults).
-template <int64_t Bytes>
-POTQ_VNNI inline void prefetch_ahead(const uint8_t* p) {
-  for (int64_t line = 0; line < Bytes; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + kAheadBytes + line), _MM_HINT_T0);
-}
-
 // A 64-code unit's unsigned operand; for 4-bit codes also the mask of the negative ones.
 template <int BITS>
 POTQ_VNNI inline __m512i unit_weights(const uint8_t* unit, __m512i table, __mmask64& negative) {
