@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ppl_table import PEER, parse_row
 
-from potq.models.registry import FETCHED_NAMES, SHORT_NAMES, TRAINED_NAMES
+from potq.models.registry import short_names
 from potq.paths import write_text_atomic
 
 BUDGETS = (2.25, 3.25, 4.25)
@@ -79,8 +79,7 @@ def summary(model: str, runs: dict) -> list[dict]:
 def every_store(folder: Path) -> list[dict]:
     """The summary of every model's ``ppl_table.py`` store in ``folder`` (``MODEL-runs.json`` for a
     model potq names; the stores of settings' short runs have other names)."""
-    names = [*SHORT_NAMES, *FETCHED_NAMES, *TRAINED_NAMES]
-    return [record for name in names if (folder / f"{name}-runs.json").exists()
+    return [record for name in short_names() if (folder / f"{name}-runs.json").exists()
             for record in summary(name, json.loads((folder / f"{name}-runs.json").read_text()))]
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from potq.catalog import DATASET_NAMES, FORMAT_NAMES, METHOD_NAMES, STAGE_NAMES
 from potq.errors import PotqError
+from potq.models.registry import short_names
 from potq.paths import write_text_atomic
 
 if TYPE_CHECKING:
@@ -163,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     common = _common()
     sub.add_parser = _with_parents(sub.add_parser, common)  # type: ignore[method-assign]
-    model_help = ("a short name (smollm2-135m, stories260k, nanogpt-shakespeare), a .gguf / llama2.c or llm.c .bin / "
-                  "HF folder, or a potq folder")
+    model_help = (f"a short name ({', '.join(short_names())}), a .gguf / llama2.c or llm.c .bin / HF folder, "
+                  "or a potq folder")
 
     p = sub.add_parser("quantize", help="quantize a model and save it as a potq folder")
     p.add_argument("model", help=model_help)

@@ -28,6 +28,11 @@ FETCHED_NAMES: dict[str, tuple[str, str]] = {
 }
 
 
+def short_names() -> list[str]:
+    """Every short name, the shared models first."""
+    return [*SHORT_NAMES, *TRAINED_NAMES, *FETCHED_NAMES]
+
+
 def resolve(spec: str) -> tuple[str | None, Path]:
     """``(short name or None, existing path)`` for a short name or a path to a model file/folder."""
     if spec in SHORT_NAMES:
@@ -45,6 +50,6 @@ def resolve(spec: str) -> tuple[str | None, Path]:
         return spec, path
     path = Path(spec).expanduser()
     if not path.exists():
-        names = ", ".join([*SHORT_NAMES, *TRAINED_NAMES, *FETCHED_NAMES])
+        names = ", ".join(short_names())
         raise PotqError(f"{spec}: no such file or folder; give a model path or one of the short names {names}")
     return None, path.resolve()
