@@ -57,6 +57,20 @@ def test_blockap_lowers_every_block_loss_below_step2s_and_packs_what_it_trained(
                                                                              rel=1e-4)
 
 
+def test_a_learning_rate_that_blows_up_stops_the_block_and_keeps_its_start(stories_float, calib, capsys):
+    """Latent weights driven out of float range (an infinite rate here; a rate far too large for a
+    model's weights in practice): each block stops there, keeps its start, says so — no NaN reaches
+    the codes."""
+    model = copy.deepcopy(stories_float.model)
+    potq.quantize_(model, potq.QuantConfig("apot", 3, 32), method="blockap", calibration=calib, epochs=2,
+                   weight_lr=float("inf"))
+    blocks = model.potq_report["blocks"]
+    assert all(b["diverged"] and b["kept"] == b["loss"][0] for b in blocks)
+    assert block0_error(stories_float.model, model, calib) == pytest.approx(blocks[0]["kept"], rel=1e-4)
+    assert torch.isfinite(model(calib[:1]).logits).all()
+    assert "training diverged" in capsys.readouterr().err
+
+
 def test_e2e_lowers_the_next_token_loss_and_decodes_exactly_as_trained(stories_float, calib):
     grid = quantized(stories_float, calib, "grid", objective="act")
     tuned = quantized(stories_float, calib, "e2e", e2e_steps=30, e2e_lr=1e-2)

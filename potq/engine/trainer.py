@@ -11,6 +11,12 @@ makes the loss jump as codes flip, so a later epoch can be worse than an earlier
 
 A method that trains the weights themselves (Block-AP) hands in its own latent weights, which
 the optimizer updates; the best epoch's latent weights come back with its parameters.
+
+A learning rate too large for a model's weights (an absolute rate suits weights of one size, and
+models differ: Gemma-3's are a fifth of SmolLM2's) makes the loss blow up and the trained tensors
+stop being numbers; the block's training stops at the first step whose loss or tensors are not
+finite, keeps the best epoch before it, and says so (``Trained.diverged``), rather than rounding
+weights that went NaN.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class Trained(NamedTuple):
     qparams: dict[str, QParams]
     weights: dict[str, Tensor]
     history: list[float]
+    diverged: bool = False  # stopped at a step whose loss or trained tensors were not finite
 
 
 def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: Format | Callable[[str], Format],
@@ -78,9 +85,13 @@ def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: F
             loss_t = F.mse_loss(block_forward(block, x, data.kwargs, quantized(current(), grad)), y)
             if penalty is not None:
                 loss_t = loss_t + penalty()
+            if not torch.isfinite(loss_t):
+                return Trained(best[1], best[2], history, diverged=True)
             optimizer.zero_grad(set_to_none=True)
             loss_t.backward()
             optimizer.step()
+            if not all(torch.isfinite(t).all() for group in optimizer.param_groups for t in group["params"]):
+                return Trained(best[1], best[2], history, diverged=True)
             if cosine:
                 schedule.step()
         loss, qps, kept = evaluate()
@@ -90,16 +101,18 @@ def train_block(block: nn.Module, data: BlockData, targets: list[Tensor], fmt: F
     return Trained(best[1], best[2], history)
 
 
-def record_block(blocks: list[dict], index: int, history: list[float], started: float, progress: bool) -> None:
+def record_block(blocks: list[dict], index: int, trained: Trained, started: float, progress: bool) -> None:
     """Append one block's loss history and wall time to the method's report (``potq_report``)
     and, with ``progress``, print its before/after line above the progress bar."""
-    blocks.append({"block": index, "loss": history, "kept": min(history),
-                   "seconds": time.perf_counter() - started})
+    blocks.append({"block": index, "loss": trained.history, "kept": min(trained.history),
+                   "diverged": trained.diverged, "seconds": time.perf_counter() - started})
     if progress:
-        note_block(index, history, blocks[-1]["seconds"])
+        note_block(index, trained.history, blocks[-1]["seconds"], trained.diverged)
 
 
-def note_block(index: int, history: list[float], seconds: float) -> None:
-    """One block's before/after line above the progress bar."""
+def note_block(index: int, history: list[float], seconds: float, diverged: bool = False) -> None:
+    """One block's before/after line above the progress bar (and why training stopped early)."""
+    stopped = (" — training diverged (the loss stopped being finite) and stopped there; a smaller learning rate "
+               "suits this model's weights" if diverged else "")
     tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
-               f"({100 * (min(history) / history[0] - 1):+.1f} %) in {seconds:.0f} s", file=sys.stderr)
+               f"({100 * (min(history) / history[0] - 1):+.1f} %) in {seconds:.0f} s{stopped}", file=sys.stderr)

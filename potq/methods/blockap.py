@@ -48,6 +48,6 @@ def quantize_block(job: BlockJob, epochs: int = 10, lr: float = 1e-3, weight_lr:
                                   {"params": list(gammas.values()), "lr": lr}])
     trained = train_block(job.block, job.data, job.targets, job.format_of, job.group_size, tuned, list(linears),
                           optimizer, epochs, "lsq", weights=latent, cosine=schedule == "cosine")
-    job.report.update(loss=trained.history, kept=min(trained.history))
+    job.report.update(loss=trained.history, kept=min(trained.history), diverged=trained.diverged)
     return {n: quantize_weight(trained.weights[n], job.format_of(n), job.group_size, trained.qparams[n])
             for n in linears}

@@ -60,11 +60,11 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
             return init_qparams(weight, fmt, config.group_size, clip=torch.sigmoid(top[name]), clip_low=low)
 
         optimizer = torch.optim.AdamW([*top.values(), *bottom.values()], lr=lr, weight_decay=weight_decay)
-        best, _, history = train_block(block, data, targets, fmt, config.group_size, clipped, list(linears),
-                                       optimizer, epochs, grad)
-        commit(block, {n: quantize_weight(m.weight.detach(), fmt, config.group_size, best[n])
+        trained = train_block(block, data, targets, fmt, config.group_size, clipped, list(linears), optimizer,
+                              epochs, grad)
+        commit(block, {n: quantize_weight(m.weight.detach(), fmt, config.group_size, trained.qparams[n])
                        for n, m in linears.items()}, layers, result)
-        record_block(blocks, index, history, started, progress)
+        record_block(blocks, index, trained, started, progress)
 
     run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
     return result

@@ -103,7 +103,7 @@ def build(spec: str) -> Callable:
             job.report["seconds"] = time.perf_counter() - started
             blocks.append(job.report)
             if progress and "loss" in job.report:
-                note_block(index, job.report["loss"], job.report["seconds"])
+                note_block(index, job.report["loss"], job.report["seconds"], job.report.get("diverged", False))
 
         run_blockwise(model, calibration, step, batch_size=batch_size, progress=progress)
         for name, stage in zip(names, stages):

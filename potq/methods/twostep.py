@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from potq.config import QuantConfig
 from potq.engine.blocks import BlockData, block_linears, commit, input_moments, run_blockwise
-from potq.engine.trainer import record_block, train_block
+from potq.engine.trainer import Trained, record_block, train_block
 from potq.formats import Format, QParams
 from potq.formats.weights import QuantizedWeight, init_qparams, quantize_weight
 from potq.methods.grid import check_objective, search_scales
@@ -45,10 +45,10 @@ def default_epochs(bits: int) -> int:
 
 def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], start: dict[str, QParams],
                    fmt: Format, group_size: int, epochs: int, lr: float, weight_decay: float,
-                   grad: str, decay: str = "decoupled") -> tuple[dict[str, QParams], list[float]]:
+                   grad: str, decay: str = "decoupled") -> Trained:
     """Learn Γ (one per group, from 0) for every linear of ``block`` with AdamW (``decay``
     decoupled) or Adam and a penalty (coupled); returns the best epoch's parameters and the block
-    loss history (see :func:`potq.engine.trainer.train_block`)."""
+    loss history (:func:`potq.engine.trainer.train_block`)."""
     gammas = {name: torch.zeros_like(qp.scale, requires_grad=True) for name, qp in start.items()}
 
     def tuned(name: str, _weight: Tensor) -> QParams:
@@ -60,9 +60,8 @@ def finetune_block(block: nn.Module, data: BlockData, targets: list[Tensor], sta
     coupled = decay == "coupled"
     optimizer = (torch.optim.Adam(gammas.values(), lr=lr) if coupled
                  else torch.optim.AdamW(gammas.values(), lr=lr, weight_decay=weight_decay))
-    trained = train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad,
-                          penalty if coupled else None)
-    return trained.qparams, trained.history
+    return train_block(block, data, targets, fmt, group_size, tuned, list(start), optimizer, epochs, grad,
+                       penalty if coupled else None)
 
 
 def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig, calibration: Tensor,
@@ -103,11 +102,11 @@ def quantize(model: nn.Module, layers: dict[str, nn.Linear], config: QuantConfig
         moments = input_moments(block, data) if objective == "act" and init == "grid" else {}
         start = {n: _initial(m.weight.detach(), fmt, config.group_size, init, moments.get(n))
                  for n, m in linears.items()}
-        tuned, history = finetune_block(block, data, targets, start, fmt, config.group_size, epochs,
-                                        lr, weight_decay, grad, decay)
-        commit(block, {n: quantize_weight(m.weight.detach(), fmt, config.group_size, tuned[n])
+        trained = finetune_block(block, data, targets, start, fmt, config.group_size, epochs, lr, weight_decay,
+                                 grad, decay)
+        commit(block, {n: quantize_weight(m.weight.detach(), fmt, config.group_size, trained.qparams[n])
                        for n, m in linears.items()}, layers, result)
-        record_block(blocks, index, history, start_time, progress)
+        record_block(blocks, index, trained, start_time, progress)
 
     run_blockwise(model, calibration, step, batch_size=batch_size, target=target, progress=progress)
     return result
