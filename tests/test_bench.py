@@ -3,6 +3,8 @@ subprocess measurement (the full report on SmolLM2 is a benchmark, not a test)."
 
 import re
 
+import torch
+
 import potq
 from potq.bench import decode, dequant, gemv
 from potq.cli import main
@@ -38,6 +40,19 @@ def test_linear_shapes_are_the_models(stories_float):
     shapes = gemv.linear_shapes(stories_float.model)
     assert list(shapes)[0] == max(shapes, key=lambda s: s[0] * s[1])
     assert sum(len(names) for names in shapes.values()) == 5 * 7 + 1  # 5 blocks x 7 linears + the head
+
+
+def test_gemv_times_the_native_layer_and_the_reading_says_what_limits_it(fused_kernel):
+    """The 8-bit-activation layer is timed beside the fused kernel; hot against streamed decides
+    whether the report blames its instructions or its reads."""
+    from potq.bench import _products_limit
+
+    assert gemv.measure_shape(torch.randn(256, 128), "hot", seconds=0.01)[gemv.Q8_COLUMN] > 0
+    hot = {"(4096, 128)": {}, "(256, 128)": {gemv.Q8_COLUMN: 10.0}}
+    streamed = lambda us: {"hot": hot, "decoding": {"(4096, 128)": {}, "(256, 128)": {gemv.Q8_COLUMN: us}}}  # noqa: E731
+    assert "its instructions" in _products_limit(streamed(11.0))
+    assert "a core waits on its reads" in _products_limit(streamed(30.0))
+    assert _products_limit({"hot": {"(4096, 128)": {}}, "decoding": {}}) == ""  # an older report: no column
 
 
 def test_dequantization_table_runs(fused_kernel):

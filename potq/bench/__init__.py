@@ -222,7 +222,7 @@ def _reading(report: dict) -> list[str]:
         f"greedy-tokens column compares with the PyTorch path. " + _kernel_reading(report.get("q8_isa")) +
         " The 'of bound' column shows how far each run is from reading its weights at full memory bandwidth.")
     if pot3.get("step_ms") and "projections" in pot3["step_ms"]:
-        lines.append(_step_reading(pot3, report["read_gb_s"], packed_head))
+        lines.append(_step_reading(pot3, report["read_gb_s"], packed_head, report["gemv"]))
     if "peer" in report:
         q4 = report["peer"]["Q4_0"]
         lines.append(
@@ -233,35 +233,40 @@ def _reading(report: dict) -> list[str]:
     return lines
 
 
-def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool) -> str:
-    """Where a pot3 step's time goes (the breakdown table), and what would have to give for the
-    bandwidth target."""
+def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool, gemv_us: dict) -> str:
+    """Where a pot3 step's time goes (the breakdown table), what limits its products, and what would
+    have to give for the bandwidth target."""
     p = pot3["step_ms"]
     block_bytes = pot3["weight_bytes_per_token"] - pot3["head_bytes"]
     products = block_bytes / p["projections"] / 1e6
     head = pot3["head_bytes"] / p["output head"] / 1e6
     target_ms = pot3["weight_bytes_per_token"] / (read_gb_s * 1e9 * RUNTIME["bound"]) * 1e3
-    if not packed_head:
-        limit = ""
-    elif products < 0.8 * head:
-        limit = (f"the head's simpler loop (a load and a multiply-add per 64 weights, no unpacking) reads the same "
-                 f"memory {head / products:.1f}× as fast, so the products' unpacking instructions, not memory, set "
-                 f"their pace")
-    else:
-        limit = (f"the products read about as fast as the head's plain loop (a load and a multiply-add per 64 "
-                 f"weights, no unpacking: {products / head:.2f}× its rate), so unpacking the codes costs them at "
-                 f"most {max(0.0, 1 - products / head):.0%}; both stay below the bandwidth of one long read (torch's "
-                 f"sum over 1 GiB), likely because a token's weights arrive as some two hundred short streams — each layer's slice per "
-                 f"thread, a barrier after each — which the hardware prefetchers do not ramp up for as they do for "
-                 f"one long read")
     return (f"- **Where the step goes** (breakdown table): of a pot3 step's {p['step']:.2f} ms, the layers' "
             f"products take {p['projections']:.2f} ms (the blocks' {block_bytes / 1e6:.0f} MB read at "
             f"{products:.1f} GB/s; measured read bandwidth {read_gb_s:.1f} GB/s), the "
             f"{'8-bit' if packed_head else 'float32'} output head {p['output head']:.2f} ms "
             f"({pot3['head_bytes'] / 1e6:.0f} MB at {head:.1f} GB/s), attention {p['attention']:.2f} ms, the "
             f"elementwise steps {p['elementwise']:.2f} ms, waiting at barriers {p['waiting']:.2f} ms and the call "
-            f"from Python {p['outside']:.2f} ms" + (f"; {limit}." if limit else ".") +
-            f" At 70 % of the bound the whole step would take {target_ms:.2f} ms.")
+            f"from Python {p['outside']:.2f} ms. {_products_limit(gemv_us)} At 70 % of the bound the whole step "
+            f"would take {target_ms:.2f} ms.")
+
+
+def _products_limit(gemv_us: dict) -> str:
+    """What sets the products' pace, read off the 8-bit-activation layer timed alone on the largest
+    block shape: hot (its instructions alone) against streamed from memory."""
+    hot, streamed = gemv_us["hot"], gemv_us["decoding"]
+    shape = next((s for s in list(hot)[1:] if gemv.Q8_COLUMN in hot[s]), None)  # the first is the head
+    if shape is None:
+        return ""
+    h, d = hot[shape][gemv.Q8_COLUMN], streamed[shape][gemv.Q8_COLUMN]
+    if d < 1.25 * h:
+        return (f"One such layer ({shape}) alone on one thread takes about as long on weights streamed from memory "
+                f"as on weights in cache ({d:.1f} µs against {h:.1f} µs, GEMV tables), so its instructions — "
+                f"unpacking the codes, the multiply-adds — set the products' pace, not memory.")
+    return (f"One such layer ({shape}) alone on one thread takes {d / h:.1f}× as long on weights streamed from "
+            f"memory as on weights in cache ({d:.1f} µs against {h:.1f} µs, GEMV tables): a core waits on its "
+            f"reads (the misses one core keeps in flight, which the loop's prefetching 4 KiB ahead raises), and "
+            f"two cores' reads stay below the bandwidth of one long read.")
 
 
 def _kernel_reading(isa: str | None) -> str:
@@ -271,11 +276,10 @@ def _kernel_reading(isa: str | None) -> str:
                 "±2^f plus an offset, one vpdpbusd multiplies the 64 bytes by 64 activations and sums them into "
                 "16 lanes (the offset's share, known from the activations, is taken off per group), four rows "
                 "are reduced and scaled together, and a prompt's tokens four at a time — about a third of the "
-                "AVX2 loop's instructions, which on two cores had left it compute-bound.")
+                "AVX2 loop's instructions.")
     if isa == "avx2":
         return ("On this CPU (AVX2) it takes 32 weights a step in about a dozen vector instructions (table "
-                "lookups, a sign, u8×s8 multiply-adds widened to 32 bits), so on two cores it is compute-bound "
-                "before memory-bound.")
+                "lookups, a sign, u8×s8 multiply-adds widened to 32 bits).")
     return "This CPU runs its scalar loop."
 
 

@@ -2,7 +2,9 @@
 
 For every distinct linear shape of the model (and its output head): float32 and bf16
 ``F.linear``, dequantize-then-matmul (the kernel's exponent add into a float32 weight, then
-``F.linear``), and the fused PoT GEMV at 2, 3 and 4 bits — batch 1. Two regimes:
+``F.linear``), the fused PoT GEMV at 2, 3 and 4 bits, and the native decoder's 8-bit-activation
+layer at 3 bits on one thread (its step runs each layer's slice of rows per thread) — batch 1. Two
+regimes:
 
 * **hot**: the same weight every call, so it stays in cache — the best case for float;
 * **decoding**: each call reads a different copy of the weight, enough copies to exceed twice the
@@ -21,9 +23,11 @@ from potq.bench.timing import last_level_cache_bytes, per_call, rotating
 from potq.formats import get_format
 from potq.formats.weights import quantize_weight
 from potq.kernels import fused
+from potq.models.native_decoder import layer_matrix
 from potq.nn import QuantLinear
 
 BITS = (2, 3, 4)
+Q8_COLUMN = "pot3 8-bit act., 1 thread"
 
 
 def linear_shapes(model: nn.Module) -> dict[tuple[int, int], list[str]]:
@@ -64,6 +68,9 @@ def measure_shape(weight: torch.Tensor, regime: str, seconds: float = 0.3, bits:
             return copy
 
         us[f"pot{b}"] = _time(make, size, regime, lambda m: fused.pot_gemv(x, m), seconds)
+        if b == 3 and fused.extension() is not None:
+            x1 = x[0].contiguous()
+            us[Q8_COLUMN] = _time(lambda: layer_matrix(make()), size, regime, lambda m: m.gemv(x1), seconds)
         if b == 3:  # one reused weight buffer: the time of decoding, not of faulting in fresh pages
             buffer = torch.empty_like(w)
             us["pot3 dequant+matmul"] = _time(make, size, regime,

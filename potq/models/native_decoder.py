@@ -252,6 +252,12 @@ def _f32(t: Tensor) -> Tensor:
     return t.detach().float().contiguous()
 
 
+def layer_matrix(layer: nn.Module) -> object:
+    """``layer`` as the decoder runs it (the extension's ``Matrix``; ``.gemv(x)`` runs it alone, on
+    the calling thread): what the speed benchmark times apart from a whole step."""
+    return _matrix(fused.extension(), layer, False)
+
+
 def _matrix(ext, layer: nn.Module, exact: bool, rows: slice = slice(None)) -> object:  # noqa: ANN001
     """Rows ``rows`` of ``layer`` (a linear layer or a token table, packed or float) as the
     extension's ``Matrix``."""
