@@ -95,7 +95,8 @@ def decisive(runs: dict, budget: float) -> list[tuple[str, str]]:
     chosen = [(why, best[fam]) for why, fam in (("best PoT", "pot"), ("best APoT", "apot")) if fam in best]
     if chosen:
         lead = min((s for _, s in chosen), key=lambda s: inside[s]["wikitext2"]["ppl"])
-        twins = [s for s in inside if family(s) == "uniform" and recipe(s).split(":")[0] == recipe(lead).split(":")[0]]
+        stages = parse_row(lead, 128)["method"]  # the twin: uniform with the same stages, any group or settings
+        twins = [s for s in inside if family(s) == "uniform" and parse_row(s, 128)["method"] == stages]
         if twins:
             chosen.append(("uniform, same recipe", min(twins, key=lambda s: inside[s]["wikitext2"]["ppl"])))
     if "uniform" in best and best["uniform"] not in [s for _, s in chosen]:

@@ -112,7 +112,8 @@ def record_block(blocks: list[dict], index: int, trained: Trained, started: floa
 
 def note_block(index: int, history: list[float], seconds: float, diverged: bool = False) -> None:
     """One block's before/after line above the progress bar (and why training stopped early)."""
-    stopped = (" — training diverged (the loss stopped being finite) and stopped there; a smaller learning rate "
+    stopped = (" — training diverged (its loss or tensors stopped being finite) and stopped there, the best epoch "
+               "before it kept; a smaller learning rate (Block-AP: --weight-lr) "
                "suits this model's weights" if diverged else "")
     tqdm.write(f"block {index}: output MSE {history[0]:.4g} -> {min(history):.4g} "
                f"({100 * (min(history) / history[0] - 1):+.1f} %) in {seconds:.0f} s{stopped}", file=sys.stderr)
