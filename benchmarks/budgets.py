@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ppl_table import PEER, parse_row
+from ppl_table import EXPANDED, PEER, parse_row
 
 from potq.models.registry import short_names
 from potq.paths import write_text_atomic
@@ -109,13 +109,15 @@ def decisive(runs: dict, budget: float) -> list[tuple[str, str]]:
 
 
 def table(runs: dict, budget: float, targets: bool) -> list[str]:
-    """The budget's table (empty without a decisive row), with the verdict on its target if ``targets``."""
+    """The budget's table (empty without a decisive row) under the float reference row, with the
+    verdict on its target if ``targets``."""
     if not decisive(runs, budget):
         return []
     lines = [f"## ≤ {budget} bits/weight", "",
              "| row | recipe | bits/weight | WikiText-2 | C4 | PTB | quantize s | peak GiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for why, spec in decisive(runs, budget):
+    reference = [("float", "float")] if "float" in runs and full(runs["float"], "wikitext2") else []
+    for why, spec in reference + decisive(runs, budget):
         r = runs[spec]
         ppl = " | ".join(f"{r[d]['ppl']:.2f}" if full(r, d) else "–" for d in DATASETS)
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "–"
@@ -133,6 +135,14 @@ def table(runs: dict, budget: float, targets: bool) -> list[str]:
                        f"; {'below' if ppl < uniform else 'above'} the best uniform row here ({uniform:.2f})")
             lines += ["", f"Target for {name} on WikiText-2: ≤ {TARGETS[budget]}: {verdict} ({ppl:.2f}){against}."]
     return lines + [""]
+
+
+def reference_note(model: str) -> str:
+    """What the float row is, for a model whose float reference is a quantized file's weights."""
+    if model not in EXPANDED:
+        return ""
+    return (f" The float row is the model's {EXPANDED[model]} GGUF expanded to float, itself a quantized model: "
+            f"its perplexity is the reference every row is measured against, not a bound below them.")
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -186,7 +196,7 @@ def main() -> None:
              "Full test sets at context 2048; bits/weight count every quantized matrix of the transformer blocks "
              "with its scales and zero points (llama.cpp's as its blocks store them). A dash: not measured. "
              "Each row's command is in `summary.json`; recipes are `FORMAT:BITS:STAGES:GROUP` rows of "
-             "`benchmarks/ppl_table.py` (`blockap+e2e` is `--method blockap,e2e`).", "",
+             "`benchmarks/ppl_table.py` (`blockap+e2e` is `--method blockap,e2e`)." + reference_note(args.model), "",
              f"![perplexity against bits per weight]({Path(args.plot).relative_to(Path(args.out).parent)})", ""]
     for budget in BUDGETS:
         lines += table(runs, budget, args.model == TARGET_MODEL)

@@ -90,7 +90,8 @@ def main() -> None:
     lines = ["# Gemma-3-270M (Q4_K_M GGUF, fetched by package name)", "",
              "`.venv/bin/python benchmarks/gemma3.py`", "",
              f"WikiText-2, the first {WINDOWS} windows of {CTX} tokens (a check of the path, not a full-set result); "
-             "the native decoder's row is the same folder as `potq generate` computes it (8-bit activations).",
+             "the native decoder's row is the same folder as `potq generate` computes it (8-bit activations). "
+             "The staged recipes on the full test set: [budgets-gemma3-270m](budgets-gemma3-270m.md).",
              "", "| model | bits/weight (incl. scales) | file MiB | quantize s | WikiText-2 ppl |",
              "| --- | --- | --- | --- | --- |"]
     for label, quant, r in rows:
