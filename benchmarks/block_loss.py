@@ -37,7 +37,7 @@ from layer_bench import add_calibration_args, write_result
 from ppl_table import parse_settings
 
 import potq
-from potq.engine.blocks import BlockData, capture_inputs, outputs
+from potq.engine.blocks import BlockData, block_kwargs, capture_inputs, outputs
 from potq.eval.data import calibration_batch
 from potq.methods import get_method
 from potq.models import transformer_blocks
@@ -56,11 +56,13 @@ def heldout_errors(float_model, quantized, ids) -> list[float]:
     """Each block's output MSE on ``ids`` against the float block on the same inputs, along the
     quantized model's own stream (what the method minimised, on text it did not see)."""
     data = capture_inputs(quantized, ids, 4)
+    kwargs_of = block_kwargs(quantized, ids.split(4)[-1])
     errors = []
-    for reference, block in zip(transformer_blocks(float_model), transformer_blocks(quantized)):
+    for reference, block, kwargs in zip(transformer_blocks(float_model), transformer_blocks(quantized), kwargs_of):
+        data = BlockData(data.inputs, kwargs)
         got, wanted = outputs(block, data), outputs(reference, data)
         errors.append(sum(((g - w) ** 2).mean().item() for g, w in zip(got, wanted)) / len(got))
-        data = BlockData(got, data.kwargs)
+        data = BlockData(got, kwargs)
     return errors
 
 

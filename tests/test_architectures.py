@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import potq
-from potq.engine.blocks import capture_inputs, outputs
+from potq.engine.blocks import capture_inputs, outputs, run_blockwise
 from potq.errors import PotqError
 from potq.models import transformer_blocks
 from potq.models.arch import ARCHITECTURES, fold_groups
@@ -25,6 +25,28 @@ METHODS = {"rtn": {}, "grid": {}, "gptq": {}, "awq": {}, "twostep": {"epochs": 1
 
 def test_the_zoo_covers_every_supported_architecture():
     assert set(CONFIGS) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_the_engine_walks_the_blocks_as_the_model_does(kind):
+    """Block by block, each with its own mask and rotary tables, the engine's activations are the
+    model's own hidden states — Gemma's sliding-window layers and its global ones are handed
+    different ones (a window shorter than the text; Gemma 3's two rotary bases)."""
+    layers = {"num_hidden_layers": 3}
+    if kind in ("gemma2", "gemma3_text"):
+        layers["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+    elif getattr(CONFIGS[kind](), "layer_types", None):
+        layers["layer_types"] = ["full_attention"] * 3
+    model = tiny_model(kind, **layers)
+    ids = torch.randint(3, 500, (4, 160), generator=torch.Generator().manual_seed(0))  # past the window of 128
+    seen = []
+    run_blockwise(model, ids, lambda _i, _block, data, _targets: seen.append(torch.cat(data.inputs)), batch_size=2,
+                  targets=False, progress=False)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    assert len(seen) == 3
+    for i, x in enumerate(seen):
+        torch.testing.assert_close(x, hidden[i], rtol=1e-4, atol=1e-4, msg=f"{kind}: block {i}'s inputs")
 
 
 @pytest.fixture(scope="module")

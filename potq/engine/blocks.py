@@ -43,7 +43,8 @@ TARGETS = ("same-input", "float-stream")
 @dataclass
 class BlockData:
     """Calibration activations entering one block, in mini-batches, and the keyword arguments the
-    model passes every block (causal mask, rotary embeddings, positions: identical per batch)."""
+    model passes that block (causal mask, rotary embeddings, positions: identical per batch; not
+    always per block — see :func:`block_kwargs`)."""
 
     inputs: list[Tensor]
     kwargs: dict[str, Any]
@@ -51,6 +52,45 @@ class BlockData:
 
 class _Captured(Exception):
     """Raised by the hook on block 0 once its inputs are recorded: the rest of the model is skipped."""
+
+
+NOT_KWARGS = ("hidden_states", "past_key_values", "use_cache")  # what a block gets that is not the model's context
+
+
+def block_kwargs(model: nn.Module, ids: Tensor) -> list[dict[str, Any]]:
+    """The keyword arguments the model hands each of its blocks, in order, on the batch ``ids``.
+
+    They differ from block to block in some families: Gemma-2/3 give their sliding-window layers
+    a windowed mask and rotary tables of their own base, their global layers the full mask and
+    another base. Each block's ``forward`` is swapped, for one pass, for one that records its
+    keyword arguments and hands its input on unchanged, so the pass costs the embeddings and the
+    masks, not the blocks (a streamed model's blocks need not be read)."""
+    blocks = transformer_blocks(model)
+    seen: list[dict[str, Any]] = []
+
+    def recorder(last: bool) -> Callable:
+        def forward(hidden_states: Tensor, *_args: Any, **kw: Any) -> Tensor:
+            seen.append({k: v for k, v in kw.items() if k not in NOT_KWARGS})
+            if last:
+                raise _Captured
+            return hidden_states
+        return forward
+
+    own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (a hook's)
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i == len(blocks) - 1)
+    try:
+        with torch.no_grad():
+            model(ids.to(devices.of(model)), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward  # the class's own forward again
+            else:
+                block.forward = forward
+    return devices.to_current(seen)
 
 
 def capture_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> BlockData:
@@ -61,7 +101,7 @@ def capture_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> BlockData:
 
     def hook(_module: nn.Module, args: tuple, kw: dict) -> None:
         inputs.append(args[0] if args else kw["hidden_states"])
-        kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "use_cache")})
+        kwargs.update({k: v for k, v in kw.items() if k not in NOT_KWARGS})
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -196,6 +236,7 @@ def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size
         raise PotqError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     model.eval()
     data = capture_inputs(model, ids, batch_size)
+    kwargs_of = block_kwargs(model, ids.split(batch_size)[-1])  # the batch capture_inputs took its kwargs from
     float_data = BlockData(list(data.inputs), data.kwargs) if target == "float-stream" else None
     blocks = transformer_blocks(model)
     lazy = getattr(model, "potq_lazy", None)
@@ -214,6 +255,8 @@ def run_blockwise(model: nn.Module, ids: Tensor, method: BlockMethod, batch_size
                disable=not progress)
     for index in bar:
         block = blocks[index]
+        data = BlockData(data.inputs, kwargs_of[index])
+        float_data = None if float_data is None else BlockData(float_data.inputs, kwargs_of[index])
         if lazy is not None:
             lazy.fill(block)
         home = next(block.parameters()).device
