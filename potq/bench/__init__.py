@@ -121,6 +121,8 @@ def render(report: dict) -> list[str]:
         md += ["## 1. Dequantization throughput", ""] + dequant.markdown(report["dequant"], "4096×4096") + [""]
     if "gemv" in report:
         md += ["## 2. GEMV latency (batch 1)", "", gemv.__doc__.split("\n\n", 1)[1].strip()]
+        if not any(gemv.Q8_COLUMN in r for r in report["gemv"]["hot"].values()):
+            md += ["", "(This report was measured before the 8-bit-activation layer had its column.)"]
         md += gemv.markdown(report["gemv"], report["shape_layers"]) + [""]
     if "decode" in report:
         md += ["## 3. End-to-end decoding, and 5. the bandwidth bound", ""]
@@ -247,8 +249,8 @@ def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool, gemv_us: dict
             f"{'8-bit' if packed_head else 'float32'} output head {p['output head']:.2f} ms "
             f"({pot3['head_bytes'] / 1e6:.0f} MB at {head:.1f} GB/s), attention {p['attention']:.2f} ms, the "
             f"elementwise steps {p['elementwise']:.2f} ms, waiting at barriers {p['waiting']:.2f} ms and the call "
-            f"from Python {p['outside']:.2f} ms. {_products_limit(gemv_us)} At 70 % of the bound the whole step "
-            f"would take {target_ms:.2f} ms.")
+            f"from Python {p['outside']:.2f} ms. " + (_products_limit(gemv_us) + " ").lstrip() +
+            f"At 70 % of the bound the whole step would take {target_ms:.2f} ms.")
 
 
 def _products_limit(gemv_us: dict) -> str:
