@@ -106,6 +106,7 @@ def quantized_model(spec: str, float_lm: potq.LoadedModel, args: argparse.Namesp
                   "blocks": getattr(lm.model, "potq_report", {}).get("blocks"),
                   "mean_load": load.mean, "shared_machine": load.shared(torch.get_num_threads()),
                   "machine": machine(), "peak_memory_bytes": memory.peak_bytes}
+        kept.unlink(missing_ok=True)  # this script's own file: potq.save overwrites only what potq wrote
         potq.save(lm, folder, overwrite=True)
         write_text_atomic(kept, json.dumps(record))
     s = summary(folder)
