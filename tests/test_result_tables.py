@@ -71,6 +71,8 @@ def test_a_cell_counts_only_for_the_weights_it_was_measured_on(tmp_path, table):
     assert [{k: v for k, v in e.items() if k != "quantization"} for e in kept] == [runs["pot:3"]["tinystories"]]
     assert kept[0]["quantization"]["machine"] == first["machine"]
     assert again["tinystories"]["ppl"] == pytest.approx(first["tinystories"]["ppl"])  # RTN: same bits
+    table("--rows", "pot:3", "--force")  # quantized again into the folder it kept (its quantize.json included)
+    assert json.loads(store.read_text())["pot:3"]["tinystories"]["ppl"] == pytest.approx(first["tinystories"]["ppl"])
 
 
 def test_a_row_holding_a_cell_of_an_earlier_quantization_is_quantized_again(tmp_path, table):
