@@ -206,3 +206,15 @@ def test_bad_format_and_group_size():
         UniformConfig(bits=3, group_size=-5)
     assert PoTConfig(3, zero=True).format == "pot-zero"
     assert UniformConfig(4, symmetric=True).format == "uniform-sym"
+
+
+@pytest.mark.parametrize("name", ["pot", "apot", "uniform", "uniform-sym"])
+def test_the_stored_scale_is_fp16_and_its_gradient_float32(name):
+    """Training sees the scale storage will hold, and a gradient past fp16's range stays finite
+    (a group's summed gradient on Gemma-3's activations overflowed fp16 and turned the training NaN)."""
+    fmt = get_format(name, 4)
+    scale = torch.tensor([[0.0123, 3.3e-3]], requires_grad=True)
+    stored = fmt.as_stored(QParams(scale, torch.zeros(1, 2))).scale
+    assert torch.equal(stored, fmt.load_scale(fmt.store_scale(scale.detach())))
+    (stored * 1e6).sum().backward()
+    assert torch.equal(scale.grad, torch.full((1, 2), 1e6))

@@ -138,8 +138,13 @@ class Format(ABC):
         return stored.to(torch.float32)
 
     def as_stored(self, qp: QParams) -> QParams:
-        """``qp`` rounded through storage, so codes are computed with the scale decode will see."""
-        return QParams(self.load_scale(self.store_scale(qp.scale)), qp.zero)
+        """``qp`` rounded through storage, so codes are computed with the scale decode will see.
+
+        The gradient passes the rounding straight through, in float32: through the cast itself it
+        would be rounded to fp16 too, and on a model with large activations (Gemma-3's) a group's
+        summed scale gradient overflows fp16 and the training turns NaN."""
+        stored = self.load_scale(self.store_scale(qp.scale.detach()))
+        return QParams(stored + (qp.scale - qp.scale.detach()), qp.zero)
 
     def encode(self, wg: Tensor, qp: QParams) -> Tensor:
         """Codes (uint8) of grouped weights ``[rows, groups, G]``."""
