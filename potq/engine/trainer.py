@@ -12,10 +12,9 @@ makes the loss jump as codes flip, so a later epoch can be worse than an earlier
 A method that trains the weights themselves (Block-AP) hands in its own latent weights, which
 the optimizer updates; the best epoch's latent weights come back with its parameters.
 
-A learning rate too large for a model's weights (an absolute rate suits weights of one size, and
-models differ: Gemma-3's are a fifth of SmolLM2's) makes the loss blow up and the trained tensors
-stop being numbers; the block's training stops at the first step whose loss or tensors are not
-finite, keeps the best epoch before it, and says so (``Trained.diverged``), rather than rounding
+A step that overflows (a rate far too large for the model's weights, a gradient past float range)
+leaves the loss or the trained tensors not finite; the block's training stops at the first such
+step, keeps the best epoch before it, and says so (``Trained.diverged``), rather than rounding
 weights that went NaN.
 """
 
