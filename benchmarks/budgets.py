@@ -128,12 +128,17 @@ def table(runs: dict, budget: float, targets: bool) -> list[str]:
     uniform = min((r["wikitext2"]["ppl"] for why, r in rows.items() if why.startswith(("best uniform", "uniform"))),
                   default=None)
     for why, name in (("best PoT", "PoT"), ("best APoT", "APoT")):
-        if why in rows and targets:
-            ppl = rows[why]["wikitext2"]["ppl"]
+        if why not in rows:
+            continue
+        ppl = rows[why]["wikitext2"]["ppl"]
+        against = (None if uniform is None else
+                   f"{'below' if ppl < uniform else 'above'} the best uniform row here ({uniform:.2f})")
+        if targets:
             verdict = "met" if ppl <= TARGETS[budget] else f"missed by {ppl - TARGETS[budget]:.2f}"
-            against = ("" if uniform is None else
-                       f"; {'below' if ppl < uniform else 'above'} the best uniform row here ({uniform:.2f})")
-            lines += ["", f"Target for {name} on WikiText-2: ≤ {TARGETS[budget]}: {verdict} ({ppl:.2f}){against}."]
+            lines += ["", f"Target for {name} on WikiText-2: ≤ {TARGETS[budget]}: {verdict} ({ppl:.2f})"
+                      + (f"; {against}." if against else ".")]
+        elif against:
+            lines += ["", f"{name} on WikiText-2: {ppl:.2f}, {against}."]
     return lines + [""]
 
 
@@ -200,8 +205,9 @@ def main() -> None:
              f"![perplexity against bits per weight]({Path(args.plot).relative_to(Path(args.out).parent)})", ""]
     for budget in BUDGETS:
         lines += table(runs, budget, args.model == TARGET_MODEL)
-    lines += ["\\* quantized while other jobs shared the cores: that time is not the method's own.",
-              "Peak GiB: the quantizing process's peak resident memory (the float model it starts from "
+    if any(r.get("shared_machine") for r in runs.values()):
+        lines += ["\\* quantized while other jobs shared the cores: that time is not the method's own."]
+    lines += ["Peak GiB: the quantizing process's peak resident memory (the float model it starts from "
               "included); a dash where the row was measured before it was recorded.", ""]
     write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines))
     write_text_atomic(Path(args.summary), json.dumps(every_store(Path(args.summary).parent), indent=1))
