@@ -3,6 +3,7 @@ subprocess measurement (the full report on SmolLM2 is a benchmark, not a test)."
 
 import re
 
+import pytest
 import torch
 
 import potq
@@ -135,3 +136,24 @@ def test_vs_llamacpp_without_the_peer_is_one_line(capsys, monkeypatch):
     assert main(["bench", "--vs-llamacpp", "--model", "smollm2-135m"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "llama-cpp-python" in err
+
+
+def test_a_peer_that_crashes_stops_the_bench_at_its_start_in_one_line(capsys, monkeypatch, tmp_path):
+    """llama.cpp dying on a signal (its AMX path on some CPUs) is named before potq's own tables run."""
+    import subprocess
+
+    from potq.bench import dequant, peer
+
+    monkeypatch.setattr(peer, "available", lambda: True)
+    monkeypatch.setattr(peer, "files", lambda source: {"Q4_0": source})
+    run = subprocess.run
+
+    def segfault(cmd, *a, **k):  # noqa: ANN001, ANN202 — only the peer's process dies
+        return subprocess.CompletedProcess(cmd, -11, "", "") if "potq.bench.peer" in cmd else run(cmd, *a, **k)
+
+    monkeypatch.setattr(subprocess, "run", segfault)
+    monkeypatch.setattr(dequant, "run", lambda: pytest.fail("the benchmark went on past a crashing peer"))
+    assert main(["bench", "--model", "smollm2-135m", "--out", str(tmp_path / "speed.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "crashed" in err and "SIGSEGV" in err and "--no-peer" in err
+    assert not list(tmp_path.iterdir())

@@ -83,6 +83,10 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
                     "torch": torch.__version__,
                     "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
 
+    source = resolve(model)[1]
+    peers = peer.files(source) if with_peer and peer.available() and source.suffix == ".gguf" else {}
+    peer.check(peers, threads)
+
     print("1/5 dequantization ...", flush=True)
     report["dequant"] = dequant.run()
     _show(render(report))
@@ -98,8 +102,6 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
                       for regime in ("hot", "decoding")}
     _show(render(report))
 
-    source = resolve(model)[1]
-    peers = peer.files(source) if with_peer and peer.available() and source.suffix == ".gguf" else {}
     print("3/5 + 4/5 + 5/5 end-to-end decoding" + (", llama.cpp in the same rounds" if peers else "")
           + " and the bandwidth bound ...", flush=True)
     report["read_gb_s"] = bandwidth.read_gb_s()
@@ -107,6 +109,9 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
     report["decode"] = {name: r for name, r in timed.items() if name not in peers}
     if peers:
         report["peer"] = {name: timed[name] for name in peers}
+        report["peer_features"] = peer.features() + (" (this CPU's AMX left out: its llama.cpp path crashes on "
+                                                     "some machines, ggml-org/llama.cpp#20824)"
+                                                     if peer.cpu_has_amx() and "AMX" not in peer.features() else "")
     report["complete"] = True
     _write(out_md, render(report), report)
 
@@ -133,6 +138,8 @@ def render(report: dict) -> list[str]:
     md += ["## 4. Peer: llama.cpp on the same CPU", ""]
     if "peer" in report:
         md += [peer.__doc__.split("\n\n", 1)[1].strip().split("\n\n")[0], ""]
+        if "peer_features" in report:
+            md += [f"llama.cpp's build uses: {report['peer_features']}.", ""]
         md += peer.markdown(report["peer"], report["decode"]) + [""]
     else:
         md += ["Not measured in this run: install the extra `pip install -e .[peer]` (builds llama.cpp, "

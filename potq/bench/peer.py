@@ -10,6 +10,7 @@ benchmark-only extra ``potq[peer]``; without it this table is skipped with a not
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from potq.bench.decode import PREFILL_TOKENS, prompt_text
+from potq.errors import PotqError
 from potq.paths import home_dir
 
 TYPES = {"Q4_0": 2, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
@@ -119,18 +121,49 @@ def measured(path: Path, prompt_tokens: int, new_tokens: int, threads: int) -> d
 
     from potq.threads import user_environment
 
-    out = subprocess.run([sys.executable, "-m", "potq.bench.peer", str(path), str(prompt_tokens), str(new_tokens),
-                          str(threads)], capture_output=True, text=True, env=user_environment(), check=False)
+    out = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning:runpy", "-m", "potq.bench.peer", str(path),
+                          str(prompt_tokens), str(new_tokens), str(threads)],
+                         capture_output=True, text=True, env=user_environment(), check=False)
+    if out.returncode < 0:
+        raise PotqError(f"llama.cpp crashed on {path.name} ({signal.Signals(-out.returncode).name}){_amx_hint()}; "
+                        "`potq bench --no-peer` measures potq alone")
     if out.returncode != 0:
-        raise RuntimeError(f"llama.cpp on {path.name} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise PotqError(f"llama.cpp on {path.name} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":
-    import json
+def check(peers: dict[str, Path], threads: int) -> None:
+    """Run llama.cpp once on each file, briefly, before the long benchmark: a build that crashes on
+    this CPU stops the run at its start, not after the twenty minutes of potq's own tables."""
+    for path in peers.values():
+        measured(path, 8, 2, threads)
 
-    path, prompt, new, count = sys.argv[1:5]
-    print(json.dumps(measure(Path(path), int(prompt), int(new), int(count))))
+
+def features() -> str:
+    """The CPU features this llama.cpp build uses (``llama_print_system_info``, those set only): the
+    report names them, since a build without one (AMX, say) is a different peer."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    return ", ".join(f.split("=")[0].strip() for f in info.split(":", 1)[-1].split("|") if f.strip().endswith("= 1"))
+
+
+def cpu_has_amx() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "") \
+        if cpuinfo.is_file() else ""
+    return "amx_int8" in flags.split()
+
+
+def _amx_hint() -> str:
+    """llama.cpp built with -march=native on a CPU with AMX takes its AMX matrix path for prompts,
+    which crashes on some machines (ggml-org/llama.cpp#20824); building without AMX avoids it."""
+    if not cpu_has_amx():
+        return ""
+    return (": this CPU has AMX, whose llama.cpp path crashes on some machines; rebuild it without: "
+            "CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+            "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" "
+            "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36")
 
 
 def markdown(results: dict[str, dict], reference: dict[str, dict]) -> list[str]:
@@ -145,3 +178,9 @@ def markdown(results: dict[str, dict], reference: dict[str, dict]) -> list[str]:
         lines.append(f"| {name} | {r['file_mib']:.1f} | {r['tokens_per_s']:.2f} | {r['prompt_ms']:.0f} "
                      f"| {r['prefill_tokens_per_s']:.0f} | {ratio} | {fill} |")
     return lines
+
+if __name__ == "__main__":
+    import json
+
+    path, prompt, new, count = sys.argv[1:5]
+    print(json.dumps(measure(Path(path), int(prompt), int(new), int(count))))
