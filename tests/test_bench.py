@@ -51,9 +51,20 @@ def test_gemv_times_the_native_layer_and_the_reading_says_what_limits_it(fused_k
     assert gemv.measure_shape(torch.randn(256, 128), "hot", seconds=0.01)[gemv.Q8_COLUMN] > 0
     hot = {"(4096, 128)": {}, "(256, 128)": {gemv.Q8_COLUMN: 10.0}}
     streamed = lambda us: {"hot": hot, "decoding": {"(4096, 128)": {}, "(256, 128)": {gemv.Q8_COLUMN: us}}}  # noqa: E731
-    assert "its instructions" in _products_limit(streamed(11.0))
-    assert "a core waits on its reads" in _products_limit(streamed(30.0))
-    assert _products_limit({"hot": {"(4096, 128)": {}}, "decoding": {}}) == ""  # an older report: no column
+    assert "its instructions" in _products_limit(streamed(11.0), 5.0, 20.0)
+    assert "a core waits on its reads" in _products_limit(streamed(30.0), 5.0, 20.0)
+    assert "two cores' reads stay below" in _products_limit(streamed(30.0), 5.0, 20.0)
+    assert "two cores' reads stay below" not in _products_limit(streamed(30.0), 25.0, 20.0)
+    assert _products_limit({"hot": {"(4096, 128)": {}}, "decoding": {}}, 5.0, 20.0) == ""  # an older report
+
+
+def test_the_reading_says_when_the_weights_stay_in_cache():
+    """A last-level cache larger than a token's weights makes the memory bound no ceiling; the
+    reading says so only then (and not for a report that did not record the cache)."""
+    from potq.bench import _in_cache
+
+    assert "stay in cache" in _in_cache(72 * 10**6, 480 * 2**20)
+    assert _in_cache(72 * 10**6, 32 * 2**20) == "" and _in_cache(72 * 10**6, None) == ""
 
 
 def test_dequantization_table_runs(fused_kernel):

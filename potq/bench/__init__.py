@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from potq.bench import bandwidth, decode, dequant, gemv, peer
-from potq.bench.timing import cpu_name
+from potq.bench.timing import cpu_name, last_level_cache_bytes
 from potq.errors import PotqError
 from potq.kernels import fused
 from potq.paths import write_text_atomic
@@ -105,6 +105,7 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
     print("3/5 + 4/5 + 5/5 end-to-end decoding" + (", llama.cpp in the same rounds" if peers else "")
           + " and the bandwidth bound ...", flush=True)
     report["read_gb_s"] = bandwidth.read_gb_s()
+    report["llc_bytes"] = last_level_cache_bytes()
     timed = decode.run(model, prompt_tokens, new_tokens, threads, peers=peers)
     report["decode"] = {name: r for name, r in timed.items() if name not in peers}
     if peers:
@@ -231,7 +232,7 @@ def _reading(report: dict) -> list[str]:
         f"greedy-tokens column compares with the PyTorch path. " + _kernel_reading(report.get("q8_isa")) +
         " The 'of bound' column shows how far each run is from reading its weights at full memory bandwidth.")
     if pot3.get("step_ms") and "projections" in pot3["step_ms"]:
-        lines.append(_step_reading(pot3, report["read_gb_s"], packed_head, report["gemv"]))
+        lines.append(_step_reading(pot3, report["read_gb_s"], packed_head, report["gemv"], report.get("llc_bytes")))
     if "peer" in report:
         q4 = report["peer"]["Q4_0"]
         lines.append(
@@ -242,7 +243,7 @@ def _reading(report: dict) -> list[str]:
     return lines
 
 
-def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool, gemv_us: dict) -> str:
+def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool, gemv_us: dict, llc_bytes: int | None) -> str:
     """Where a pot3 step's time goes (the breakdown table), what limits its products, and what would
     have to give for the bandwidth target."""
     p = pot3["step_ms"]
@@ -256,11 +257,12 @@ def _step_reading(pot3: dict, read_gb_s: float, packed_head: bool, gemv_us: dict
             f"{'8-bit' if packed_head else 'float32'} output head {p['output head']:.2f} ms "
             f"({pot3['head_bytes'] / 1e6:.0f} MB at {head:.1f} GB/s), attention {p['attention']:.2f} ms, the "
             f"elementwise steps {p['elementwise']:.2f} ms, waiting at barriers {p['waiting']:.2f} ms and the call "
-            f"from Python {p['outside']:.2f} ms. " + (_products_limit(gemv_us) + " ").lstrip() +
+            f"from Python {p['outside']:.2f} ms. " + (_products_limit(gemv_us, products, read_gb_s) + " ").lstrip()
+            + (_in_cache(pot3["weight_bytes_per_token"], llc_bytes) + " ").lstrip() +
             f"At 70 % of the bound the whole step would take {target_ms:.2f} ms.")
 
 
-def _products_limit(gemv_us: dict) -> str:
+def _products_limit(gemv_us: dict, products_gb_s: float, read_gb_s: float) -> str:
     """What sets the products' pace, read off the 8-bit-activation layer timed alone on the largest
     block shape: hot (its instructions alone) against streamed from memory."""
     hot, streamed = gemv_us["hot"], gemv_us["decoding"]
@@ -272,10 +274,22 @@ def _products_limit(gemv_us: dict) -> str:
         return (f"One such layer ({shape}) alone on one thread takes about as long on weights streamed from memory "
                 f"as on weights in cache ({d:.1f} µs against {h:.1f} µs, GEMV tables), so its instructions — "
                 f"unpacking the codes, the multiply-adds — set the products' pace, not memory.")
+    slower = (" and two cores' reads stay below the bandwidth of one long read" if products_gb_s < read_gb_s else "")
     return (f"One such layer ({shape}) alone on one thread takes {d / h:.1f}× as long on weights streamed from "
             f"memory as on weights in cache ({d:.1f} µs against {h:.1f} µs, GEMV tables): a core waits on its "
-            f"reads (the misses one core keeps in flight, which the loop's prefetching 4 KiB ahead raises), and "
-            f"two cores' reads stay below the bandwidth of one long read.")
+            f"reads (the misses one core keeps in flight, which the loop's prefetching 4 KiB ahead raises){slower}.")
+
+
+def _in_cache(weight_bytes: int, llc_bytes: int | None) -> str:
+    """A CPU whose last-level cache holds every weight a token reads keeps them there from token to
+    token: the bound from memory bandwidth, measured on a read far larger than the cache, is then no
+    ceiling, and a read rate above it is the cache's."""
+    if not llc_bytes or weight_bytes >= llc_bytes:
+        return ""
+    return (f"This CPU's last-level cache ({llc_bytes / 2**20:.0f} MiB) holds every weight a token reads "
+            f"({weight_bytes / 1e6:.0f} MB), so from token to token they stay in cache: decoding runs at the pace "
+            f"of cached weights (the hot GEMV column), the memory bound is no ceiling here, and a read rate above "
+            f"the measured bandwidth is the cache's.")
 
 
 def _kernel_reading(isa: str | None) -> str:
