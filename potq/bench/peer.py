@@ -149,6 +149,7 @@ def features() -> str:
 
 
 def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX's int8 tiles (Linux /proc/cpuinfo; False where it cannot be read)."""
     cpuinfo = Path("/proc/cpuinfo")
     flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "") \
         if cpuinfo.is_file() else ""
@@ -158,7 +159,11 @@ def cpu_has_amx() -> bool:
 def _amx_hint() -> str:
     """llama.cpp built with -march=native on a CPU with AMX takes its AMX matrix path for prompts,
     which crashes on some machines (ggml-org/llama.cpp#20824); building without AMX avoids it."""
-    if not cpu_has_amx():
+    try:
+        built_with_amx = "AMX" in features()
+    except ImportError:  # the crash came from a llama.cpp this process cannot load: say what may apply
+        built_with_amx = True
+    if not (cpu_has_amx() and built_with_amx):
         return ""
     return (": this CPU has AMX, whose llama.cpp path crashes on some machines; rebuild it without: "
             "CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
