@@ -110,9 +110,7 @@ def run_all(model: str, threads: int, out_md: Path, prompt_tokens: int = 64, new
     report["decode"] = {name: r for name, r in timed.items() if name not in peers}
     if peers:
         report["peer"] = {name: timed[name] for name in peers}
-        report["peer_features"] = peer.features() + (" (this CPU's AMX left out: its llama.cpp path crashes on "
-                                                     "some machines, ggml-org/llama.cpp#20824)"
-                                                     if peer.cpu_has_amx() and "AMX" not in peer.features() else "")
+        report["peer_features"] = peer.build()
     report["complete"] = True
     _write(out_md, render(report), report)
 

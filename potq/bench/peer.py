@@ -148,6 +148,14 @@ def features() -> str:
     return ", ".join(f.split("=")[0].strip() for f in info.split(":", 1)[-1].split("|") if f.strip().endswith("= 1"))
 
 
+def build() -> str:
+    """The report's line on the peer: its build's CPU features, and whether it left out this CPU's AMX."""
+    used = features()
+    if cpu_has_amx() and "AMX" not in used:
+        return used + " (this CPU's AMX left out: its llama.cpp path crashes on some machines, ggml-org/llama.cpp#20824)"
+    return used
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX's int8 tiles (Linux /proc/cpuinfo; False where it cannot be read)."""
     cpuinfo = Path("/proc/cpuinfo")
